@@ -1,0 +1,18 @@
+"""hf_fp8cache: an FP8 KV cache for HuggingFace transformers, written and read by Triton kernels."""
+
+from .cache import FP8Cache, QuantizedFP8Cache
+from .formats import FORMATS, FP8Format, resolve_format
+from .integration import attach, detach
+from .scales import KVScales
+
+__all__ = [
+    "FORMATS",
+    "FP8Cache",
+    "FP8Format",
+    "KVScales",
+    "QuantizedFP8Cache",
+    "attach",
+    "detach",
+    "resolve_format",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,241 @@
+"""Decode-step benchmark: transformers' ``DynamicCache`` (bf16 K/V) against ``FP8Cache``.
+
+A random-weight Llama (``llama-3.1-8b`` shape, or ``tiny`` for CPU smoke runs; SDPA, built on the device in
+``dtype``, eval, no grad) prefills random ids ``[B, L]`` in 2048-token chunks into a fresh cache of each kind, then
+runs ``warmup`` untimed and ``steps`` timed one-token decode steps (one fixed random token sequence, shared by both
+caches). Per (B, L, cache): median wall ms per step (``cuda.synchronize`` around the clock reads, so it includes
+Python/launch overhead), median GPU ms (CUDA event pair; None on CPU), KV bytes (DynamicCache: K+V of all layers;
+FP8Cache: ``nbytes``, with ``allocated_nbytes`` and ``workspace_nbytes``), peak ``max_memory_allocated`` over
+prefill + decode minus parameter bytes (CUDA only; mostly prefill activations at long L), and the fraction of rows
+whose greedy token after the last step matches across caches (sanity only: random weights give flat logits).
+Prints a table; writes ``<out_dir>/decode_benchmark.{json,csv,png}``. GPU: ``python -m hf_fp8cache.benchmark``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import importlib.metadata
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from .cache import FP8Cache
+from .integration import cache_keyword
+
+__all__ = ["run_decode_benchmark", "main"]
+
+PREFILL_CHUNK = 2048
+CACHES = ("dynamic", "fp8")
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}  # fmt: skip
+# (row key, table/plot label, divisor, decimals) of the metrics compared side by side
+METRICS = [("wall_ms_median", "wall ms", 1, 3), ("gpu_ms_median", "gpu ms", 1, 3), ("kv_bytes", "KV MiB", 2**20, 2),
+           ("peak_extra_bytes", "peak+ MiB", 2**20, 1)]  # fmt: skip
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    try:
+        triton_version: str | None = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    try:
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        sha = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "git_sha": sha or "unknown"}  # fmt: skip
+
+
+def build_model(model_shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the given shape, created directly on ``device`` in ``dtype``."""
+    config = LlamaConfig(**MODEL_SHAPES[model_shape], max_position_embeddings=131072, rope_theta=500000,
+                         attn_implementation="sdpa")  # fmt: skip
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # never materialise fp32 weights (32 GB for the 8B shape)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)  # no .to(dtype): keeps the fp32 RoPE buffers, as from_pretrained does
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_tokens: torch.Tensor, warmup: int,
+             param_bytes: int) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
+    """Prefill + decode with one fresh cache; returns the row and the greedy token after the last step."""
+    device, kw, cuda = prompt.device, cache_keyword(model), prompt.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = DynamicCache(config=model.config) if kind == "dynamic" else FP8Cache(config=model.config)
+    wall_ms: list[float] = []
+    gpu_ms: list[float] = []
+    with torch.no_grad():
+        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
+            chunk = prompt[:, start : start + PREFILL_CHUNK]
+            logits = model(input_ids=chunk, **{kw: cache}, use_cache=True, logits_to_keep=1).logits
+        for i, token in enumerate(decode_tokens):
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
+            _sync(device)
+            t0 = time.perf_counter()
+            if events:
+                events[0].record()
+            logits = model(input_ids=token, **{kw: cache}, use_cache=True, logits_to_keep=1).logits
+            if events:
+                events[1].record()
+            _sync(device)
+            if i >= warmup:
+                wall_ms.append((time.perf_counter() - t0) * 1e3)
+                if events:
+                    gpu_ms.append(events[0].elapsed_time(events[1]))
+    if isinstance(cache, FP8Cache):
+        kv, allocated, workspace = cache.nbytes, cache.allocated_nbytes, cache.workspace_nbytes
+    else:  # DynamicCache holds exactly-sized tensors and no workspace
+        kv = allocated = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+        workspace = 0
+    peak = torch.cuda.max_memory_allocated(device) - param_bytes if cuda else None
+    row = {"cache": kind, "wall_ms_median": statistics.median(wall_ms),
+           "gpu_ms_median": statistics.median(gpu_ms) if gpu_ms else None, "kv_bytes": kv,
+           "allocated_bytes": allocated, "workspace_bytes": workspace, "peak_extra_bytes": peak}  # fmt: skip
+    next_token = logits[:, -1].argmax(dim=-1).cpu()
+    del cache, logits
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row, next_token
+
+
+def run_decode_benchmark(
+    cases: tuple[tuple[int, int], ...] = ((1, 4096), (8, 8192)),
+    model_shape: str = "llama-3.1-8b",
+    steps: int = 20,
+    warmup: int = 3,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    out_dir: str | Path = "results",
+) -> list[dict[str, Any]]:
+    """Benchmark decode steps with each cache for every ``(B, L)`` case; print, save and return the rows."""
+    if steps < 1 or warmup < 0:
+        raise ValueError("need steps >= 1 and warmup >= 0")
+    dev = torch.device(device)
+    model = build_model(model_shape, dev, dtype)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "steps": steps, "warmup": warmup}
+    env.update(_environment(dev))
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    rows: list[dict[str, Any]] = []
+    for B, L in cases:
+        prompt = torch.randint(vocab, (B, L), generator=generator).to(dev)
+        decode_tokens = torch.randint(vocab, (warmup + steps, B, 1), generator=generator).to(dev)
+        results = [_run_one(model, kind, prompt, decode_tokens, warmup, param_bytes) for kind in CACHES]
+        match = (results[0][1] == results[1][1]).float().mean().item()
+        for row, _ in results:
+            ratio = row["kv_bytes"] / results[0][0]["kv_bytes"]
+            rows.append({"case": f"{B}x{L}", "B": B, "L": L, **row, "kv_ratio_vs_dynamic": ratio,
+                         "greedy_match": match, **env})  # fmt: skip
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    print_table(rows)
+    save_rows(rows, Path(out_dir))
+    return rows
+
+
+def _pair(rows: list[dict[str, Any]], case: str) -> list[dict[str, Any]]:
+    return [next(r for r in rows if r["case"] == case and r["cache"] == kind) for kind in CACHES]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """One line per case: dynamic and fp8 side by side, with fp8/dynamic ratios."""
+    head = ["case", *(f"{label} {c}" for _, label, _, _ in METRICS for c in ("dyn", "fp8", "ratio")), "greedy="]
+    lines = [head]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        dyn, fp8 = _pair(rows, case)
+        line = [case]
+        for key, _, div, digits in METRICS:
+            a, b = dyn[key], fp8[key]
+            line += ["-" if x is None else f"{x / div:.{digits}f}" for x in (a, b)]
+            line.append(f"{b / a:.3f}" if a and b is not None else "-")
+        lines.append([*line, f"{dyn['greedy_match']:.2f}"])
+    widths = [max(len(x) for x in col) for col in zip(*lines, strict=True)]
+    print(" | ".join(f"{k}={rows[0][k]}" for k in ("model_shape", "dtype", "steps", "warmup", "gpu", "torch",
+                                                    "transformers", "triton", "git_sha")))  # fmt: skip
+    for line in lines:
+        print("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)))
+
+
+def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Write ``decode_benchmark.json``, ``.csv`` and (if matplotlib is available) ``.png`` under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "decode_benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with open(out_dir / "decode_benchmark.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping decode_benchmark.png")
+        return
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    metrics = [m for m in METRICS if rows[0][m[0]] is not None]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    for ax, (key, label, div, _) in zip(axes[0], metrics, strict=True):
+        for j, kind in enumerate(CACHES):
+            values = [_pair(rows, case)[j][key] / div for case in cases]
+            ax.bar([i + (j - 0.5) * 0.4 for i in range(len(cases))], values, width=0.4, label=kind)
+        ax.set(xticks=range(len(cases)), xticklabels=cases, xlabel="B x L", title=label)
+        ax.legend()
+    fig.suptitle(f"decode step: DynamicCache vs FP8Cache ({rows[0]['model_shape']}, {rows[0]['gpu']})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "decode_benchmark.png", dpi=120)
+    plt.close(fig)
+
+
+def _parse_cases(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple((int(b), int(n)) for b, n in (item.lower().split("x") for item in text.split(",") if item))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cases must look like 1x4096,8x8192, got {text!r}") from exc
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=_parse_cases, default=((1, 4096), (8, 8192)), help="e.g. 1x4096,8x8192")
+    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--out-dir", default="results")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    return run_decode_benchmark(args.cases, args.model_shape, args.steps, args.warmup, args.device, dtype, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

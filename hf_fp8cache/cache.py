@@ -1,0 +1,367 @@
+"""QuantizedFP8Cache: a transformers ``Cache`` whose layers keep K and V as FP8 bytes.
+
+Storage: per layer two contiguous fp8 buffers ``[B, H, capacity, D]`` that grow amortized (by at least 1/16 of
+their capacity, in steps of 256 tokens), written in place by one fused Triton launch per update
+(``kernels.quantize_append_kv``). Nothing copies the history per step.
+
+Read path (this module): ``update`` returns K/V dequantized by one Triton launch into a workspace shared by all
+layers of the cache (one layer's K/V in the model dtype, reused and grown amortized). Consequence: the tensors
+returned by ``update`` are valid until the next ``update`` of any layer -- exactly how attention uses them.
+
+First prefill: by default (``exact_prefill=True``) the first update of an empty layer returns the K/V it was
+given, so the prompt attends over exact values (as transformers' own fp8 layer does); its FP8 copy is what later
+tokens read. ``exact_prefill=False`` makes the prompt attend over the quantized values too.
+
+This is the only module coupled to transformers' Cache internals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .calibration import ONTHEFLY_HEADROOM, onthefly_scale
+from .formats import FP8Format, resolve_format
+from .kernels import dequantize_kv, quantize_append_kv
+from .scales import KVScales, check_strategy
+
+__all__ = ["QuantizedFP8Cache", "FP8Cache", "FP8CacheLayer", "check_full_attention"]
+
+_GROWTH_STEP = 256  # tokens; capacity is always a multiple of it
+_GROWTH_FRACTION = 16  # grow by at least capacity / 16: amortized O(1) copies per token, <= ~6 % spare bytes
+
+
+class DequantWorkspace:
+    """One reused K/V buffer per (device, dtype), shared by every layer of one cache."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def views(self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = math.prod(shape)
+        buffer = self._buffers.get((device, dtype))
+        if buffer is None or buffer.numel() < 2 * n:
+            old = 0 if buffer is None else buffer.numel()
+            buffer = torch.empty(max(2 * n, old + old // 8), dtype=dtype, device=device)
+            self._buffers[(device, dtype)] = buffer
+        return buffer[:n].view(shape), buffer[n : 2 * n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def __deepcopy__(self, memo: dict) -> DequantWorkspace:
+        return DequantWorkspace()  # a scratch area: a copy of the cache gets its own, empty
+
+
+class FP8CacheLayer(CacheLayerMixin):
+    """One attention layer's FP8 K/V storage (see the module docstring)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        fmt: FP8Format,
+        strategy: str,
+        scales: tuple[torch.Tensor, torch.Tensor] | None,
+        calculate_kv_scales: bool,
+        exact_prefill: bool,
+        workspace: DequantWorkspace,
+        layer_idx: int,
+    ) -> None:
+        self.fmt = fmt
+        self.strategy = strategy
+        self.calculate_kv_scales = calculate_kv_scales
+        self.exact_prefill = exact_prefill
+        self.layer_idx = layer_idx
+        self._given_scales = scales
+        self._workspace = workspace
+        self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
+        self._value_bytes: torch.Tensor | None = None
+        self.key_scale = self.value_scale = self.key_inv_scale = self.value_inv_scale = None
+        self._scales_pending = False
+        self.length = 0
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+        self.is_initialized = False
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The cached keys as fp8 ``[B, H, S, D]`` (a view; multiply by ``key_scale`` to dequantize)."""
+        return None if self._key_bytes is None else self._key_bytes[:, :, : self.length].view(self.fmt.dtype)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._value_bytes is None else self._value_bytes[:, :, : self.length].view(self.fmt.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._key_bytes is None else self._key_bytes.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._key_bytes is None else self._key_bytes.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes holding cached tokens (K and V) plus the scales."""
+        if self._key_bytes is None:
+            return 0
+        B, H, _, D = self._key_bytes.shape
+        return 2 * B * H * self.length * D + 2 * self.key_scale.numel() * 4
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of the FP8 buffers including spare capacity, plus the scales."""
+        if self._key_bytes is None:
+            return 0
+        return 2 * self._key_bytes.numel() + 2 * self.key_scale.numel() * 4
+
+    def _set_scales(self, key_scale: torch.Tensor, value_scale: torch.Tensor) -> None:
+        self.key_scale, self.value_scale = key_scale, value_scale
+        self.key_inv_scale, self.value_inv_scale = 1.0 / key_scale, 1.0 / value_scale
+
+    # -- Cache layer API -------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not key_states.is_floating_point() or key_states.element_size() == 1:
+            raise TypeError(f"layer {self.layer_idx}: key_states must be fp16/bf16/fp32, got {key_states.dtype}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        if self._given_scales is not None:
+            key_scale, value_scale = (s.to(self.device) for s in self._given_scales)
+            if key_scale.numel() not in (1, H):
+                raise ValueError(
+                    f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads but key_states has {H}"
+                )
+        else:
+            key_scale = value_scale = torch.ones(1, dtype=torch.float32, device=self.device)
+        self._set_scales(key_scale, value_scale)
+        self._scales_pending = self.calculate_kv_scales
+        if self._key_bytes is not None and (
+            self._key_bytes.device != self.device or self._key_bytes.shape[:2] != (B, H) or self._key_bytes.shape[3] != D
+        ):
+            self._key_bytes = self._value_bytes = None  # reused after reset() only when the shape still fits
+        self.length = 0
+        self.is_initialized = True
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or value_states.shape != key_states.shape:
+            raise ValueError(
+                f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} and value_states "
+                f"{tuple(value_states.shape)} must have the same [B, H, S, D] shape"
+            )
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} is {t.dtype} on {t.device} but this cache holds {self.dtype} on "
+                    f"{self.device}; call reset() before changing dtype or device"
+                )
+        if self._key_bytes is not None and self.length > 0:
+            B, H, _, D = self._key_bytes.shape
+            if (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (B, H, D):
+                raise ValueError(
+                    f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} does not continue a cache of batch "
+                    f"{B}, {H} heads, head dim {D}"
+                )
+
+    def _reserve(self, needed: int, like: torch.Tensor) -> None:
+        if self._key_bytes is not None and needed <= self.capacity:
+            return
+        capacity = max(needed, self.capacity + self.capacity // _GROWTH_FRACTION)
+        capacity = -(-capacity // _GROWTH_STEP) * _GROWTH_STEP
+        B, H, _, D = like.shape
+        key_bytes = torch.empty(B, H, capacity, D, dtype=torch.uint8, device=self.device)
+        value_bytes = torch.empty_like(key_bytes)
+        if self.length > 0:
+            key_bytes[:, :, : self.length] = self._key_bytes[:, :, : self.length]
+            value_bytes[:, :, : self.length] = self._value_bytes[:, :, : self.length]
+        self._key_bytes, self._value_bytes = key_bytes, value_bytes
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append K/V ``[B, H, S, D]`` as FP8 and return what attention reads (see the module docstring)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
+        new_tokens = key_states.shape[2]
+        if self._scales_pending and new_tokens > 0:
+            self._set_scales(
+                onthefly_scale(key_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["key"]),
+                onthefly_scale(value_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["value"]),
+            )
+            self._scales_pending = False
+        start = self.length
+        self._reserve(start + new_tokens, key_states)
+        quantize_append_kv(
+            key_states, value_states, self._key_bytes, self._value_bytes, start,
+            self.key_inv_scale, self.value_inv_scale, self.fmt,
+        )  # fmt: skip
+        self.length = start + new_tokens
+        if start == 0 and self.exact_prefill:
+            return key_states, value_states
+        B, H, _, D = self._key_bytes.shape
+        key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length, D))
+        dequantize_kv(
+            self._key_bytes, self._value_bytes, self.length, self.key_scale, self.value_scale, self.fmt,
+            key_out, value_out,
+        )  # fmt: skip
+        return key_out, value_out
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Forget the tokens (buffers are kept for reuse); on-the-fly scales are recomputed at the next prefill."""
+        self.length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many tokens from the end. Positive: keep that many (transformers <= 5.19 meaning)."""
+        if tokens_to_remove > 0:
+            self.length = min(self.length, tokens_to_remove)
+        else:
+            self.length = max(0, self.length + tokens_to_remove)
+
+    def _map_batch(self, select) -> None:
+        """Apply a batch-dim selection to the filled part of both buffers (capacity is kept)."""
+        if self._key_bytes is None or self.length == 0:
+            return
+        buffers = []
+        for old in (self._key_bytes, self._value_bytes):
+            chosen = select(old[:, :, : self.length])
+            new = torch.empty((chosen.shape[0], *old.shape[1:]), dtype=old.dtype, device=old.device)
+            new[:, :, : self.length] = chosen
+            buffers.append(new)
+        self._key_bytes, self._value_bytes = buffers
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self) -> None:
+        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
+
+
+def check_full_attention(config) -> None:
+    """Raise for models with sliding-window, chunked or other non-full attention layers (not supported yet)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+            layer_types = ["sliding_attention"]
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            layer_types = ["chunked_attention"]
+        else:
+            layer_types = ["full_attention"]
+    unsupported = sorted(set(layer_types) - {"full_attention"})
+    if unsupported:
+        raise NotImplementedError(
+            f"{type(config).__name__} has {unsupported} layers; QuantizedFP8Cache supports only full-attention "
+            "layers for now"
+        )
+
+
+class QuantizedFP8Cache(Cache):
+    """A transformers Cache that stores K and V in FP8 (half the bytes of bf16).
+
+    Args:
+        config: the model's config (optional). With it, layers are created up front, unsupported layer types
+            (sliding window, chunked, linear attention) are refused, and ``scales`` are checked against the model.
+            Without it, layers are created on first use.
+        kv_cache_dtype: ``"fp8"`` / ``"fp8_e4m3"`` (e4m3fn, default), ``"fp8_e5m2"``, or see ``formats.py``.
+        calculate_kv_scales: compute scales from each layer's first prefill (``calibration.onthefly_scale``).
+        strategy: ``"tensor"`` or ``"attn_head"`` (per KV head). Defaults to the scales' own, else ``"tensor"``.
+        scales: a ``KVScales`` (e.g. from a checkpoint or calibration). Without scales and without
+            ``calculate_kv_scales`` every scale is 1.0 (vLLM's default).
+        exact_prefill: the first prefill attends over the exact K/V it was given (default) rather than FP8.
+    """
+
+    def __init__(
+        self,
+        config=None,
+        kv_cache_dtype: str | torch.dtype = "fp8",
+        calculate_kv_scales: bool = False,
+        strategy: str | None = None,
+        scales: KVScales | None = None,
+        exact_prefill: bool = True,
+    ) -> None:
+        self.format = resolve_format(kv_cache_dtype)
+        if scales is not None and not isinstance(scales, KVScales):
+            raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
+        if scales is not None and calculate_kv_scales:
+            raise ValueError("give either scales or calculate_kv_scales=True, not both")
+        if scales is not None and strategy is not None and strategy != scales.strategy:
+            raise ValueError(f"strategy={strategy!r} conflicts with the scales' strategy {scales.strategy!r}")
+        self.strategy = check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
+        self.scales = scales
+        self.calculate_kv_scales = calculate_kv_scales
+        self.exact_prefill = exact_prefill
+        self._workspace = DequantWorkspace()
+        layers = []
+        if config is not None:
+            text_config = config.get_text_config(decoder=True)
+            check_full_attention(text_config)
+            if scales is not None:
+                scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)
+            layers = [self._new_layer(i) for i in range(text_config.num_hidden_layers)]
+        super().__init__(layers=layers)
+
+    def _new_layer(self, layer_idx: int) -> FP8CacheLayer:
+        given = None
+        if self.scales is not None:
+            if layer_idx >= self.scales.num_layers:
+                raise ValueError(f"scales cover {self.scales.num_layers} layers but the model updates layer {layer_idx}")
+            given = (self.scales.key[layer_idx], self.scales.value[layer_idx])
+        return FP8CacheLayer(
+            self.format, self.strategy, given, self.calculate_kv_scales, self.exact_prefill, self._workspace, layer_idx
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes holding cached tokens in every layer (FP8 K and V plus scales)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of all FP8 buffers including spare capacity."""
+        return sum(layer.allocated_nbytes for layer in self.layers)
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Bytes of the shared dequantization workspace (one layer's K/V in the model dtype)."""
+        return self._workspace.nbytes
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedFP8Cache(format={self.format.name}, strategy={self.strategy!r}, layers={len(self.layers)}, "
+            f"tokens={self.get_seq_length()}, nbytes={self.nbytes})"
+        )
+
+
+FP8Cache = QuantizedFP8Cache

@@ -1,0 +1,112 @@
+"""The ``hf-fp8cache`` command: ``generate`` (text with an FP8 KV cache) and ``bench`` (decode-step benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .formats import resolve_format
+from .models import DEFAULT_MODEL
+from .scales import STRATEGIES
+
+__all__ = ["main"]
+
+DEFAULT_PROMPT = "Explain in two sentences why storing a transformer's KV cache in 8 bits saves memory."
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text with an FP8 KV cache and report its memory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local dir (default: the embedded SmolLM2-135M)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--kv-cache-dtype", default="fp8", help="fp8 (= fp8_e4m3), fp8_e5m2, auto, ...")
+    p.add_argument("--scales", default="unit", help="unit | dynamic (from the first prefill) | checkpoint dir or Hub id")
+    p.add_argument("--strategy", default="tensor", choices=STRATEGIES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--no-compare", action="store_true", help="skip the bf16/DynamicCache run used for comparison")
+    p.set_defaults(func=_generate)
+
+
+def _cache_kwargs(args) -> dict:
+    resolve_format(args.kv_cache_dtype)  # fail early, naming the value
+    if args.scales == "unit":
+        return {"kv_cache_dtype": args.kv_cache_dtype, "strategy": args.strategy}
+    if args.scales == "dynamic":
+        return {"kv_cache_dtype": args.kv_cache_dtype, "strategy": args.strategy, "calculate_kv_scales": True}
+    raise SystemExit(
+        f"--scales {args.scales}: loading scales from a checkpoint is not yet supported (use unit or dynamic)"
+    )
+
+
+def _generate(args) -> int:
+    from transformers import DynamicCache
+
+    from .cache import QuantizedFP8Cache
+    from .integration import cache_keyword
+    from .models import load_model_and_tokenizer
+
+    cache_kwargs = _cache_kwargs(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    if tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = inputs.to(args.device)
+    prompt_len = inputs["input_ids"].shape[1]
+    keyword = cache_keyword(model)
+    generate = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    cache = QuantizedFP8Cache(config=model.config, **cache_kwargs)
+    start = time.perf_counter()
+    out = model.generate(**inputs, **generate, **{keyword: cache})
+    seconds = time.perf_counter() - start
+    text = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
+    print(f"model: {args.model}  ({model.config.num_hidden_layers} layers, {model.dtype}, {args.device})")
+    print(f"prompt: {args.prompt}")
+    print(f"--- generated with the FP8 cache ({cache.format.name}, {cache.strategy}, scales {args.scales}) ---")
+    print(text)
+    print("---")
+    tokens = cache.get_seq_length()
+    bf16_bytes = sum(2 * layer.keys.numel() * 2 for layer in cache.layers)  # K and V at 2 bytes an element
+    print(f"KV cache: {tokens} tokens, {cache.nbytes:,} bytes in FP8 vs {bf16_bytes:,} bytes in bf16 "
+          f"({cache.nbytes / bf16_bytes:.3f}x); {out.shape[1] - prompt_len} new tokens in {seconds:.2f} s")  # fmt: skip
+    if not args.no_compare:
+        reference = model.generate(**inputs, **generate, **{keyword: DynamicCache(config=model.config)})
+        new = out[0, prompt_len:]
+        ref = reference[0, prompt_len:]
+        n = min(len(new), len(ref))
+        same = int((new[:n] == ref[:n]).cumprod(0).sum())
+        print(f"vs the {model.dtype} DynamicCache: first {same} of {n} generated tokens identical")
+    return 0
+
+
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="decode-step time and KV memory: FP8 cache vs DynamicCache")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for hf_fp8cache.benchmark (see --help there)")
+    p.set_defaults(func=lambda args: _bench(args.rest))
+
+
+def _bench(rest: list[str]) -> int:
+    from .benchmark import main as bench_main
+
+    bench_main(rest)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-fp8cache", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    _add_bench(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Triton kernels of hf_fp8cache and their dispatch (installed as ``hf_fp8cache.kernels``; never imports transformers).
+
+Each public function validates its arguments once, then runs the Triton kernel for CUDA tensors (and for CPU
+tensors when ``TRITON_INTERPRET=1`` is set, as the tests do), and the torch twin in ``reference.py`` otherwise.
+Both paths write the same bytes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from hf_fp8cache.formats import FP8Format
+
+from . import reference
+
+__all__ = ["quantize_append_kv", "dequantize_kv", "uses_triton"]
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def uses_triton(tensor: torch.Tensor) -> bool:
+    """Whether the kernels run through Triton for this tensor: CUDA tensors, or any tensor under the interpreter."""
+    if not _HAS_TRITON:
+        return False
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_scales(name: str, first: torch.Tensor, second: torch.Tensor, heads: int) -> None:
+    for scale in (first, second):
+        if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() not in (1, heads):
+            raise ValueError(
+                f"{name} must be contiguous float32 with 1 or {heads} elements, got {scale.dtype} {tuple(scale.shape)}"
+            )
+
+
+def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    for cache in (key_cache, value_cache):
+        if cache.dtype != torch.uint8 or cache.dim() != 4 or not cache.is_contiguous():
+            raise ValueError(f"caches must be contiguous 4-D uint8 views of fp8 buffers, got {cache.dtype} {cache.shape}")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key cache {tuple(key_cache.shape)} and value cache {tuple(value_cache.shape)} differ")
+
+
+def quantize_append_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    start: int,
+    key_inv_scale: torch.Tensor,
+    value_inv_scale: torch.Tensor,
+    fmt: FP8Format,
+) -> None:
+    """Quantize K and V ``[B, H, S, D]`` into ``cache[:, :, start:start + S]`` (saturating, round-to-nearest-even)."""
+    if key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
+    _check_caches(key_cache, value_cache)
+    B, H, S, D = key.shape
+    if key_cache.shape[:2] != (B, H) or key_cache.shape[3] != D or not 0 <= start <= key_cache.shape[2] - S:
+        raise ValueError(f"cache {tuple(key_cache.shape)} cannot take {tuple(key.shape)} at position {start}")
+    _check_scales("inverse scales", key_inv_scale, value_inv_scale, H)
+    if uses_triton(key):
+        from .quantize import quantize_append_kv as run
+    else:
+        run = reference.quantize_append_kv_ref
+    run(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt)
+
+
+def dequantize_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: int,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """Write ``fp8 * scale`` of the first ``length`` cached tokens into contiguous ``key_out`` / ``value_out``."""
+    _check_caches(key_cache, value_cache)
+    B, H, capacity, D = key_cache.shape
+    if not 0 <= length <= capacity:
+        raise ValueError(f"length {length} is outside the cache capacity {capacity}")
+    for out in (key_out, value_out):
+        if tuple(out.shape) != (B, H, length, D) or not out.is_contiguous():
+            raise ValueError(f"output {tuple(out.shape)} must be contiguous {(B, H, length, D)}")
+    _check_scales("scales", key_scale, value_scale, H)
+    if uses_triton(key_cache):
+        from .dequantize import dequantize_kv as run
+    else:
+        run = reference.dequantize_kv_ref
+    run(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out)

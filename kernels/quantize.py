@@ -1,0 +1,84 @@
+"""Fused quantize-and-append of K and V into the FP8 cache: one launch per layer update.
+
+    cache[b, h, start + s, d] = fp8(saturate(x[b, h, s, d] * inv_scale[h]))      for K and for V
+
+Layout ``[B, H, S, D]``; inputs fp16 / bf16 / fp32 with any strides (transformers hands over transposed views);
+caches are uint8 views of contiguous fp8 buffers ``[B, H, capacity, D]``. ``inv_scale`` has 1 element (per
+tensor, stride 0) or H (per KV head). Rounding is to nearest even through ``fp8_codec.encode_fp8``, bit-identical
+to ``reference.quantize_append_kv_ref`` on the GPU and under the Triton interpreter.
+
+Grid: one program per (b, h) row and block of BLOCK_S tokens; K and V are handled by the same program so the
+update is a single launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_fp8cache.formats import FP8Format
+
+from .fp8_codec import encode_fp8
+
+# About 4K elements per tensor and program: decode (S=1) gets one row per program, prefill fills whole tiles.
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+@triton.jit
+def _quantize_append_kv_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_inv_scale_ptr, value_inv_scale_ptr,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_cb, stride_ch, stride_cs,
+    scale_stride_h,
+    H, S, D, start,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr, FNUZ: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = (s[:, None] < S) & (d[None, :] < D)
+    cache_offsets = b * stride_cb + h * stride_ch + (start + s[:, None]) * stride_cs + d[None, :]
+
+    key = tl.load(key_ptr + b * stride_kb + h * stride_kh + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=mask)
+    key = key.to(tl.float32) * tl.load(key_inv_scale_ptr + h * scale_stride_h)
+    tl.store(key_cache_ptr + cache_offsets, encode_fp8(key, MANTISSA_BITS, BIAS, FMAX, FNUZ), mask=mask)
+
+    value = tl.load(
+        value_ptr + b * stride_vb + h * stride_vh + s[:, None] * stride_vs + d[None, :] * stride_vd, mask=mask
+    )
+    value = value.to(tl.float32) * tl.load(value_inv_scale_ptr + h * scale_stride_h)
+    tl.store(value_cache_ptr + cache_offsets, encode_fp8(value, MANTISSA_BITS, BIAS, FMAX, FNUZ), mask=mask)
+
+
+def quantize_append_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    start: int,
+    key_inv_scale: torch.Tensor,
+    value_inv_scale: torch.Tensor,
+    fmt: FP8Format,
+) -> None:
+    """Quantize ``key``/``value`` ``[B, H, S, D]`` and write them at ``cache[:, :, start:start + S]``."""
+    B, H, S, D = key.shape
+    if S == 0 or B == 0:
+        return
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_S = min(triton.next_power_of_2(S), max(1, _ELEMENTS_PER_PROGRAM // BLOCK_D))
+    grid = (B * H, triton.cdiv(S, BLOCK_S))
+    c = fmt.codec_constants()
+    _quantize_append_kv_kernel[grid](
+        key, value, key_cache, value_cache, key_inv_scale, value_inv_scale,
+        *key.stride(), *value.stride(), *key_cache.stride()[:3],
+        0 if key_inv_scale.numel() == 1 else 1,
+        H, S, D, start,
+        BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
+        MANTISSA_BITS=c["MANTISSA_BITS"], BIAS=c["BIAS"], FMAX=c["FMAX"], FNUZ=c["FNUZ"],
+    )  # fmt: skip

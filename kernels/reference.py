@@ -1,0 +1,58 @@
+"""Torch twins of every kernel, with the same signatures: the CPU path, the test oracle and the benchmark baseline.
+
+Layout everywhere: ``[B, H, S, D]`` (batch, KV heads, sequence, head dim). Caches are uint8 views of fp8 bytes
+with a capacity ``>= S`` along dim 2. Scales are fp32 tensors of one element (per tensor) or ``H`` elements
+(per KV head); the quantizer takes the reciprocal (``inv_scale = 1 / scale``) so that kernel and reference compute
+the very same fp32 product ``x * inv_scale`` before rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_fp8cache.formats import FP8Format
+
+
+def _per_head(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(1, -1, 1, 1)
+
+
+def encode_fp8_ref(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """fp32 -> uint8 fp8 codes: torch's round-to-nearest-even cast after saturating at +-fmax."""
+    return x.float().clamp(-fmt.max, fmt.max).to(fmt.dtype).view(torch.uint8)
+
+
+def decode_fp8_ref(code: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """uint8 fp8 codes -> fp32."""
+    return code.view(fmt.dtype).float()
+
+
+def quantize_append_kv_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    start: int,
+    key_inv_scale: torch.Tensor,
+    value_inv_scale: torch.Tensor,
+    fmt: FP8Format,
+) -> None:
+    """Write ``saturate(x * inv_scale)`` as fp8 into ``cache[:, :, start:start + S]`` for K and V."""
+    end = start + key.shape[2]
+    key_cache[:, :, start:end] = encode_fp8_ref(key.float() * _per_head(key_inv_scale), fmt)
+    value_cache[:, :, start:end] = encode_fp8_ref(value.float() * _per_head(value_inv_scale), fmt)
+
+
+def dequantize_kv_ref(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: int,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """Write ``fp8 * scale`` of the first ``length`` tokens into ``key_out`` / ``value_out`` (their dtype)."""
+    key_out.copy_(decode_fp8_ref(key_cache[:, :, :length], fmt) * _per_head(key_scale))
+    value_out.copy_(decode_fp8_ref(value_cache[:, :, :length], fmt) * _per_head(value_scale))

@@ -1,0 +1,43 @@
+"""Test set-up: the Triton interpreter for CPU kernels, shared models, and the GPU marker.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so it is set here, at collection time. On the GPU
+machine (``pytest -m gpu``) set ``HF_FP8CACHE_NO_INTERPRET=1`` to run the compiled kernels instead.
+"""
+
+import os
+
+if not os.environ.get("HF_FP8CACHE_NO_INTERPRET"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run CPU tensors through the torch reference instead of the (slow) interpreter; both write the same bytes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from helpers import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from hf_fp8cache.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(device="cpu", dtype=torch.float32)
+    return model, tokenizer

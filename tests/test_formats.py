@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from hf_fp8cache.formats import FORMATS, resolve_format
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("fp8", "e4m3fn"), ("fp8_e4m3", "e4m3fn"), ("FP8_E5M2", "e5m2"), ("fp8_e4m3fnuz", "e4m3fnuz"),
+     ("e5m2fnuz", "e5m2fnuz"), (torch.float8_e5m2, "e5m2")],  # fmt: skip
+)
+def test_aliases(name, expected):
+    assert resolve_format(name).name == expected
+
+
+def test_auto_is_e4m3fn_off_rocm():
+    assert resolve_format("auto").name == ("e4m3fnuz" if torch.version.hip else "e4m3fn")
+
+
+@pytest.mark.parametrize(
+    "name, fmax, bias, step",
+    [("e4m3fn", 448.0, 7, 2.0**-9), ("e5m2", 57344.0, 15, 2.0**-16), ("e4m3fnuz", 240.0, 8, 2.0**-10),
+     ("e5m2fnuz", 57344.0, 16, 2.0**-17)],  # fmt: skip
+)
+def test_derived_constants(name, fmax, bias, step):
+    fmt = FORMATS[name]
+    assert (fmt.max, fmt.bias, fmt.subnormal_step) == (fmax, bias, step)
+    # the smallest subnormal code (0x01) is exactly one step
+    assert torch.tensor([1], dtype=torch.uint8).view(fmt.dtype).float().item() == step
+
+
+@pytest.mark.parametrize("bad", ["fp16", "int8", "", "fp8_e3m4"])
+def test_unknown_names_are_rejected_by_name(bad):
+    with pytest.raises(ValueError, match=repr(bad).replace("[", r"\[")):
+        resolve_format(bad)
+
+
+def test_non_fp8_dtype_rejected():
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve_format(torch.bfloat16)

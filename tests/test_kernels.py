@@ -1,0 +1,158 @@
+"""Kernel exactness: the Triton kernels (interpreter here, compiled on the GPU machine) write exactly the bytes of
+their torch twins in kernels/reference.py, for every format, input dtype, head dim, length and layout."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_fp8cache import kernels
+from hf_fp8cache.formats import FORMATS
+from hf_fp8cache.kernels import reference
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow notes inside the interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FMTS = list(FORMATS.values())
+
+
+def _special_values(D):
+    fmax = 448.0
+    return torch.tensor([float("inf"), -float("inf"), -0.0, 0.0, 1e30, -1e30, fmax * 1.03, 2.0**-9 * 0.5, 2.0**-9 * 1.5,
+                         -(2.0**-10), 2.0**-7 * 1.0625, 124.2, 2.0**-126, 57344.0 * 1.2][:D])  # fmt: skip
+
+
+def _inputs(B, H, S, D, dtype, seed=0, transposed=False):
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes from 1e-9 to 1e5: subnormals, normals and saturation in every format
+    x = torch.randn(B, H, S, D, generator=g) * torch.logspace(-9, 5, S * D).reshape(S, D)[torch.randperm(S, generator=g)]
+    x[0, 0, 0, : min(D, 14)] = _special_values(min(D, 14))
+    if transposed:  # what transformers hands the cache: a transposed view
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.to(dtype).to(DEVICE)
+
+
+def _run_both(key, value, fmt, capacity, start, inv_k, inv_v):
+    B, H, _, D = key.shape
+    caches = [torch.full((B, H, capacity, D), 0xAA, dtype=torch.uint8, device=DEVICE) for _ in range(4)]
+    kernels.quantize_append_kv(key, value, caches[0], caches[1], start, inv_k, inv_v, fmt)
+    reference.quantize_append_kv_ref(key, value, caches[2], caches[3], start, inv_k, inv_v, fmt)
+    return caches
+
+
+@pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_head", [False, True], ids=["tensor", "attn_head"])
+def test_quantize_append_matches_reference(fmt, dtype, per_head):
+    B, H, S, D = 2, 3, 7, 80
+    key, value = _inputs(B, H, S, D, dtype, 1, transposed=True), _inputs(B, H, S, D, dtype, 2)
+    inv = (torch.rand(H if per_head else 1) * 4 + 0.1).to(DEVICE)
+    k, v, k_ref, v_ref = _run_both(key, value, fmt, 16, 5, inv, inv.flip(0).contiguous())
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert (k[:, :, :5] == 0xAA).all() and (k[:, :, 12:] == 0xAA).all()  # nothing outside [start, start + S)
+
+
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("S", [1, 7, 127, 1000])
+def test_quantize_append_shapes(D, S):
+    if S * D > 127 * 128 and DEVICE == "cpu":
+        B, H = 1, 1  # keep the interpreter quick for the largest tiles
+    else:
+        B, H = 2, 2
+    key, value = _inputs(B, H, S, D, torch.float16, S + D), _inputs(B, H, S, D, torch.float16, S * D, transposed=True)
+    inv = torch.tensor([0.5], device=DEVICE)
+    k, v, k_ref, v_ref = _run_both(key, value, FORMATS["e4m3fn"], S + 3, 3, inv, inv)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def test_saturates_never_nan_or_inf():
+    fmt = FORMATS["e4m3fn"]
+    key = torch.tensor([1e4, -1e4, float("inf"), -float("inf"), 464.0, 449.0], device=DEVICE).reshape(1, 1, 6, 1)
+    k, _, _, _ = _run_both(key, key, fmt, 6, 0, torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE))
+    decoded = reference.decode_fp8_ref(k, fmt).flatten().tolist()
+    assert decoded == [448.0, -448.0, 448.0, -448.0, 448.0, 448.0]
+
+
+def test_round_to_nearest_even_and_exponent_carry():
+    # the interpreter's own cast gets these wrong (ties away, 124.2 -> 64); the torch cast and ours must not
+    fmt = FORMATS["e4m3fn"]
+    x = torch.tensor([124.2, 8.5, 9.5, 10.5, 0.5 * 2.0**-9, 1.5 * 2.0**-9, 2.5 * 2.0**-9], device=DEVICE)
+    k, _, _, _ = _run_both(x.reshape(1, 1, -1, 1), x.reshape(1, 1, -1, 1), fmt, 7, 0,
+                           torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE))  # fmt: skip
+    decoded = reference.decode_fp8_ref(k, fmt).flatten().tolist()
+    # step 1 in [8, 16): 8.5 -> 8, 9.5 -> 10, 10.5 -> 10 (ties to even); step 8 in [64, 128): 124.2 -> 128 (carry);
+    # subnormal step 2^-9: 0.5 step -> 0, 1.5 -> 2, 2.5 -> 2 (ties to even)
+    assert decoded == [128.0, 8.0, 10.0, 10.0, 0.0, 2.0 * 2.0**-9, 2.0 * 2.0**-9]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2), H=st.integers(1, 3), S=st.integers(1, 20), D=st.sampled_from([8, 16, 24, 64, 80]),
+    start=st.integers(0, 5), fmt=st.sampled_from(FMTS), dtype=st.sampled_from([torch.float32, torch.float16]),
+    exponent=st.floats(-12, 6), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_quantize_append_property(B, H, S, D, start, fmt, dtype, exponent, seed):
+    g = torch.Generator().manual_seed(seed)
+    key = (torch.randn(B, H, S, D, generator=g) * 10.0**exponent).to(dtype).to(DEVICE)
+    value = (torch.randn(B, H, D, S, generator=g) * 10.0**exponent).to(dtype).to(DEVICE).transpose(2, 3)
+    inv = (torch.rand(H, generator=g) * 8 + 0.01).to(DEVICE)
+    k, v, k_ref, v_ref = _run_both(key, value, fmt, start + S, start, inv, inv)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def _bits_equal(a, b):
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return bool(((a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
+def test_decode_all_256_codes(fmt):
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE).reshape(1, 1, 256, 1).repeat(1, 1, 1, 2).contiguous()
+    one = torch.ones(1, device=DEVICE)
+    out_k, out_v = (torch.empty(1, 1, 256, 2, device=DEVICE) for _ in range(2))
+    kernels.dequantize_kv(codes, codes, 256, one, one, fmt, out_k, out_v)
+    assert _bits_equal(out_k, reference.decode_fp8_ref(codes, fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_head", [False, True], ids=["tensor", "attn_head"])
+def test_dequantize_matches_reference(fmt, dtype, per_head):
+    B, H, capacity, length, D = 2, 3, 50, 37, 80
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randint(0, 256, (B, H, capacity, D), generator=g, dtype=torch.uint8).to(DEVICE)
+    v_cache = torch.randint(0, 256, (B, H, capacity, D), generator=g, dtype=torch.uint8).to(DEVICE)
+    scale = (torch.rand(H if per_head else 1, generator=g) * 3 + 0.01).to(DEVICE)
+    outs = [torch.full((B, H, length, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(4)]
+    kernels.dequantize_kv(k_cache, v_cache, length, scale, scale * 2, fmt, outs[0], outs[1])
+    reference.dequantize_kv_ref(k_cache, v_cache, length, scale, scale * 2, fmt, outs[2], outs[3])
+    assert _bits_equal(outs[0], outs[2]) and _bits_equal(outs[1], outs[3])
+
+
+def test_round_trip_error_is_within_half_ulp():
+    fmt = FORMATS["e4m3fn"]
+    x = _inputs(1, 2, 33, 64, torch.float32, 9).clamp(-400, 400)
+    x = x.masked_fill(x.abs() < 2.0**-6, 1.0)  # normal range: relative error <= 2^-4 (half of 2^-3)
+    k, _, _, _ = _run_both(x, x, fmt, 33, 0, torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE))
+    back = torch.empty_like(x)
+    kernels.dequantize_kv(k, k, 33, torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE), fmt, back, back.clone())
+    assert ((back - x).abs() / x.abs()).max().item() <= 2.0**-4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(inv=torch.ones(2)), "1 or 3 elements"),
+        (dict(inv=torch.ones(1, dtype=torch.float64)), "float32"),
+        (dict(start=14), "cannot take"),
+        (dict(cache_dtype=torch.float16), "uint8"),
+        (dict(value_shape=(1, 3, 4, 8)), "same"),
+    ],
+)
+def test_quantize_append_rejects_bad_arguments(change, message):
+    key = torch.randn(1, 3, 5, 8)
+    value = torch.randn(*change.get("value_shape", key.shape))
+    cache = torch.zeros(1, 3, 16, 8, dtype=change.get("cache_dtype", torch.uint8))
+    inv = change.get("inv", torch.ones(1))
+    with pytest.raises(ValueError, match=message):
+        kernels.quantize_append_kv(key, value, cache, cache.clone(), change.get("start", 0), inv, inv, FORMATS["e4m3fn"])
