@@ -39,7 +39,9 @@ class DequantWorkspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def views(self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(
+        self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = math.prod(shape)
         buffer = self._buffers.get((device, dtype))
         if buffer is None or buffer.numel() < 2 * n:
@@ -136,14 +138,17 @@ class FP8CacheLayer(CacheLayerMixin):
             key_scale, value_scale = (s.to(self.device) for s in self._given_scales)
             if key_scale.numel() not in (1, H):
                 raise ValueError(
-                    f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads but key_states has {H}"
+                    f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads "
+                    f"but key_states has {H}"
                 )
         else:
             key_scale = value_scale = torch.ones(1, dtype=torch.float32, device=self.device)
         self._set_scales(key_scale, value_scale)
         self._scales_pending = self.calculate_kv_scales
         if self._key_bytes is not None and (
-            self._key_bytes.device != self.device or self._key_bytes.shape[:2] != (B, H) or self._key_bytes.shape[3] != D
+            self._key_bytes.device != self.device
+            or self._key_bytes.shape[:2] != (B, H)
+            or self._key_bytes.shape[3] != D
         ):
             self._key_bytes = self._value_bytes = None  # reused after reset() only when the shape still fits
         self.length = 0
@@ -329,7 +334,9 @@ class QuantizedFP8Cache(Cache):
         given = None
         if self.scales is not None:
             if layer_idx >= self.scales.num_layers:
-                raise ValueError(f"scales cover {self.scales.num_layers} layers but the model updates layer {layer_idx}")
+                raise ValueError(
+                    f"scales cover {self.scales.num_layers} layers but the model updates layer {layer_idx}"
+                )
             given = (self.scales.key[layer_idx], self.scales.value[layer_idx])
         return FP8CacheLayer(
             self.format, self.strategy, given, self.calculate_kv_scales, self.exact_prefill, self._workspace, layer_idx

@@ -23,7 +23,9 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--kv-cache-dtype", default="fp8", help="fp8 (= fp8_e4m3), fp8_e5m2, auto, ...")
-    p.add_argument("--scales", default="unit", help="unit | dynamic (from the first prefill) | checkpoint dir or Hub id")
+    p.add_argument(
+        "--scales", default="unit", help="unit | dynamic (from the first prefill) | checkpoint dir or Hub id"
+    )
     p.add_argument("--strategy", default="tensor", choices=STRATEGIES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -53,7 +55,10 @@ def _generate(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     if tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")

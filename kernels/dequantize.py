@@ -44,7 +44,9 @@ def _dequantize_kv_kernel(
     cache_offsets = b * stride_cb + h * stride_ch + s[:, None] * stride_cs + d[None, :]
     out_offsets = (pid_bh * S + s[:, None]) * D + d[None, :]  # contiguous [B, H, S, D]
 
-    key = decode_fp8(tl.load(key_cache_ptr + cache_offsets, mask=mask), MANTISSA_BITS, BIAS, SUBNORMAL_STEP, FNUZ, HAS_INF)
+    key = decode_fp8(
+        tl.load(key_cache_ptr + cache_offsets, mask=mask), MANTISSA_BITS, BIAS, SUBNORMAL_STEP, FNUZ, HAS_INF
+    )
     key = key * tl.load(key_scale_ptr + h * scale_stride_h)
     tl.store(key_out_ptr + out_offsets, round_to_output(key, key_out_ptr), mask=mask)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+from hf_fp8cache.kernels.reference import decode_fp8_ref, encode_fp8_ref
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from hf_fp8cache.formats import resolve_format
-from hf_fp8cache.kernels.reference import decode_fp8_ref, encode_fp8_ref
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16):
@@ -54,8 +54,23 @@ def fake_quant_cache(config, kv_cache_dtype="fp8", key_scale=1.0, value_scale=1.
 
 def english_text(min_chars: int = 20000, start_module: int = 0) -> str:
     """Real English prose offline: docstrings of standard-library modules."""
-    import argparse, collections, csv, email, functools, http.client, json, logging, pathlib, random, re  # noqa: E401
-    import subprocess, textwrap, threading, unittest, urllib.request, zipfile  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import csv
+    import email
+    import functools
+    import http.client
+    import json
+    import logging
+    import pathlib
+    import random
+    import re
+    import subprocess  # noqa: E401
+    import textwrap
+    import threading
+    import unittest
+    import urllib.request
+    import zipfile
 
     modules = [argparse, collections, csv, email, functools, http.client, json, logging, pathlib, random, re,
                subprocess, textwrap, threading, unittest, urllib.request, zipfile]  # fmt: skip

@@ -151,9 +151,13 @@ def test_reset_and_reuse_without_reallocation(tiny_model, torch_path):
     cache.reset()
     assert cache.get_seq_length() == 0
     ids = torch.randint(3, 256, (3, 11), generator=torch.Generator().manual_seed(9)) * 0 + 5  # a different prompt
-    out_reused = tiny_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache)
+    out_reused = tiny_model.generate(
+        input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=cache
+    )
     fresh = FP8Cache(tiny_model.config, calculate_kv_scales=True)
-    out_fresh = tiny_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=fresh)
+    out_fresh = tiny_model.generate(
+        input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=fresh
+    )
     assert torch.equal(out_reused, out_fresh)
     assert cache.layers[0]._key_bytes.data_ptr() == pointer  # same buffer, no reallocation
     assert torch.equal(cache.layers[0].key_scale, fresh.layers[0].key_scale)  # scales from the new prefill
@@ -245,7 +249,9 @@ def test_dtype_and_shape_changes_between_updates_are_errors():
     with pytest.raises(ValueError, match="same"):
         cache.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 2, 8), 0)
     with pytest.raises(TypeError, match="torch.int64"):
-        QuantizedFP8Cache().update(torch.ones(1, 1, 1, 4, dtype=torch.long), torch.ones(1, 1, 1, 4, dtype=torch.long), 0)
+        QuantizedFP8Cache().update(
+            torch.ones(1, 1, 1, 4, dtype=torch.long), torch.ones(1, 1, 1, 4, dtype=torch.long), 0
+        )
     cache.reset()
     cache.update(torch.randn(1, 2, 1, 8).half(), torch.randn(1, 2, 1, 8).half(), 0)  # after reset a new dtype is fine
     assert cache.layers[0].dtype == torch.float16

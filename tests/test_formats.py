@@ -6,8 +6,14 @@ from hf_fp8cache.formats import FORMATS, resolve_format
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("fp8", "e4m3fn"), ("fp8_e4m3", "e4m3fn"), ("FP8_E5M2", "e5m2"), ("fp8_e4m3fnuz", "e4m3fnuz"),
-     ("e5m2fnuz", "e5m2fnuz"), (torch.float8_e5m2, "e5m2")],  # fmt: skip
+    [
+        ("fp8", "e4m3fn"),
+        ("fp8_e4m3", "e4m3fn"),
+        ("FP8_E5M2", "e5m2"),
+        ("fp8_e4m3fnuz", "e4m3fnuz"),
+        ("e5m2fnuz", "e5m2fnuz"),
+        (torch.float8_e5m2, "e5m2"),
+    ],  # fmt: skip
 )
 def test_aliases(name, expected):
     assert resolve_format(name).name == expected
@@ -19,8 +25,12 @@ def test_auto_is_e4m3fn_off_rocm():
 
 @pytest.mark.parametrize(
     "name, fmax, bias, step",
-    [("e4m3fn", 448.0, 7, 2.0**-9), ("e5m2", 57344.0, 15, 2.0**-16), ("e4m3fnuz", 240.0, 8, 2.0**-10),
-     ("e5m2fnuz", 57344.0, 16, 2.0**-17)],  # fmt: skip
+    [
+        ("e4m3fn", 448.0, 7, 2.0**-9),
+        ("e5m2", 57344.0, 15, 2.0**-16),
+        ("e4m3fnuz", 240.0, 8, 2.0**-10),
+        ("e5m2fnuz", 57344.0, 16, 2.0**-17),
+    ],  # fmt: skip
 )
 def test_derived_constants(name, fmax, bias, step):
     fmt = FORMATS[name]

@@ -3,12 +3,12 @@ their torch twins in kernels/reference.py, for every format, input dtype, head d
 
 import pytest
 import torch
+from hf_fp8cache.kernels import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_fp8cache import kernels
 from hf_fp8cache.formats import FORMATS
-from hf_fp8cache.kernels import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow notes inside the interpreter
 
@@ -25,7 +25,10 @@ def _special_values(D):
 def _inputs(B, H, S, D, dtype, seed=0, transposed=False):
     g = torch.Generator().manual_seed(seed)
     # magnitudes from 1e-9 to 1e5: subnormals, normals and saturation in every format
-    x = torch.randn(B, H, S, D, generator=g) * torch.logspace(-9, 5, S * D).reshape(S, D)[torch.randperm(S, generator=g)]
+    x = (
+        torch.randn(B, H, S, D, generator=g)
+        * torch.logspace(-9, 5, S * D).reshape(S, D)[torch.randperm(S, generator=g)]
+    )
     x[0, 0, 0, : min(D, 14)] = _special_values(min(D, 14))
     if transposed:  # what transformers hands the cache: a transposed view
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -155,4 +158,6 @@ def test_quantize_append_rejects_bad_arguments(change, message):
     cache = torch.zeros(1, 3, 16, 8, dtype=change.get("cache_dtype", torch.uint8))
     inv = change.get("inv", torch.ones(1))
     with pytest.raises(ValueError, match=message):
-        kernels.quantize_append_kv(key, value, cache, cache.clone(), change.get("start", 0), inv, inv, FORMATS["e4m3fn"])
+        kernels.quantize_append_kv(
+            key, value, cache, cache.clone(), change.get("start", 0), inv, inv, FORMATS["e4m3fn"]
+        )

@@ -1,0 +1,70 @@
+"""End-to-end checks on a CUDA GPU (the device machine): compiled kernels inside real generate runs.
+
+Run there with ``HF_FP8CACHE_NO_INTERPRET=1 pytest -m gpu tests/test_gpu.py tests/test_kernels.py``: test_kernels
+then checks the compiled kernels' bytes against the torch twins on CUDA tensors (bf16 included)."""
+
+import os
+
+import pytest
+import torch
+from helpers import fake_quant_cache
+from transformers import DynamicCache
+
+from hf_fp8cache import FP8Cache
+from hf_fp8cache.benchmark import build_model
+from hf_fp8cache.integration import cache_keyword
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def test_kernels_are_compiled_not_interpreted():
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _greedy(model, cache, ids, mask, new_tokens):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, **{cache_keyword(model): cache})  # fmt: skip
+
+
+def _left_padded(vocab, batch, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1:, : length // 3] = 0
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.slow
+def test_smollm2_generate_on_gpu_equals_oracle():
+    from hf_fp8cache.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(device="cuda", dtype=torch.bfloat16)
+    prompts = ["The capital of France is", "Write a haiku about memory bandwidth.", "def fibonacci(n):"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = _greedy(model, FP8Cache(model.config), ids, mask, 24)
+    oracle = _greedy(model, fake_quant_cache(model.config), ids, mask, 24)
+    bf16 = _greedy(model, DynamicCache(config=model.config), ids, mask, 24)
+    agree = (ours[:, ids.shape[1] :] == bf16[:, ids.shape[1] :]).float().mean().item()
+    print(f"SmolLM2 bf16 on GPU: FP8 greedy tokens equal to bf16 DynamicCache: {agree:.3f}")
+    for row in tokenizer.batch_decode(ours[:, ids.shape[1] :], skip_special_tokens=True):
+        print("  FP8:", row.replace("\n", " ")[:120])
+    assert torch.equal(ours, oracle)
+
+
+def test_llama8b_shaped_generate_on_gpu_equals_oracle():
+    torch.manual_seed(0)
+    model = build_model("llama-3.1-8b", torch.device("cuda"), torch.bfloat16)
+    config = model.config
+    ids, mask = _left_padded(config.vocab_size, 2, 300)
+    for cache_kwargs in ({}, {"calculate_kv_scales": True, "strategy": "attn_head"}):
+        ours = _greedy(model, FP8Cache(config, **cache_kwargs), ids, mask, 8)
+        if not cache_kwargs:
+            assert torch.equal(ours, _greedy(model, fake_quant_cache(config), ids, mask, 8))
+        assert ours.shape == (2, 308)
+    cache = FP8Cache(config)
+    _greedy(model, cache, ids, mask, 8)
+    layer = cache.layers[5]
+    assert layer.keys.device.type == "cuda" and layer.keys.dtype == torch.float8_e4m3fn
+    assert cache.nbytes == 32 * 2 * 2 * 8 * 307 * 128 + 32 * 2 * 4  # FP8 K and V of 307 tokens + scales
