@@ -14,6 +14,7 @@ Prints a table; writes ``<out_dir>/decode_benchmark.{json,csv,png}``. GPU: ``pyt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib.metadata
@@ -41,6 +42,19 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),
 }  # fmt: skip
+# the run's conditions, printed above the table
+CONDITIONS = (
+    "model_shape",
+    "dtype",
+    "sdpa_backend",
+    "steps",
+    "warmup",
+    "gpu",
+    "torch",
+    "transformers",
+    "triton",
+    "git_sha",
+)
 # (row key, table/plot label, divisor, decimals) of the metrics compared side by side
 METRICS = [("wall_ms_median", "wall ms", 1, 3), ("gpu_ms_median", "gpu ms", 1, 3), ("kv_bytes", "KV MiB", 2**20, 2),
            ("peak_extra_bytes", "peak+ MiB", 2**20, 1)]  # fmt: skip
@@ -80,8 +94,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sdpa_backend(name: str | None):
+    """Pin torch SDPA to one backend (``flash``, ``cudnn``, ``efficient``, ``math``); None keeps torch's choice."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    return sdpa_kernel(backends[name])
+
+
 def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_tokens: torch.Tensor, warmup: int,
-             param_bytes: int) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
+             param_bytes: int, sdpa_backend: str | None) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
     """Prefill + decode with one fresh cache; returns the row and the greedy token after the last step."""
     device, kw, cuda = prompt.device, cache_keyword(model), prompt.device.type == "cuda"
     if cuda:
@@ -90,7 +115,7 @@ def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_to
     cache = DynamicCache(config=model.config) if kind == "dynamic" else FP8Cache(config=model.config)
     wall_ms: list[float] = []
     gpu_ms: list[float] = []
-    with torch.no_grad():
+    with torch.no_grad(), _sdpa_backend(sdpa_backend):
         for start in range(0, prompt.shape[1], PREFILL_CHUNK):
             chunk = prompt[:, start : start + PREFILL_CHUNK]
             logits = model(input_ids=chunk, **{kw: cache}, use_cache=True, logits_to_keep=1).logits
@@ -133,6 +158,7 @@ def run_decode_benchmark(
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
     out_dir: str | Path = "results",
+    sdpa_backend: str | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark decode steps with each cache for every ``(B, L)`` case; print, save and return the rows."""
     if steps < 1 or warmup < 0:
@@ -140,7 +166,8 @@ def run_decode_benchmark(
     dev = torch.device(device)
     model = build_model(model_shape, dev, dtype)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "steps": steps, "warmup": warmup}
+    env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "steps": steps, "warmup": warmup,
+           "sdpa_backend": sdpa_backend or "default"}  # fmt: skip
     env.update(_environment(dev))
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -148,7 +175,7 @@ def run_decode_benchmark(
     for B, L in cases:
         prompt = torch.randint(vocab, (B, L), generator=generator).to(dev)
         decode_tokens = torch.randint(vocab, (warmup + steps, B, 1), generator=generator).to(dev)
-        results = [_run_one(model, kind, prompt, decode_tokens, warmup, param_bytes) for kind in CACHES]
+        results = [_run_one(model, kind, prompt, decode_tokens, warmup, param_bytes, sdpa_backend) for kind in CACHES]
         match = (results[0][1] == results[1][1]).float().mean().item()
         for row, _ in results:
             ratio = row["kv_bytes"] / results[0][0]["kv_bytes"]
@@ -179,8 +206,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             line.append(f"{b / a:.3f}" if a and b is not None else "-")
         lines.append([*line, f"{dyn['greedy_match']:.2f}"])
     widths = [max(len(x) for x in col) for col in zip(*lines, strict=True)]
-    print(" | ".join(f"{k}={rows[0][k]}" for k in ("model_shape", "dtype", "steps", "warmup", "gpu", "torch",
-                                                    "transformers", "triton", "git_sha")))  # fmt: skip
+    print(" | ".join(f"{k}={rows[0][k]}" for k in CONDITIONS))
     for line in lines:
         print("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)))
 
@@ -232,9 +258,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"], default=None)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    return run_decode_benchmark(args.cases, args.model_shape, args.steps, args.warmup, args.device, dtype, args.out_dir)
+    return run_decode_benchmark(
+        args.cases, args.model_shape, args.steps, args.warmup, args.device, dtype, args.out_dir, args.sdpa_backend
+    )
 
 
 if __name__ == "__main__":

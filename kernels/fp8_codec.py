@@ -70,7 +70,8 @@ def decode_fp8(
         value = tl.where(c == 0x80, float("nan"), value)
     else:
         value = tl.where(magnitude == 0x7F, float("nan"), value)
-    return tl.where((c & 0x80) != 0, -value, value)  # -0 for 0x80 in OCP formats; fnuz 0x80 stays NaN
+    # the sign goes in as a bit: Triton compiles `-x` as `0 - x`, which turns -0 into +0 on the GPU
+    return (value.to(tl.uint32, bitcast=True) | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
