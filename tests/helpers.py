@@ -24,7 +24,7 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
 
 def fake_quant(x: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:
     """What the FP8 cache hands back for x: decode(encode(x / scale)) * scale, in x's dtype."""
-    s = scale.float().reshape(1, -1, 1, 1)
+    s = scale.float().to(x.device).reshape(1, -1, 1, 1)
     return (decode_fp8_ref(encode_fp8_ref(x.float() * (1.0 / s), fmt), fmt) * s).to(x.dtype)
 
 

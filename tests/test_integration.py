@@ -1,0 +1,73 @@
+"""attach(): every generate / pipeline call without its own cache gets a fresh FP8 cache."""
+
+import pytest
+import torch
+from helpers import fake_quant_cache
+from transformers import pipeline
+
+from hf_fp8cache import FP8Cache, attach, detach
+from hf_fp8cache.integration import cache_keyword
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def test_attach_injects_a_fresh_fp8_cache_per_call(torch_path):
+    from helpers import tiny_llama
+
+    model = tiny_llama(seed=3)
+    seen = []
+    original_forward, keyword = model.forward, cache_keyword(model)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get(keyword))
+        return original_forward(*args, **kwargs)
+
+    model.forward = spy
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    attach(model, kv_cache_dtype="fp8_e5m2")
+    first = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    first_calls = list(seen)
+    seen.clear()
+    model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert all(c is first_calls[0] for c in first_calls) and all(c is seen[0] for c in seen)  # one per call
+    assert seen[0] is not first_calls[0]  # and a fresh one for each call
+    assert isinstance(seen[0], FP8Cache) and seen[0].format.name == "e5m2"
+    oracle = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                            **{keyword: fake_quant_cache(model.config, "fp8_e5m2")})  # fmt: skip
+    assert torch.equal(first, oracle)
+    own = FP8Cache(model.config)
+    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0, past_key_values=own)
+    assert own.get_seq_length() == 7  # an explicit cache is used as given
+    detach(model)
+    seen.clear()
+    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert not isinstance(seen[0], FP8Cache)
+
+
+def test_attach_validates_arguments_up_front(tiny_model):
+    with pytest.raises(ValueError, match="'fp7'"):
+        attach(tiny_model, kv_cache_dtype="fp7")
+
+
+@pytest.mark.slow
+def test_pipeline_over_prompts_equals_separate_generate_calls(smollm2, torch_path):
+    model, tokenizer = smollm2
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["The capital of France is", "Memory bandwidth limits", "A haiku about caches:"]
+    kw = dict(max_new_tokens=8, do_sample=False, return_full_text=False)
+    separate = [pipe(p, past_key_values=FP8Cache(model.config), **kw)[0]["generated_text"] for p in prompts]
+    attach(model, calculate_kv_scales=True)
+    try:
+        together = [r[0]["generated_text"] for r in pipe(prompts, **kw)]
+    finally:
+        detach(model)
+    attach(model)
+    try:
+        together_unit = [r[0]["generated_text"] for r in pipe(prompts, **kw)]
+    finally:
+        detach(model)
+    assert together_unit == separate
+    assert len(set(together)) == 3 and all(len(t) > 0 for t in together)
+    # without attach, one cache object shared by the prompts of a call breaks the second prompt
+    with pytest.raises(RuntimeError):
+        pipe(prompts, past_key_values=FP8Cache(model.config), **kw)
