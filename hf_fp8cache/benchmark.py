@@ -242,6 +242,58 @@ def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def run_layer_benchmark(
+    cases: tuple[tuple[int, int], ...], heads: int = 8, head_dim: int = 128, iters: int = 50, device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16, out_dir: str | Path = "results",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """GPU time of one layer's decode-step cache update: FP8 (quantize 1 token + dequantize the history) vs
+    DynamicLayer (``torch.cat`` of the history); CUDA events around each of ``iters`` updates, median. A GPU
+    spin before each keeps the CPU's launch overhead out of the events."""
+    from transformers.cache_utils import DynamicLayer
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"the layer benchmark times CUDA events and needs a CUDA device, got {device!r}")
+    rows: list[dict[str, Any]] = []
+    for B, L in cases:
+        prompt = torch.randn(B, heads, L, head_dim, device=dev, dtype=dtype)
+        steps = torch.randn(iters, B, heads, 1, head_dim, device=dev, dtype=dtype)
+        for kind in CACHES:
+            if kind == "fp8":
+                store = FP8Cache()
+                update = lambda x, store=store: store.update(x, x, 0)
+            else:
+                store = DynamicLayer()
+                update = lambda x, store=store: store.update(x, x)
+            update(prompt)  # prefill
+            update(steps[0])  # warm-up (compiles the kernels on first use)
+            times = []
+            for x in steps:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(2_000_000)  # ~1 ms of GPU spin so the launches queue up: events time the GPU only
+                start.record()
+                update(x)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            us = statistics.median(times)
+            history = B * heads * (L + iters) * head_dim
+            bytes_moved = 2 * history * (1 + dtype.itemsize) if kind == "fp8" else 2 * history * 2 * dtype.itemsize
+            rows.append({"case": f"{B}x{L}", "B": B, "L": L, "cache": kind, "update_us_median": us,
+                         "bytes_per_update": bytes_moved, "tb_per_s": bytes_moved / us / 1e6})  # fmt: skip
+    print(f"one layer's decode-step cache update ({heads} KV heads, d={head_dim}, {dtype}), median of {iters}")
+    print(f"{'case':>8} {'dynamic us':>11} {'fp8 us':>9} {'fp8/dyn':>8} {'fp8 TB/s':>9}")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        dyn, fp8 = _pair(rows, case)
+        ratio = fp8["update_us_median"] / dyn["update_us_median"]
+        print(f"{case:>8} {dyn['update_us_median']:>11.1f} {fp8['update_us_median']:>9.1f} {ratio:>8.3f} "
+              f"{fp8['tb_per_s']:>9.2f}")  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_update.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
 def _parse_cases(text: str) -> tuple[tuple[int, int], ...]:
     try:
         return tuple((int(b), int(n)) for b, n in (item.lower().split("x") for item in text.split(",") if item))
@@ -259,8 +311,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--out-dir", default="results")
     parser.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"], default=None)
+    parser.add_argument("--layer", action="store_true", help="time one layer's cache update on the GPU instead")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.layer:
+        return run_layer_benchmark(args.cases, device=args.device, dtype=dtype, out_dir=args.out_dir)
     return run_decode_benchmark(
         args.cases, args.model_shape, args.steps, args.warmup, args.device, dtype, args.out_dir, args.sdpa_backend
     )

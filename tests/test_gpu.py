@@ -68,3 +68,16 @@ def test_llama8b_shaped_generate_on_gpu_equals_oracle():
     layer = cache.layers[5]
     assert layer.keys.device.type == "cuda" and layer.keys.dtype == torch.float8_e4m3fn
     assert cache.nbytes == 32 * 2 * 2 * 8 * 307 * 128 + 32 * 2 * 4  # FP8 K and V of 307 tokens + scales
+
+
+def test_layers_on_different_devices_keep_their_buffers_there():
+    """As with a device_map that splits layers: each layer's FP8 buffers and scales live with its inputs."""
+    cache = FP8Cache(calculate_kv_scales=True)
+    on_gpu, on_cpu = torch.randn(1, 2, 5, 16, device="cuda"), torch.randn(1, 2, 5, 16)
+    cache.update(on_gpu, on_gpu, 0)
+    cache.update(on_cpu, on_cpu, 1)
+    k0, _ = cache.update(on_gpu[:, :, :1], on_gpu[:, :, :1], 0)
+    k1, _ = cache.update(on_cpu[:, :, :1], on_cpu[:, :, :1], 1)
+    assert cache.layers[0].keys.device.type == "cuda" and cache.layers[0].key_scale.device.type == "cuda"
+    assert cache.layers[1].keys.device.type == "cpu" and cache.layers[1].key_scale.device.type == "cpu"
+    assert k0.device.type == "cuda" and k1.device.type == "cpu" and k0.shape == k1.shape == (1, 2, 6, 16)

@@ -103,6 +103,23 @@ def test_quantize_append_property(B, H, S, D, start, fmt, dtype, exponent, seed)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2), H=st.integers(1, 3), length=st.integers(1, 40), spare=st.integers(0, 9),
+    D=st.sampled_from([8, 24, 64, 80]), fmt=st.sampled_from(FMTS),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), per_head=st.booleans(),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_dequantize_property(B, H, length, spare, D, fmt, dtype, per_head, seed):
+    g = torch.Generator().manual_seed(seed)
+    caches = [torch.randint(0, 256, (B, H, length + spare, D), generator=g, dtype=torch.uint8).to(DEVICE) for _ in "kv"]
+    scale = (torch.rand(H if per_head else 1, generator=g) * 10 + 1e-3).to(DEVICE)
+    outs = [torch.empty(B, H, length, D, dtype=dtype, device=DEVICE) for _ in range(4)]
+    kernels.dequantize_kv(*caches, length, scale, scale, fmt, outs[0], outs[1])
+    reference.dequantize_kv_ref(*caches, length, scale, scale, fmt, outs[2], outs[3])
+    assert _bits_equal(outs[0], outs[2]) and _bits_equal(outs[1], outs[3])
+
+
 def _bits_equal(a, b):
     ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
     return bool(((a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())).all())
