@@ -1,6 +1,7 @@
 """hf_fp8cache: an FP8 KV cache for HuggingFace transformers, written and read by Triton kernels."""
 
 from .cache import FP8Cache, QuantizedFP8Cache
+from .checkpoint import load_kv_scales, save_kv_scales
 from .formats import FORMATS, FP8Format, resolve_format
 from .integration import attach, detach
 from .scales import KVScales
@@ -13,6 +14,8 @@ __all__ = [
     "QuantizedFP8Cache",
     "attach",
     "detach",
+    "load_kv_scales",
     "resolve_format",
+    "save_kv_scales",
 ]
 __version__ = "0.1.0"

@@ -330,6 +330,32 @@ class QuantizedFP8Cache(Cache):
             layers = [self._new_layer(i) for i in range(text_config.num_hidden_layers)]
         super().__init__(layers=layers)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path,
+        config=None,
+        kv_cache_dtype: str | torch.dtype = "fp8",
+        missing: str = "error",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir=None,
+        local_files_only: bool = False,
+        **kwargs,
+    ) -> QuantizedFP8Cache:
+        """A cache with the KV scales of a checkpoint (local directory or Hub id; see ``checkpoint.load_kv_scales``).
+
+        Checkpoint scales are calibrated for e4m3fn; stored as ROCm e4m3fnuz (max 240) they are doubled, as vLLM
+        does. Other keyword arguments go to the constructor (``exact_prefill``).
+        """
+        from .checkpoint import load_kv_scales
+
+        fmt = resolve_format(kv_cache_dtype)
+        scales = load_kv_scales(name_or_path, revision, token, cache_dir, local_files_only, missing)
+        if fmt.name == "e4m3fnuz":
+            scales = scales.scaled(2.0)
+        return cls(config=config, kv_cache_dtype=fmt, scales=scales, **kwargs)
+
     def _new_layer(self, layer_idx: int) -> FP8CacheLayer:
         given = None
         if self.scales is not None:

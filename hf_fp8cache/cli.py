@@ -1,4 +1,5 @@
-"""The ``hf-fp8cache`` command: ``generate`` (text with an FP8 KV cache) and ``bench`` (decode-step benchmark)."""
+"""The ``hf-fp8cache`` command: ``generate`` (text with an FP8 KV cache), ``inspect`` (a checkpoint's KV scales)
+and ``bench`` (decode-step benchmark)."""
 
 from __future__ import annotations
 
@@ -33,25 +34,25 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=_generate)
 
 
-def _cache_kwargs(args) -> dict:
-    resolve_format(args.kv_cache_dtype)  # fail early, naming the value
+def _make_cache(args, config):
+    from .cache import QuantizedFP8Cache
+
     if args.scales == "unit":
-        return {"kv_cache_dtype": args.kv_cache_dtype, "strategy": args.strategy}
+        return QuantizedFP8Cache(config, kv_cache_dtype=args.kv_cache_dtype, strategy=args.strategy)
     if args.scales == "dynamic":
-        return {"kv_cache_dtype": args.kv_cache_dtype, "strategy": args.strategy, "calculate_kv_scales": True}
-    raise SystemExit(
-        f"--scales {args.scales}: loading scales from a checkpoint is not yet supported (use unit or dynamic)"
-    )
+        return QuantizedFP8Cache(
+            config, kv_cache_dtype=args.kv_cache_dtype, strategy=args.strategy, calculate_kv_scales=True
+        )
+    return QuantizedFP8Cache.from_pretrained(args.scales, config=config, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _generate(args) -> int:
     from transformers import DynamicCache
 
-    from .cache import QuantizedFP8Cache
     from .integration import cache_keyword
     from .models import load_model_and_tokenizer
 
-    cache_kwargs = _cache_kwargs(args)
+    resolve_format(args.kv_cache_dtype)  # fail early, naming the value
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     if tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
@@ -67,7 +68,7 @@ def _generate(args) -> int:
     keyword = cache_keyword(model)
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
-    cache = QuantizedFP8Cache(config=model.config, **cache_kwargs)
+    cache = _make_cache(args, model.config)
     start = time.perf_counter()
     out = model.generate(**inputs, **generate, **{keyword: cache})
     seconds = time.perf_counter() - start
@@ -91,6 +92,50 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_inspect(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show the KV cache scheme and per-layer scales of a checkpoint")
+    p.add_argument("checkpoint", help="local directory or Hub repo id")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=_inspect)
+
+
+def _describe(tensor: torch.Tensor | None, low: float = 0.0, high: float = float("inf")) -> str:
+    """A scale for the table, flagged BAD when non-finite or outside (low, high)."""
+    if tensor is None:
+        return "missing"
+    values = tensor.detach().float().flatten()
+    text = (
+        f"{values.item():.6g}" if values.numel() == 1 else f"{values.min():.4g}..{values.max():.4g} ({values.numel()})"
+    )
+    if not bool(torch.isfinite(values).all()) or bool((values <= low).any()) or bool((values >= high).any()):
+        text += "  BAD"
+    return text
+
+
+def _inspect(args) -> int:
+    from .checkpoint import SANE_Q_SCALE, read_checkpoint_scales, to_kv_scales
+
+    found = read_checkpoint_scales(args.checkpoint, revision=args.revision)
+    layers = found.num_layers or 1 + max(i for kind in found.tensors.values() for i in kind)
+    print(f"{found.source}: {found.producer}, strategy {found.strategy}, {layers} layers, "
+          f"{found.num_kv_heads} KV heads")  # fmt: skip
+    shown = [k for k in ("k", "v", "kv", "q") if k in found.tensors]
+    print("layer  " + "  ".join(f"{kind + '_scale':<24}" for kind in shown))
+    for i in range(layers):
+        cells = [
+            _describe(found.tensors[kind].get(i, (None, None))[1], *(SANE_Q_SCALE if kind == "q" else ()))
+            for kind in shown
+        ]
+        print(f"{i:>5}  " + "  ".join(f"{c:<24}" for c in cells))
+    try:
+        scales = to_kv_scales(found)
+    except ValueError as error:
+        print(f"NOT USABLE: {error}")
+        return 1
+    print(f"usable: {scales}" + ("" if scales.query is None else " (with q scales)"))
+    return 0
+
+
 def _add_bench(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode-step time and KV memory: FP8 cache vs DynamicCache")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for hf_fp8cache.benchmark (see --help there)")
@@ -108,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fp8cache", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_inspect(subparsers)
     _add_bench(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -100,6 +100,17 @@ class KVScales:
         if self.num_heads is not None and self.num_heads != num_kv_heads:
             raise ValueError(f"per-head scales are for {self.num_heads} KV heads but the model has {num_kv_heads}")
 
+    def scaled(self, factor: float) -> KVScales:
+        """The same scales multiplied by ``factor`` (e.g. 2 for e4m3fn scales stored as ROCm e4m3fnuz)."""
+        query = None if self.query is None else [None if q is None else q * factor for q in self.query]
+        return KVScales([k * factor for k in self.key], [v * factor for v in self.value], self.strategy, query)
+
+    def save_pretrained(self, directory, prefix: str = "model.") -> None:
+        """Write the scales in the compressed-tensors layout vLLM reads (see ``checkpoint.save_kv_scales``)."""
+        from .checkpoint import save_kv_scales
+
+        save_kv_scales(self, directory, prefix)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, KVScales):
             return NotImplemented

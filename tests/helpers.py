@@ -83,3 +83,90 @@ def english_text(min_chars: int = 20000, start_module: int = 0) -> str:
         if sum(map(len, parts)) >= min_chars:
             break
     return "\n\n".join(parts)
+
+
+def write_checkpoint(
+    directory,
+    layers: int = 4,
+    kv_heads: int = 2,
+    strategy: str = "tensor",
+    dtype=torch.bfloat16,
+    layout: str = "compressed-tensors",
+    prefix: str = "model.",
+    shards: int = 1,
+    fp8_weights: bool = False,
+    q_scale=None,
+    zero_points: float | None = None,
+    skip_layers=(),
+):
+    """A checkpoint of the given layout with random weights and known KV scales; returns (k, v) as written.
+
+    layout: "compressed-tensors" | "modelopt" | "legacy-output" | "legacy-kv" | "none" (no scales at all).
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shape = (1,) if strategy == "tensor" else (kv_heads, 1, 1)
+    width = 1 if strategy == "tensor" else kv_heads
+    k = [torch.tensor([0.0123 * (i + 1) + 0.001 * h for h in range(width)]).to(dtype) for i in range(layers)]
+    v = [torch.tensor([0.0456 * (i + 1) + 0.002 * h for h in range(width)]).to(dtype) for i in range(layers)]
+    names = {"compressed-tensors": ("k_scale", "v_scale"), "modelopt": ("k_proj.k_scale", "v_proj.v_scale"),
+             "legacy-output": ("k_proj.output_scale", "v_proj.output_scale")}  # fmt: skip
+    weights, scales = {}, {}
+    weight_dtype = torch.float8_e4m3fn if fp8_weights else dtype
+    for i in range(layers):
+        base = f"{prefix}layers.{i}.self_attn."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            weights[base + proj + ".weight"] = torch.randn(8, 8).to(weight_dtype)
+            if fp8_weights:
+                weights[base + proj + ".weight_scale"] = torch.tensor([0.01], dtype=dtype)
+        if i in skip_layers or layout == "none":
+            continue
+        if layout == "legacy-kv":
+            scales[base + "kv_scale"] = k[i].reshape(shape)
+        else:
+            scales[base + names[layout][0]] = k[i].reshape(shape)
+            scales[base + names[layout][1]] = v[i].reshape(shape)
+        if q_scale is not None:
+            scales[base + "q_scale"] = torch.tensor([q_scale], dtype=torch.float32)
+        if zero_points is not None:
+            scales[base + "k_zero_point"] = torch.full(shape, zero_points, dtype=dtype)
+            scales[base + "v_zero_point"] = torch.zeros(shape, dtype=dtype)
+    weights[f"{prefix}embed_tokens.weight"] = torch.randn(16, 8).to(dtype)
+    config = {"model_type": "llama", "num_hidden_layers": layers, "num_key_value_heads": kv_heads}
+    if layout == "compressed-tensors":
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized" if fp8_weights else "dense",
+            "config_groups": {}, "ignore": [], "quantization_status": "compressed",
+            "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True,
+                                "dynamic": False},
+        }  # fmt: skip
+    if layout == "modelopt":
+        (directory / "hf_quant_config.json").write_text(
+            json.dumps(
+                {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": None, "kv_cache_quant_algo": "FP8"}}
+            )
+        )
+    if prefix.startswith("model.language_model"):
+        config = {
+            "model_type": "llava",
+            "text_config": config,
+            **{k: v for k, v in config.items() if k == "quantization_config"},
+        }
+    (directory / "config.json").write_text(json.dumps(config))
+    tensors = {**weights, **scales}
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+    else:
+        # weights in shard 1, scales in shard 2
+        save_file(weights, str(directory / "model-00001-of-00002.safetensors"))
+        if scales:
+            save_file(scales, str(directory / "model-00002-of-00002.safetensors"))
+        weight_map = {n: "model-00001-of-00002.safetensors" for n in weights}
+        weight_map.update({n: "model-00002-of-00002.safetensors" for n in scales})
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return k, v

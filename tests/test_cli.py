@@ -3,7 +3,9 @@
 import re
 
 import pytest
+from helpers import write_checkpoint
 
+from hf_fp8cache import KVScales
 from hf_fp8cache.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -25,5 +27,27 @@ def test_generate_on_embedded_model_reports_half_the_kv_bytes(capsys, torch_path
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="'fp6'"):
         main(["generate", "--kv-cache-dtype", "fp6"])
-    with pytest.raises(SystemExit, match="not yet supported"):
-        main(["generate", "--scales", "org/model-FP8-KV"])
+
+
+@pytest.mark.slow
+def test_generate_with_checkpoint_scales(tmp_path, capsys, torch_path):
+    scales = KVScales([[0.02, 0.03, 0.04]] * 30, [[0.01, 0.02, 0.005]] * 30, "attn_head")  # SmolLM2: 30 x 3 heads
+    scales.save_pretrained(tmp_path)
+    assert main(["generate", "--max-new-tokens", "4", "--scales", str(tmp_path), "--no-compare"]) == 0
+    out = capsys.readouterr().out
+    assert "attn_head" in out and "KV cache:" in out
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        main(["generate", "--scales", str(tmp_path / "missing")])
+
+
+def test_inspect_prints_scheme_table_and_verdict(tmp_path, capsys):
+    write_checkpoint(tmp_path / "good", layers=3, strategy="attn_head", q_scale=1e28)
+    assert main(["inspect", str(tmp_path / "good")]) == 0
+    out = capsys.readouterr().out
+    assert "compressed-tensors, strategy attn_head, 3 layers, 2 KV heads" in out
+    assert out.count("\n") >= 5 and "usable: KVScales(layers=3" in out and "(with q scales)" not in out
+    assert out.count("1e+28  BAD") == 3  # garbage q_scale flagged, and not used
+    write_checkpoint(tmp_path / "bad", layers=3, skip_layers=(2,))
+    assert main(["inspect", str(tmp_path / "bad")]) == 1
+    out = capsys.readouterr().out
+    assert "missing" in out and "NOT USABLE" in out and "[2]" in out
