@@ -16,7 +16,7 @@ from hf_fp8cache.formats import FP8Format
 
 from . import reference
 
-__all__ = ["quantize_append_kv", "dequantize_kv", "uses_triton"]
+__all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton"]
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -95,3 +95,67 @@ def dequantize_kv(
     else:
         run = reference.dequantize_kv_ref
     run(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out)
+
+
+def _check_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_length: int,
+    kv_start: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    out: torch.Tensor | None,
+) -> None:
+    """Validate the arguments of ``decode_attention`` (shared by the dispatch and the Triton launcher)."""
+    if fmt.fnuz:
+        raise ValueError(f"decode attention does not support the {fmt.name} format; use e4m3fn or e5m2")
+    _check_caches(key_cache, value_cache)
+    if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"query must be 4-D fp16 / bf16 / fp32 [B, Hq, Sq, D], got {query.dtype} {tuple(query.shape)}")
+    B, Hq, Sq, D = query.shape
+    _, H, capacity, _ = key_cache.shape
+    if key_cache.shape[0] != B or key_cache.shape[3] != D or H == 0 or Hq % H != 0:
+        raise ValueError(
+            f"query {tuple(query.shape)} does not fit the cache {tuple(key_cache.shape)}: "
+            "batch and head dim must match and the query heads must be a multiple of the KV heads"
+        )
+    if D > 256:
+        raise ValueError(f"head dim {D} is larger than the supported 256")
+    if not 1 <= Sq <= kv_length <= capacity:
+        raise ValueError(f"need 1 <= query length {Sq} <= kv_length {kv_length} <= cache capacity {capacity}")
+    if kv_start.dtype != torch.int32 or tuple(kv_start.shape) != (B,):
+        raise ValueError(f"kv_start must be int32 of shape ({B},), got {kv_start.dtype} {tuple(kv_start.shape)}")
+    _check_scales("scales", key_scale, value_scale, H)
+    if out is not None and (tuple(out.shape) != (B, Sq, Hq, D) or out.dtype != query.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous {query.dtype} {(B, Sq, Hq, D)}, got {out.dtype} {tuple(out.shape)}")
+    tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
+    if any(t.device != query.device for t in tensors):
+        raise ValueError("query, caches, kv_start, scales and out must be on one device")
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_length: int,
+    kv_start: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
+
+    Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal,
+    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). Output in the query's dtype, written
+    into ``out`` when given.
+    """
+    if uses_triton(query):
+        from .attention import decode_attention_fp8 as run  # validates the arguments itself
+    else:
+        _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out)
+        run = reference.decode_attention_fp8_ref
+    return run(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, out)

@@ -56,3 +56,42 @@ def dequantize_kv_ref(
     """Write ``fp8 * scale`` of the first ``length`` tokens into ``key_out`` / ``value_out`` (their dtype)."""
     key_out.copy_(decode_fp8_ref(key_cache[:, :, :length], fmt) * _per_head(key_scale))
     value_out.copy_(decode_fp8_ref(value_cache[:, :, :length], fmt) * _per_head(value_scale))
+
+
+def decode_attention_fp8_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_length: int,
+    kv_start: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
+
+    Math attention in fp32 on the dequantized cache: query row i (position ``kv_length - Sq + i``) sees positions
+    ``kv_start[b]`` up to its own. Values outside ``[kv_start, kv_length)`` count as zero and a row that sees no
+    key gives zeros, as in the kernel. Output in the query's dtype (into ``out`` when given).
+    """
+    B, Hq, Sq, _ = query.shape
+    G = Hq // key_cache.shape[1]
+    positions = torch.arange(kv_length, device=query.device)
+    in_row = positions[None, :] >= kv_start[:, None].long()  # [B, L]: not left padding
+    key = decode_fp8_ref(key_cache[:, :, :kv_length], fmt) * _per_head(key_scale)
+    value = decode_fp8_ref(value_cache[:, :, :kv_length], fmt) * _per_head(value_scale)
+    value = value.masked_fill(~in_row[:, None, :, None], 0.0)
+    key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)  # [B, Hq, L, D]
+
+    own = kv_length - Sq + torch.arange(Sq, device=query.device)
+    visible = in_row[:, None, :] & (positions[None, None, :] <= own[None, :, None])  # [B, Sq, L]
+    logits = torch.matmul(query.float(), key.transpose(-1, -2)) * sm_scale
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
+    result = torch.matmul(probs, value).transpose(1, 2)  # [B, Sq, Hq, D]
+    if out is None:
+        return result.to(query.dtype).contiguous()
+    out.copy_(result)
+    return out

@@ -1,0 +1,285 @@
+"""Decode attention straight from the FP8 cache bytes: split-KV ("flash-decoding") Triton kernel.
+
+    p[n]             = softmax_n(q[b, hq, i, :] . k_fp8[b, h, n, :] * sm_scale * k_scale[h])
+    out[b, i, hq, :] = sum_n p[n] * v_fp8[b, h, n, :] * v_scale[h]
+
+with h = hq // G (GQA group G = Hq / H), the query row i (0-based within Sq) at absolute position L - Sq + i, and
+n running over kv_start[b] <= n <= L - Sq + i (left padding below kv_start, causal above). The scales are folded
+where they are cheapest: k_scale into the logit scale, v_scale into the final division by the softmax sum l.
+
+Layout and dtypes:
+- query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is small
+  (1 for plain decode, a few for speculative tokens), D in {64, 80, 128, 256} (any D <= 256 works).
+- key / value caches: uint8 views of contiguous fp8 buffers ``[B, H, capacity, D]``, of which the first L tokens are
+  read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``).
+- key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head); kv_start: int32 ``[B]``.
+- out: contiguous ``[B, Sq, Hq, D]`` in the query's dtype, the layout an attention function returns to transformers.
+
+Design:
+- Grid (B * H, splits, row tiles). A program owns one (batch row, KV head), one contiguous range of the keys (its
+  split) and a tile of BLOCK_M query rows: the G query heads sharing the KV head times the Sq positions, row
+  r = g * Sq + i, padded to BLOCK_M >= 16 (the smallest tl.dot shape), so each K/V byte is read once per tile.
+- Keys are decoded with the hardware conversion (uint8 -> fp8 bitcast -> fp16, exact for both formats) and fed to
+  tl.dot in fp16 for fp16 / bf16 queries (bf16 q is saturated to +-65504 and rounded to fp16: exact for
+  2^-14 <= |q| <= 65504, and fp16 keeps more mantissa than bf16) and in fp32 (input_precision="ieee") for fp32
+  queries. bf16 operands never reach tl.dot: the Triton interpreter gets that dot wrong, and e4m3 -> bf16 costs
+  three instructions per two elements on sm_90 against one for e4m3 -> fp16.
+- Online softmax in fp32 on exp2 (log2(e) folded into the logit scale): running max m, sum l, accumulator acc.
+  The running max starts at a finite -1e30, so fully masked blocks and rows never compute inf - inf; a row that
+  sees no key at all (l == 0) writes zeros, never NaN. K and V loads outside [kv_start, L) read zeros, so stale
+  or NaN bytes in padding or spare capacity cannot leak through 0 * NaN.
+- Splits: enough to give the GPU about two waves of programs, at most one per BLOCK_N block of keys. With one split
+  the attention kernel normalizes and writes ``out`` itself; otherwise each split stores its (m, l, acc) in fp32
+  and ``_combine_splits_kernel`` merges them (one program per query row) and writes ``out``.
+- Offsets are int64. The output goes through ``fp8_codec.round_to_output`` (round-to-nearest-even, also for bf16
+  under the interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_fp8cache.formats import FP8Format
+
+from . import _check_decode_attention
+from .fp8_codec import round_to_output
+
+# exp(x) == exp2(x * log2(e)); the factor is folded into the logit scale.
+_LOG2E = 1.4426950408889634
+# tl.dot needs every dimension (M, N, K) to be at least 16.
+_MIN_DOT_SIZE = 16
+# Query rows (G * Sq) per program; bigger groups get more programs along grid axis 2 (keeps acc in registers).
+_MAX_BLOCK_M = 64
+# Keys per loop iteration, halved for D > 128 so a K or V tile stays at 8K elements.
+_BLOCK_N = 64
+# Target number of programs per SM when choosing the split count (about two waves).
+_PROGRAMS_PER_SM = 2
+# SM count assumed when the tensors are not on a CUDA device (interpreter runs): an H200.
+_DEFAULT_SM_COUNT = 132
+# Splits merged per iteration of the combine kernel.
+_COMBINE_BLOCK_S = 16
+# Largest finite fp16: bf16 queries are saturated to it before the fp16 dot.
+_FP16_MAX = 65504.0
+# Finite stand-in for -inf as the initial running max (exp2(m_old - m_new) must never see inf - inf).
+_M_INIT = -1.0e30
+
+
+# The length and split sizes change every decode step: no value specialization (would compile extra variants).
+@triton.jit(do_not_specialize=["L", "num_splits", "blocks_per_split"])
+def _decode_attention_fp8_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_cb, stride_ch, stride_cs,
+    scale_stride_h,
+    H, G, SQ, D, L, num_splits, blocks_per_split, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+
+    # query rows of this tile: r = g * SQ + i -> query head h * G + g at position L - SQ + i
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < G * SQ
+    g = (rows // SQ).to(tl.int64)
+    i = (rows % SQ).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_valid = d < D
+    q_mask = row_valid[:, None] & d_valid[None, :]
+    q_offsets = b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
+    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+    if q.dtype != DOT_DTYPE:  # bf16 query, fp16 dot: saturate to the fp16 range, then round
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX).to(DOT_DTYPE)
+
+    kv_first = tl.load(kv_start_ptr + b)  # positions below are left padding
+    last_visible = L - SQ + i  # causal: row i sees keys up to its own position
+    qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
+
+    # this split's keys, starting at the block holding kv_start (blocks of pure padding are skipped)
+    lo = split * blocks_per_split * BLOCK_N
+    hi = tl.minimum(lo + blocks_per_split * BLOCK_N, L)
+    lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], M_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cache_base = b * stride_cb + h * stride_ch
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_valid = (n >= kv_first) & (n < L)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        kv_offsets = cache_base + n.to(tl.int64)[:, None] * stride_cs + d[None, :]
+
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0)
+        k = k.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        visible = n_valid[None, :] & (n[None, :] <= last_visible[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0)
+        v = v.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+        m_i = m_new
+
+    if WRITE_PARTIAL:
+        # partials [B * H * G * SQ, num_splits, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
+        part = (pid_bh * G * SQ + rows) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=q_mask)
+    else:
+        v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
+        out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # l == 0: nothing visible, acc is 0
+        out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
+        tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _combine_splits_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, v_scale_ptr, out_ptr,
+    scale_stride_h,
+    H, G, SQ, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, M_INIT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * G * SQ + g * SQ + i
+    bh = row // (G * SQ)
+    b = bh // H
+    h = bh % H
+    g = (row // SQ) % G
+    i = row % SQ
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < D
+    base = row * num_splits
+
+    # pass 1: the global running max over all splits
+    m_max = tl.full([BLOCK_S], M_INIT, tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.load(part_m_ptr + base + s0 + s, mask=s0 + s < num_splits, other=M_INIT)
+        m_max = tl.maximum(m_max, m)
+    m_all = tl.max(m_max, 0)
+
+    # pass 2: rescale every split's (l, acc) to that max and add up
+    l_sum = tl.zeros([BLOCK_S], tl.float32)
+    acc_sum = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_valid = s0 + s < num_splits
+        m = tl.load(part_m_ptr + base + s0 + s, mask=s_valid, other=M_INIT)
+        w = tl.where(s_valid, tl.exp2(m - m_all), 0.0)
+        l_sum += w * tl.load(part_l_ptr + base + s0 + s, mask=s_valid, other=0.0)
+        acc = tl.load(
+            part_acc_ptr + (base + s0 + s)[:, None] * D + d[None, :],
+            mask=s_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        acc_sum += w[:, None] * acc
+    total = tl.sum(l_sum, 0)
+    acc = tl.sum(acc_sum, 0)
+
+    out = acc * (tl.load(v_scale_ptr + h * scale_stride_h) / tl.where(total == 0.0, 1.0, total))
+    out_offsets = ((b * SQ + i) * (H * G) + h * G + g) * D + d
+    tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=d_valid)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_plan(programs: int, kv_length: int, block_n: int, sm_count: int) -> tuple[int, int]:
+    """(splits, blocks_per_split): about ``_PROGRAMS_PER_SM * sm_count`` programs, at least one key block each.
+
+    ``programs`` is the number of programs without splitting (B * H * row tiles). The split count is then
+    recomputed from the blocks per split, so that no split is empty.
+    """
+    blocks = triton.cdiv(kv_length, block_n)
+    splits = min(max(triton.cdiv(_PROGRAMS_PER_SM * sm_count, programs), 1), blocks)
+    blocks_per_split = triton.cdiv(blocks, splits)
+    return triton.cdiv(blocks, blocks_per_split), blocks_per_split
+
+
+def decode_attention_fp8(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_length: int,
+    kv_start: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
+
+    ``num_splits`` overrides the split heuristic (tests, benchmarks); it is capped at one split per key block.
+    """
+    _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out)
+    B, Hq, Sq, D = query.shape
+    H = key_cache.shape[1]
+    G = Hq // H
+    if out is None:
+        out = torch.empty(B, Sq, Hq, D, dtype=query.dtype, device=query.device)
+    if out.numel() == 0:
+        return out
+
+    rows = G * Sq
+    BLOCK_M = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
+    BLOCK_D = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
+    BLOCK_N = _BLOCK_N if BLOCK_D <= 128 else _BLOCK_N // 2
+    row_tiles = triton.cdiv(rows, BLOCK_M)
+    if num_splits is None:
+        sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _DEFAULT_SM_COUNT
+        splits, blocks_per_split = split_plan(B * H * row_tiles, kv_length, BLOCK_N, sm_count)
+    else:
+        blocks = triton.cdiv(kv_length, BLOCK_N)
+        blocks_per_split = triton.cdiv(blocks, min(max(num_splits, 1), blocks))
+        splits = triton.cdiv(blocks, blocks_per_split)
+
+    if splits > 1:
+        part_m = torch.empty(B * H * rows, splits, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B * H * rows, splits, D, dtype=torch.float32, device=query.device)
+    else:
+        part_m = part_l = part_acc = out  # unused: the attention kernel writes out directly
+
+    fp8_dtype = tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5
+    dot_dtype = tl.float32 if query.dtype == torch.float32 else tl.float16
+    scale_stride_h = 0 if key_scale.numel() == 1 else 1
+    num_warps = 8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4
+    _decode_attention_fp8_kernel[(B * H, splits, row_tiles)](
+        query, key_cache, value_cache, kv_start, key_scale, value_scale,
+        out, part_acc, part_m, part_l,
+        *query.stride(),
+        *key_cache.stride()[:3],
+        scale_stride_h,
+        H, G, Sq, D, kv_length, splits, blocks_per_split, sm_scale * _LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        FP8_DTYPE=fp8_dtype, DOT_DTYPE=dot_dtype, WRITE_PARTIAL=splits > 1,
+        FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        num_warps=num_warps,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_splits_kernel[(B * H * rows,)](
+            part_acc, part_m, part_l, value_scale, out,
+            scale_stride_h,
+            H, G, Sq, D, splits,
+            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=BLOCK_D, M_INIT=_M_INIT,
+        )  # fmt: skip
+    return out

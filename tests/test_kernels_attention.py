@@ -1,0 +1,241 @@
+"""FP8 decode attention: the Triton kernel (interpreter here, compiled on the GPU machine) and its torch twin against
+an independent fp64 oracle written here from the decoded cache values, plus argument checks.
+
+Errors are relative Frobenius norms ||out - oracle|| / ||oracle||. The kernel multiplies in fp16 for fp16 / bf16
+queries (probabilities rounded to fp16 before P @ V) and rounds the output to the query dtype, so those errors sit
+near the fp16 / bf16 rounding unit; fp32 queries run an fp32 dot.
+"""
+
+import math
+
+import pytest
+import torch
+from hf_fp8cache.kernels import reference
+from hf_fp8cache.kernels.attention import decode_attention_fp8, split_plan
+
+from hf_fp8cache import kernels
+from hf_fp8cache.formats import FORMATS
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow / inf notes inside the interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FMTS = [FORMATS["e4m3fn"], FORMATS["e5m2"]]
+# bf16 queries are rounded to fp16 before any tl.dot, so the interpreter's broken bf16 dot is never involved.
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Bounds a few times above the worst relative error measured over this file (triton 3.9 interpreter, CPU):
+# kernel fp16 2.5e-4, bf16 1.7e-3 (the output rounding to bf16 dominates), fp32 6.3e-7;
+# torch reference (fp32 math, output rounded to the query dtype) fp16 2.7e-4, bf16 2.0e-3, fp32 3.6e-7.
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 6e-3, torch.float32: 3e-6}
+NAN_CODE = 0x7F  # a NaN in e4m3fn and in e5m2: stored where the kernel must not look (left padding, spare capacity)
+
+
+def _case(B, H, G, Sq, D, L, kv_start, *, fmt=FMTS[0], dtype=torch.float16, per_head=True, seed=0, spare=5):
+    """Random queries (a transposed view, as transformers passes them) and fp8 caches with poisoned padding."""
+    g = torch.Generator().manual_seed(seed)
+    capacity = L + spare
+    key_scale = torch.rand(H if per_head else 1, generator=g) * 0.05 + 0.01
+    value_scale = torch.rand(H if per_head else 1, generator=g) * 0.5 + 0.05
+    caches = []
+    for _ in "kv":
+        x = (torch.randn(B, H, capacity, D, generator=g) * 40).clamp(-fmt.max, fmt.max)
+        code = x.to(fmt.dtype).view(torch.uint8)
+        code[:, :, L:] = NAN_CODE
+        for b, start in enumerate(kv_start):
+            code[b, :, : min(start, L)] = NAN_CODE
+        caches.append(code.to(DEVICE))
+    query = (torch.randn(B, Sq, H * G, D, generator=g) * 3).to(dtype).to(DEVICE).transpose(1, 2)
+    start = torch.tensor(kv_start, dtype=torch.int32, device=DEVICE)
+    return query, caches[0], caches[1], L, start, key_scale.to(DEVICE), value_scale.to(DEVICE), fmt, D**-0.5
+
+
+def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, fmt, sm_scale):
+    """fp64 attention written out row by row from the decoded fp8 values: out [B, Sq, Hq, D]."""
+    B, Hq, Sq, D = query.shape
+    H = key_cache.shape[1]
+    key = key_cache.cpu().view(fmt.dtype).double() * key_scale.cpu().double().reshape(1, -1, 1, 1)
+    value = value_cache.cpu().view(fmt.dtype).double() * value_scale.cpu().double().reshape(1, -1, 1, 1)
+    q = query.cpu().double()
+    out = torch.zeros(B, Sq, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(Sq):
+            first, last = int(kv_start[b]), L - Sq + i  # keys first..last inclusive
+            if first > last:
+                continue  # sees nothing: zeros
+            k, v = key[b, :, first : last + 1], value[b, :, first : last + 1]  # [H, n, D]
+            logits = torch.einsum("hgd,hnd->hgn", q[b, :, i].reshape(H, Hq // H, D), k) * sm_scale
+            out[b, i] = torch.einsum("hgn,hnd->hgd", logits.softmax(-1), v).reshape(Hq, D)
+    return out
+
+
+def _relative_error(out, expected):
+    assert out.shape == expected.shape
+    assert torch.isfinite(out).all()
+    return ((out.cpu().double() - expected).norm() / expected.norm()).item()
+
+
+def _check_kernel(args, **launch):
+    out = decode_attention_fp8(*args, **launch)
+    query = args[0]
+    assert out.dtype == query.dtype and out.is_contiguous()
+    error = _relative_error(out, _oracle(*args))
+    assert error < TOLERANCE[query.dtype], error
+    return out
+
+
+@pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_head", [False, True], ids=["tensor", "attn_head"])
+def test_matches_oracle(fmt, dtype, per_head):
+    _check_kernel(_case(2, 2, 4, 3, 80, 130, [0, 37], fmt=fmt, dtype=dtype, per_head=per_head, seed=1))
+
+
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("Sq", [1, 3])
+def test_head_dims_and_groups(D, G, Sq):
+    fmt = FMTS[(D + G) % 2]
+    _check_kernel(_case(2, 2, G, Sq, D, 70, [0, 9], fmt=fmt, seed=D * G + Sq))
+
+
+# Sq <= L: the queries' own tokens are part of the cache
+@pytest.mark.parametrize("L, Sq", [(1, 1), (7, 1), (7, 3), (128, 1), (128, 3), (4097, 1), (4097, 3)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_lengths(L, Sq, dtype):
+    if L > 1000:
+        B, H, D, kv_start = 2, 1, 128, [0, 1000]  # keep the interpreter quick
+    else:
+        B, H, D, kv_start = 3, 2, 64, [0, L // 2, L - 1]
+    _check_kernel(_case(B, H, 4, Sq, D, L, kv_start, dtype=dtype, seed=L + Sq))
+
+
+def test_large_group_spans_several_row_tiles():
+    # G * Sq = 16 * 5 = 80 query rows per KV head: two row tiles of 64
+    _check_kernel(_case(1, 2, 16, 5, 64, 90, [3], fmt=FMTS[1], dtype=torch.float32, seed=5))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 1000])
+def test_forced_split_counts_agree(num_splits):
+    # 300 keys are 5 blocks of 64: 3 splits of 2 + 2 + 1 blocks, 7 and 1000 are capped at 5
+    args = _case(2, 2, 4, 3, 64, 300, [0, 130], dtype=torch.float32, seed=7)
+    out = _check_kernel(args, num_splits=num_splits)
+    single = decode_attention_fp8(*args, num_splits=1)
+    assert (out - single).abs().max().item() < 1e-5
+
+
+def test_rows_that_see_nothing_are_zero_not_nan():
+    # row 1 starts at the last position: its first two queries see no key; row 2 starts past the end
+    args = _case(3, 2, 4, 3, 64, 20, [0, 19, 25], seed=3)
+    for num_splits in (1, 4):
+        out = _check_kernel(args, num_splits=num_splits)
+        assert (out[1, :2] == 0).all() and (out[2] == 0).all()
+        assert (out[1, 2] != 0).any()
+
+
+def test_writes_into_out():
+    args = _case(2, 2, 4, 1, 64, 40, [0, 5], seed=4)
+    out = torch.full((2, 1, 8, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+    assert decode_attention_fp8(*args, out=out) is out
+    assert _relative_error(out, _oracle(*args)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_matches_oracle(fmt, dtype):
+    for shape in [(2, 2, 4, 3, 80, 130, [0, 37]), (3, 1, 8, 1, 64, 7, [0, 6, 9]), (1, 2, 1, 3, 256, 64, [2])]:
+        args = _case(*shape, fmt=fmt, dtype=dtype, seed=len(shape[-1]))
+        out = reference.decode_attention_fp8_ref(*args)
+        assert out.dtype == dtype and out.shape == (shape[0], shape[3], shape[1] * shape[2], shape[4])
+        error = _relative_error(out, _oracle(*args))
+        assert error < TOLERANCE[dtype], error
+
+
+def test_dispatch_picks_the_kernel_and_the_reference(monkeypatch):
+    args = _case(2, 2, 4, 3, 64, 50, [0, 11], dtype=torch.float32, seed=8)
+    expected = _oracle(*args)
+    assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[torch.float32]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if DEVICE == "cpu":
+        assert not kernels.uses_triton(args[0])
+    assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[torch.float32]
+
+
+def test_split_plan_covers_every_block_without_empty_splits():
+    for programs in (1, 3, 8, 16, 64, 264, 1000):
+        for length in (1, 63, 64, 65, 4097, 32768, 131072):
+            splits, per_split = split_plan(programs, length, 64, 132)
+            blocks = math.ceil(length / 64)
+            assert 1 <= splits <= blocks and (splits - 1) * per_split < blocks <= splits * per_split
+            if programs >= 264:
+                assert splits == 1
+    assert split_plan(8, 32768, 64, 132) == (32, 16)  # B * H = 8 at 32K tokens: 32 splits of 16 blocks
+
+
+@pytest.mark.parametrize("name", ["e4m3fnuz", "e5m2fnuz"])
+def test_fnuz_formats_are_rejected(name, monkeypatch):
+    args = list(_case(1, 1, 1, 1, 64, 4, [0]))
+    args[7] = FORMATS[name]
+    with pytest.raises(ValueError, match=name):
+        decode_attention_fp8(*args)
+    with pytest.raises(ValueError, match=name):
+        kernels.decode_attention(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=name):
+        kernels.decode_attention(*args)
+
+
+def _bad(change):
+    args = list(_case(2, 2, 4, 2, 64, 10, [0, 1]))
+    B, Hq, Sq, D = args[0].shape
+    if change == "group":
+        args[0] = args[0][:, :7]
+    elif change == "head_dim":
+        args[0] = args[0][..., :32]
+    elif change == "batch":
+        args[0] = args[0][:1]
+    elif change == "query_rank":
+        args[0] = args[0][0]
+    elif change == "query_dtype":
+        args[0] = args[0].to(torch.float64)
+    elif change == "too_many_queries":
+        args[3] = 1
+    elif change == "past_capacity":
+        args[3] = args[1].shape[2] + 1
+    elif change == "kv_start_dtype":
+        args[4] = args[4].long()
+    elif change == "kv_start_shape":
+        args[4] = args[4][:1]
+    elif change == "scale_count":
+        args[5] = torch.ones(3, device=DEVICE)
+    elif change == "scale_dtype":
+        args[6] = args[6].double()
+    elif change == "cache_dtype":
+        args[1] = args[1].view(FMTS[0].dtype)
+    elif change == "cache_layout":
+        args[2] = args[2].transpose(2, 3).contiguous().transpose(2, 3)
+    elif change == "cache_shapes_differ":
+        args[2] = args[2][:, :, :-1].contiguous()
+    elif change == "head_dim_over_256":
+        cache = torch.zeros(2, 2, 12, 512, dtype=torch.uint8, device=DEVICE)
+        args[0], args[1], args[2] = torch.zeros(B, Hq, Sq, 512, device=DEVICE), cache, cache.clone()
+    elif change == "out_shape":
+        return args, {"out": torch.empty(B, Hq, Sq, D, dtype=args[0].dtype, device=DEVICE)}
+    elif change == "out_dtype":
+        return args, {"out": torch.empty(B, Sq, Hq, D, dtype=torch.float32, device=DEVICE)}
+    return args, {}
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["group", "head_dim", "batch", "query_rank", "query_dtype", "too_many_queries", "past_capacity", "kv_start_dtype",
+     "kv_start_shape", "scale_count", "scale_dtype", "cache_dtype", "cache_layout", "cache_shapes_differ",
+     "head_dim_over_256", "out_shape", "out_dtype"],
+)  # fmt: skip
+def test_rejects_bad_arguments(change, monkeypatch):
+    args, extra = _bad(change)
+    with pytest.raises(ValueError):
+        decode_attention_fp8(*args, **extra)
+    with pytest.raises(ValueError):
+        kernels.decode_attention(*args, **extra)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path validates too
+    with pytest.raises(ValueError):
+        kernels.decode_attention(*args, **extra)
