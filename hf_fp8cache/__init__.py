@@ -1,6 +1,8 @@
 """hf_fp8cache: an FP8 KV cache for HuggingFace transformers, written and read by Triton kernels."""
 
+from . import attention  # noqa: F401  (registers attn_implementation="hf_fp8cache")
 from .cache import FP8Cache, QuantizedFP8Cache
+from .calibration import calibrate
 from .checkpoint import load_kv_scales, save_kv_scales
 from .formats import FORMATS, FP8Format, resolve_format
 from .integration import attach, detach
@@ -13,6 +15,7 @@ __all__ = [
     "KVScales",
     "QuantizedFP8Cache",
     "attach",
+    "calibrate",
     "detach",
     "load_kv_scales",
     "resolve_format",

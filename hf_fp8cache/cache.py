@@ -4,9 +4,12 @@ Storage: per layer two contiguous fp8 buffers ``[B, H, capacity, D]`` that grow 
 their capacity, in steps of 256 tokens), written in place by one fused Triton launch per update
 (``kernels.quantize_append_kv``). Nothing copies the history per step.
 
-Read path (this module): ``update`` returns K/V dequantized by one Triton launch into a workspace shared by all
-layers of the cache (one layer's K/V in the model dtype, reused and grown amortized). Consequence: the tensors
-returned by ``update`` are valid until the next ``update`` of any layer -- exactly how attention uses them.
+Two read paths, chosen per update from the model config's attention implementation (the ``config`` given to the
+cache): with ``attn_implementation="hf_fp8cache"`` (``attention.py``), ``update`` returns fp8 views of the buffers
+and that attention reads the bytes directly; with any other implementation, ``update`` returns K/V dequantized by
+one Triton launch into a workspace shared by all layers of the cache (one layer's K/V in the model dtype, reused
+and grown amortized) -- valid until the next ``update`` of any layer, exactly how attention uses them. A cache
+made without ``config`` always dequantizes.
 
 First prefill: by default (``exact_prefill=True``) the first update of an empty layer returns the K/V it was
 given, so the prompt attends over exact values (as transformers' own fp8 layer does); its FP8 copy is what later
@@ -74,8 +77,10 @@ class FP8CacheLayer(CacheLayerMixin):
         exact_prefill: bool,
         workspace: DequantWorkspace,
         layer_idx: int,
+        attention_config=None,
     ) -> None:
         self.fmt = fmt
+        self._attention_config = attention_config  # the model config whose attention implementation we serve
         self.strategy = strategy
         self.calculate_kv_scales = calculate_kv_scales
         self.exact_prefill = exact_prefill
@@ -100,6 +105,15 @@ class FP8CacheLayer(CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor | None:
         return None if self._value_bytes is None else self._value_bytes[:, :, : self.length].view(self.fmt.dtype)
+
+    @property
+    def key_bytes(self) -> torch.Tensor | None:
+        """The whole key buffer, uint8 ``[B, H, capacity, D]`` (the first ``length`` tokens are valid)."""
+        return self._key_bytes
+
+    @property
+    def value_bytes(self) -> torch.Tensor | None:
+        return self._value_bytes
 
     @property
     def capacity(self) -> int:
@@ -210,6 +224,24 @@ class FP8CacheLayer(CacheLayerMixin):
         self.length = start + new_tokens
         if start == 0 and self.exact_prefill:
             return key_states, value_states
+        if self._serves_fp8_attention():
+            return self._fp8_views()
+        return self.dequantized()
+
+    def _serves_fp8_attention(self) -> bool:
+        from .attention import ATTENTION_NAME
+
+        return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp8 ``[B, H, length, D]`` views of the buffers, tagged with this layer for the FP8 attention."""
+        keys, values = self.keys, self.values
+        keys.hf_fp8cache_layer = values.hf_fp8cache_layer = self
+        return keys, values
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next
+        update of any layer)."""
         B, H, _, D = self._key_bytes.shape
         key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length, D))
         dequantize_kv(
@@ -321,6 +353,7 @@ class QuantizedFP8Cache(Cache):
         self.calculate_kv_scales = calculate_kv_scales
         self.exact_prefill = exact_prefill
         self._workspace = DequantWorkspace()
+        self._attention_config = config
         layers = []
         if config is not None:
             text_config = config.get_text_config(decoder=True)
@@ -364,9 +397,8 @@ class QuantizedFP8Cache(Cache):
                     f"scales cover {self.scales.num_layers} layers but the model updates layer {layer_idx}"
                 )
             given = (self.scales.key[layer_idx], self.scales.value[layer_idx])
-        return FP8CacheLayer(
-            self.format, self.strategy, given, self.calculate_kv_scales, self.exact_prefill, self._workspace, layer_idx
-        )
+        return FP8CacheLayer(self.format, self.strategy, given, self.calculate_kv_scales, self.exact_prefill,
+                             self._workspace, layer_idx, self._attention_config)  # fmt: skip
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

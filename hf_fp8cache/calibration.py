@@ -1,4 +1,5 @@
-"""Where scales come from when no checkpoint gives them: the on-the-fly rule (first prefill).
+"""Where scales come from when no checkpoint gives them: the on-the-fly rule (first prefill) and calibration
+over a dataset (``calibrate``, below).
 
 On-the-fly (``calculate_kv_scales=True``), per layer, once, from the first prefill after construction or
 ``reset()``::
@@ -14,11 +15,17 @@ on the device: no host synchronisation.
 
 from __future__ import annotations
 
+import inspect
+import os
+from pathlib import Path
+
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .formats import FP8Format
+from .formats import FP8Format, resolve_format
+from .scales import KVScales, check_strategy
 
-__all__ = ["ONTHEFLY_HEADROOM", "onthefly_scale"]
+__all__ = ["ONTHEFLY_HEADROOM", "OBSERVERS", "Observation", "Observer", "calibrate", "observe", "onthefly_scale"]
 
 # vLLM's K_SCALE_CONSTANT = 200 and V_SCALE_CONSTANT = 100, expressed as headroom over e4m3fn's max (448).
 ONTHEFLY_HEADROOM = {"key": 448.0 / 200.0, "value": 448.0 / 100.0}
@@ -31,3 +38,277 @@ def onthefly_scale(x: torch.Tensor, fmt: FP8Format, strategy: str, headroom: flo
     scale = amax * (headroom / fmt.max)
     usable = torch.isfinite(scale) & (scale > 0)
     return torch.where(usable, scale, torch.ones_like(scale)).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+OBSERVERS = ("amax", "mse")
+# MSE search: candidate scales alpha * amax / fmax; alpha > 1 leaves headroom, alpha < 1 clips the largest values.
+_MSE_ALPHAS = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))  # 0.50 .. 2.00
+_MSE_SAMPLES_PER_HEAD = 1 << 16  # bounded memory: a uniform sample of the values seen, per head
+
+
+class Observer:
+    """Running statistics of one tensor kind (K, V or Q) of one layer, per head: the running amax and a bounded
+    uniform sample of the values seen (for the MSE search). Memory does not grow with the amount of data."""
+
+    def __init__(self, kind: str, seed: int = 0) -> None:
+        self.kind = kind
+        self.amax: torch.Tensor | None = None  # [H]
+        self.samples: torch.Tensor | None = None  # [H, <= _MSE_SAMPLES_PER_HEAD]
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        """``x``: [N, H, D] valid (unpadded) rows of one batch, any device."""
+        x = x.detach().float().cpu()
+        amax = x.abs().amax(dim=(0, 2))
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        values = x.transpose(0, 1).reshape(x.shape[1], -1)  # [H, N * D]
+        pool = values if self.samples is None else torch.cat([self.samples, values], dim=1)
+        if pool.shape[1] > _MSE_SAMPLES_PER_HEAD:  # keep a uniform subset of everything seen so far
+            pool = pool[:, torch.randperm(pool.shape[1], generator=self._generator)[:_MSE_SAMPLES_PER_HEAD]]
+        self.samples = pool
+
+    def scale(self, fmt: FP8Format, strategy: str, observer: str) -> torch.Tensor:
+        """``"amax"``: amax / fmax. ``"mse"``: the candidate ``alpha * amax / fmax`` (alpha 0.5..2) with the lowest
+        mean squared FP8 round-trip error over the sample (per head, or over all heads for ``"tensor"``)."""
+        if self.amax is None:
+            raise ValueError(f"no {self.kind} values were observed")
+        amax = self.amax.amax().reshape(1) if strategy == "tensor" else self.amax
+        base = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+        if observer == "amax":
+            return base
+        samples = self.samples.reshape(1, -1) if strategy == "tensor" else self.samples
+        best, best_error = base, torch.full_like(amax, float("inf"))
+        for alpha in _MSE_ALPHAS:
+            candidate = (base * alpha)[:, None]
+            error = (samples / candidate).clamp(-fmt.max, fmt.max).to(fmt.dtype).float() * candidate - samples
+            error = error.pow(2).mean(dim=1)
+            better = error < best_error
+            best, best_error = torch.where(better, candidate[:, 0], best), torch.where(better, error, best_error)
+        return best
+
+
+def _check_observer(name: str) -> str:
+    if name not in OBSERVERS:
+        raise ValueError(f"unknown observer {name!r}; use one of {', '.join(repr(o) for o in OBSERVERS)}")
+    return name
+
+
+class _ObservingLayer(CacheLayerMixin):
+    """A cache layer that stores nothing: it shows each update's K and V to observers and hands them back."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, session: Observation, layer_idx: int) -> None:
+        self.session, self.layer_idx = session, layer_idx
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.session.observe("k", self.layer_idx, key_states)
+        self.session.observe("v", self.layer_idx, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _ObservingCache(Cache):
+    def __init__(self, session: Observation) -> None:
+        self.session = session
+        super().__init__(layers=[])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(_ObservingLayer(self.session, len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+
+class Observation:
+    """Observers for every (kind, layer) of one pass over calibration text; turns them into ``KVScales``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.observers: dict[tuple[str, int], Observer] = {}
+        self.valid: torch.Tensor | None = None  # [B, S] bool, True for real tokens
+
+    def observe(self, kind: str, layer_idx: int, states: torch.Tensor) -> None:
+        rows = states.transpose(1, 2)  # [B, S, H, D]
+        rows = rows[self.valid.to(rows.device)] if self.valid is not None else rows.reshape(-1, *rows.shape[2:])
+        key = (kind, layer_idx)
+        if key not in self.observers:
+            self.observers[key] = Observer(kind, self.seed + len(self.observers))
+        self.observers[key].update(rows)
+
+    def scales(self, fmt: FP8Format, strategy: str = "tensor", observer: str = "mse", query: bool = False) -> KVScales:
+        check_strategy(strategy)
+        _check_observer(observer)
+        layers = sorted({layer for kind, layer in self.observers if kind == "k"})
+        if not layers:
+            raise ValueError("no attention layer wrote to the cache during calibration; is this a decoder model?")
+        if layers != list(range(len(layers))):
+            raise ValueError(f"observed layers {layers} are not 0..{len(layers) - 1}")
+        scale = lambda kind, i: self.observers[(kind, i)].scale(fmt, strategy, observer)
+        queries = [scale("q", i) if ("q", i) in self.observers else None for i in layers] if query else None
+        return KVScales([scale("k", i) for i in layers], [scale("v", i) for i in layers], strategy, queries)
+
+
+_OBSERVE_ATTENTION = "hf_fp8cache_calibration"
+
+
+def _observing_attention(session: Observation):
+    """An attention function that shows the post-RoPE queries to the session, then runs SDPA."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        session.observe("q", module.layer_idx, query)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _texts(dataset, tokenizer, split: str | None, text_column: str | None, num_samples: int, seed: int) -> list[str]:
+    """Turn the ``dataset`` argument of ``calibrate`` into at most ``num_samples`` texts."""
+    if dataset is None:
+        from .corpus import documents
+
+        return list(documents("calibration"))[:num_samples]
+    if isinstance(dataset, (list, tuple)):
+        if not all(isinstance(t, str) for t in dataset):
+            raise TypeError("a dataset given as a list must hold strings")
+        return list(dataset)[:num_samples]
+    if isinstance(dataset, (str, os.PathLike)):
+        import datasets
+
+        path = Path(dataset)
+        if path.is_file() and path.suffix == ".txt":
+            paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
+            return [p for p in paragraphs if p][:num_samples]
+        if path.is_file():
+            kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+            if path.suffix not in kinds:
+                raise ValueError(
+                    f"{path}: unsupported file type {path.suffix!r}; use .txt, .json, .jsonl, .parquet, .csv"
+                )
+            dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+        else:
+            default_split = "train_sft" if "ultrachat" in str(dataset) else "train"
+            dataset = datasets.load_dataset(str(dataset), split=split or default_split)
+    if len(dataset) == 0:
+        raise ValueError("the calibration dataset is empty")
+    dataset = dataset.shuffle(seed=seed).select(range(min(num_samples, len(dataset))))
+    columns = dataset.column_names
+    if text_column is None:
+        text_column = next((c for c in ("messages", "text", "content", "prompt") if c in columns), None)
+    if text_column not in columns:
+        raise ValueError(f"no text column among {columns}; pass text_column=")
+    if text_column == "messages":
+        return [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in dataset]
+    return [row[text_column] for row in dataset]
+
+
+@torch.no_grad()
+def observe(
+    model,
+    tokenizer,
+    dataset=None,
+    num_samples: int = 512,
+    max_seq_len: int = 2048,
+    batch_size: int = 1,
+    include_query: bool = False,
+    split: str | None = None,
+    text_column: str | None = None,
+    seed: int = 42,
+    progress: bool = True,
+) -> Observation:
+    """Run ``model`` over calibration text and collect per-layer statistics (see ``calibrate``)."""
+    from tqdm.auto import tqdm
+
+    if num_samples < 1 or max_seq_len < 2 or batch_size < 1:
+        raise ValueError(f"need num_samples >= 1, max_seq_len >= 2, batch_size >= 1; got {num_samples}, "
+                         f"{max_seq_len}, {batch_size}")  # fmt: skip
+    texts = _texts(dataset, tokenizer, split, text_column, num_samples, seed)
+    if not texts:
+        raise ValueError("the calibration dataset is empty")
+    samples = [tokenizer(t, truncation=True, max_length=max_seq_len)["input_ids"] for t in texts]
+    samples = [s for s in samples if len(s) >= 2]
+    if not samples:
+        raise ValueError(f"all {len(texts)} calibration samples are shorter than 2 tokens")
+    samples.sort(key=len, reverse=True)
+    observation = Observation(seed)
+    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    original_attention = model.config._attn_implementation
+    if include_query:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(_OBSERVE_ATTENTION, _observing_attention(observation))
+        AttentionMaskInterface.register(_OBSERVE_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(_OBSERVE_ATTENTION)
+    try:
+        batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+        for batch in tqdm(batches, desc="calibrating", disable=not progress):
+            width = len(batch[0])
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            valid = torch.zeros(len(batch), width, dtype=torch.bool)
+            for row, sample in enumerate(batch):
+                ids[row, : len(sample)] = torch.tensor(sample)
+                valid[row, : len(sample)] = True
+            observation.valid = valid
+            model(input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=True,
+                  **{cache_keyword: _ObservingCache(observation)})  # fmt: skip
+    finally:
+        if include_query:
+            model.set_attn_implementation(original_attention)
+    return observation
+
+
+def calibrate(
+    model,
+    tokenizer,
+    dataset=None,
+    num_samples: int = 512,
+    max_seq_len: int = 2048,
+    strategy: str = "tensor",
+    observer: str = "mse",
+    batch_size: int = 1,
+    include_query: bool = False,
+    kv_cache_dtype: str = "fp8",
+    split: str | None = None,
+    text_column: str | None = None,
+    seed: int = 42,
+    progress: bool = True,
+) -> KVScales:
+    """Static KV (and optionally Q) scales from running ``model`` over calibration text.
+
+    ``dataset``: None (built-in offline English, ``corpus.documents("calibration")``), a list of strings, a local
+    ``.txt`` (one sample per paragraph) / ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file, a ``datasets``
+    id (``split`` defaults to ``train_sft`` for ultrachat, else ``train``; chat ``messages`` get the tokenizer's
+    chat template, as vLLM's recipe does) or a ``datasets.Dataset``. Shuffled with ``seed``, ``num_samples``
+    taken, each truncated to ``max_seq_len`` tokens; batches are right-padded and padding is never observed.
+    The post-RoPE K and V every attention layer writes to the cache (and Q, with ``include_query``) are observed
+    per layer and head, and turned into scales by ``observer``: ``"amax"`` (llm-compressor's static min-max,
+    scale = amax / fmax) or ``"mse"`` (of the candidates 0.5x..2x that, the one minimising the FP8 round-trip
+    MSE over a bounded uniform sample of the values). Memory stays bounded however long the text.
+    """
+    check_strategy(strategy)
+    _check_observer(observer)
+    fmt = resolve_format(kv_cache_dtype)
+    observation = observe(model, tokenizer, dataset, num_samples, max_seq_len, batch_size, include_query, split,
+                          text_column, seed, progress)  # fmt: skip
+    return observation.scales(fmt, strategy, observer, include_query)

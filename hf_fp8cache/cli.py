@@ -1,14 +1,16 @@
-"""The ``hf-fp8cache`` command: ``generate`` (text with an FP8 KV cache), ``inspect`` (a checkpoint's KV scales)
-and ``bench`` (decode-step benchmark)."""
+"""The ``hf-fp8cache`` command: ``generate`` (text with an FP8 KV cache), ``inspect`` (a checkpoint's KV scales),
+``calibrate`` (scales from a dataset, written as a checkpoint), ``eval`` (accuracy table) and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
 import torch
 
+from .calibration import OBSERVERS
 from .formats import resolve_format
 from .models import DEFAULT_MODEL
 from .scales import STRATEGIES
@@ -136,6 +138,109 @@ def _inspect(args) -> int:
     return 0
 
 
+def _add_calibrate(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="compute KV scales over a dataset and write a checkpoint")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="Hub id or local dir (default: embedded SmolLM2)")
+    p.add_argument("--dataset", default=None, help="datasets id, local .txt/.json/.jsonl/.parquet/.csv (default: "
+                   "built-in offline English)")  # fmt: skip
+    p.add_argument("--split", default=None)
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--num-samples", type=int, default=512)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--strategy", default="tensor", choices=STRATEGIES)
+    p.add_argument("--observer", default="mse", choices=OBSERVERS)
+    p.add_argument("--include-query", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="fp8")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--scales-only", action="store_true", help="write only config.json and the scales, not the model")
+    p.add_argument("--output", required=True, help="directory to write (compressed-tensors layout)")
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args) -> int:
+    from .calibration import calibrate
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    scales = calibrate(model, tokenizer, args.dataset, args.num_samples, args.max_seq_len, args.strategy,
+                       args.observer, args.batch_size, args.include_query, args.kv_cache_dtype, args.split,
+                       args.text_column)  # fmt: skip
+    if args.scales_only:
+        from pathlib import Path
+
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        model.config.to_json_file(f"{args.output}/config.json")
+    else:
+        model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+    scales.save_pretrained(args.output)
+    print(f"{scales} -> {args.output}")
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="top-1 / KL / perplexity of FP8 cache configurations vs a full cache")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--scales", default=None, help="also evaluate the scales of this checkpoint dir or Hub id")
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--prefix", type=int, default=128, help="tokens prefilled at once before decoding")
+    p.add_argument("--step", type=int, default=1, help="tokens fed per forward after the prefix")
+    p.add_argument("--formats", default="fp8,fp8_e5m2")
+    p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--calibration-seq-len", type=int, default=512)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--output", default=None, help="write the rows as JSON here")
+    p.set_defaults(func=_eval)
+
+
+def _factory(config, fmt, **kwargs):
+    from .cache import QuantizedFP8Cache
+
+    return functools.partial(QuantizedFP8Cache, config, kv_cache_dtype=fmt, **kwargs)
+
+
+def _eval(args) -> int:
+    import json
+
+    from .cache import QuantizedFP8Cache
+    from .calibration import observe
+    from .evaluation import evaluate_configurations, evaluation_ids, format_table
+    from .models import load_model_and_tokenizer
+
+    formats = [resolve_format(f) for f in args.formats.split(",")]
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    ids = evaluation_ids(tokenizer, args.sequences, args.seq_len).to(args.device)
+    observation = observe(model, tokenizer, None, args.calibration_samples, args.calibration_seq_len)
+    configurations = {}
+    for fmt in formats:
+        configurations[f"{fmt.name} unit"] = _factory(model.config, fmt)
+        for strategy in STRATEGIES:
+            configurations[f"{fmt.name} on-the-fly {strategy}"] = _factory(
+                model.config, fmt, calculate_kv_scales=True, strategy=strategy
+            )
+            for observer in OBSERVERS:
+                scales = observation.scales(fmt, strategy, observer)
+                configurations[f"{fmt.name} calibrated {observer} {strategy}"] = _factory(
+                    model.config, fmt, scales=scales
+                )
+        if args.scales:
+            configurations[f"{fmt.name} checkpoint"] = functools.partial(
+                QuantizedFP8Cache.from_pretrained, args.scales, config=model.config, kv_cache_dtype=fmt
+            )
+    rows = evaluate_configurations(model, ids, args.prefix, configurations, args.step)
+    print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, then "
+          f"{args.step} at a time; against a {model.dtype} DynamicCache")  # fmt: skip
+    print(format_table(rows))
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
 def _add_bench(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode-step time and KV memory: FP8 cache vs DynamicCache")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for hf_fp8cache.benchmark (see --help there)")
@@ -154,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_inspect(subparsers)
+    _add_calibrate(subparsers)
+    _add_eval(subparsers)
     _add_bench(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)

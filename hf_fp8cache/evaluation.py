@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from .integration import cache_keyword
 
-__all__ = ["generation_logits", "compare_caches"]
+__all__ = ["compare_caches", "evaluate_configurations", "evaluation_ids", "format_table", "generation_logits"]
 
 
 @torch.no_grad()
@@ -51,3 +51,31 @@ def compare_caches(
         "ppl_reference": ppl_reference,
         "ppl_increase": ppl / ppl_reference - 1.0,
     }
+
+
+def evaluation_ids(tokenizer, sequences: int = 8, seq_len: int = 512) -> torch.Tensor:
+    """``[sequences, seq_len]`` token ids of the offline evaluation text (``corpus.documents("evaluation")``)."""
+    from .corpus import documents
+
+    ids = tokenizer("\n\n".join(documents("evaluation")), return_tensors="pt")["input_ids"][0]
+    if ids.numel() < sequences * seq_len:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens; {sequences} x {seq_len} asked for")
+    return ids[: sequences * seq_len].reshape(sequences, seq_len)
+
+
+def evaluate_configurations(
+    model, input_ids: torch.Tensor, prefix_len: int, configurations: dict[str, Callable[[], object]], step: int = 1
+) -> list[dict]:
+    """``compare_caches`` for each named cache factory; one row (name + metrics) per configuration."""
+    rows = []
+    for name, make_cache in configurations.items():
+        rows.append({"configuration": name, **compare_caches(model, input_ids, prefix_len, make_cache, step)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'configuration':<34} {'top-1':>7} {'KL (nats)':>10} {'PPL':>8} {'PPL change':>11}"]
+    for r in rows:
+        lines.append(f"{r['configuration']:<34} {r['top1']:>7.4f} {r['kl']:>10.5f} {r['ppl']:>8.3f} "
+                     f"{100 * r['ppl_increase']:>+10.2f}%")  # fmt: skip
+    return "\n".join(lines)

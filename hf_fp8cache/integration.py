@@ -21,14 +21,20 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def attach(model, **cache_kwargs):
+def attach(model, attention: bool = False, **cache_kwargs):
     """Make every ``model.generate`` call without an explicit cache use a fresh ``QuantizedFP8Cache``.
 
     ``cache_kwargs`` go to ``QuantizedFP8Cache`` (``kv_cache_dtype``, ``calculate_kv_scales``, ``strategy``,
-    ``scales``, ...); the model's config is passed for you. Calls that pass their own cache, ``use_cache=False``
-    or a ``cache_implementation`` are left alone. Returns the model; ``detach(model)`` undoes it.
+    ``scales``, ...); the model's config is passed for you. ``attention=True`` also switches the model to the
+    attention that reads FP8 directly (``attn_implementation="hf_fp8cache"``). Calls that pass their own cache,
+    ``use_cache=False`` or a ``cache_implementation`` are left alone. Returns the model; ``detach(model)`` undoes
+    the generate hook (not the attention implementation).
     """
     QuantizedFP8Cache(config=model.config, **cache_kwargs)  # validate the arguments now, not at the first generate
+    if attention:
+        from .attention import ATTENTION_NAME
+
+        model.set_attn_implementation(ATTENTION_NAME)
     detach(model)
     original = model.generate
     keyword = cache_keyword(model)

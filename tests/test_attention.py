@@ -1,0 +1,103 @@
+"""attn_implementation="hf_fp8cache": attention straight from the FP8 cache, equal to SDPA over the same cache."""
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from hf_fp8cache import FP8Cache, attach, detach
+from hf_fp8cache.attention import ATTENTION_NAME
+from hf_fp8cache.integration import cache_keyword
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
+
+
+def _inputs(batch=3, length=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row + 1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate(model, implementation, cache_kwargs=None, **kwargs):
+    ids, mask = _inputs()
+    model.set_attn_implementation(implementation)
+    cache = FP8Cache(model.config, **(cache_kwargs or {}))
+    try:
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0,
+                              **{cache_keyword(model): cache}, **kwargs)  # fmt: skip
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(do_sample=False, num_beams=3)], ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "cache_kwargs", [{}, {"kv_cache_dtype": "fp8_e5m2", "calculate_kv_scales": True, "strategy": "attn_head"}]
+)
+def test_fused_generate_equals_sdpa_over_the_same_cache(kwargs, cache_kwargs):
+    """Through the Triton kernel (interpreted): left-padded batch, GQA, greedy and beam search."""
+    model = tiny_llama(seed=1)
+    fused = _generate(model, ATTENTION_NAME, cache_kwargs, **kwargs)
+    assert torch.equal(fused, _generate(model, "sdpa", cache_kwargs, **kwargs))
+
+
+def test_update_hands_fp8_to_our_attention_and_workspace_to_others(tiny_model):
+    cache = FP8Cache(tiny_model.config)
+    x = torch.randn(1, 2, 4, 16)
+    cache.update(x, x, 0)
+    k, _ = cache.update(x[:, :, :1], x[:, :, :1], 0)
+    assert k.dtype == torch.float32  # sdpa model: dequantized
+    tiny_model.set_attn_implementation(ATTENTION_NAME)  # the cache follows the model's config live
+    try:
+        k, v = cache.update(x[:, :, :1], x[:, :, :1], 0)
+        assert k.dtype == torch.float8_e4m3fn and k.shape == (1, 2, 6, 16) and k.hf_fp8cache_layer is cache.layers[0]
+    finally:
+        tiny_model.set_attn_implementation("sdpa")
+    no_config = FP8Cache()
+    no_config.update(x, x, 0)
+    assert no_config.update(x[:, :, :1], x[:, :, :1], 0)[0].dtype == torch.float32  # no config: always dequantize
+
+
+def test_chunked_prefill_and_no_cache_fall_back_to_sdpa(torch_path):
+    model = tiny_llama(seed=2)
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for implementation in ("sdpa", ATTENTION_NAME):
+        model.set_attn_implementation(implementation)
+        cache = FP8Cache(model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+            chunk = model(input_ids=ids[:, 10:30], past_key_values=cache, use_cache=True).logits  # 20 > 16 queries
+            step = model(input_ids=ids[:, 30:33], past_key_values=cache, use_cache=True).logits  # decode kernel
+            plain = model(input_ids=ids).logits  # no cache at all
+        logits[implementation] = (chunk, step, plain)
+    model.set_attn_implementation("sdpa")
+    sdpa, ours = logits["sdpa"], logits[ATTENTION_NAME]
+    assert torch.equal(ours[0], sdpa[0]) and torch.equal(ours[2], sdpa[2])  # same SDPA route
+    torch.testing.assert_close(ours[1], sdpa[1], rtol=0, atol=1e-6)  # kernel twin vs SDPA, fp32: measured 1.2e-7
+
+
+def test_attach_can_switch_the_attention(tiny_model):
+    attach(tiny_model, attention=True)
+    try:
+        assert tiny_model.config._attn_implementation == ATTENTION_NAME
+    finally:
+        detach(tiny_model)
+        tiny_model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.slow
+def test_smollm2_fused_equals_dequantize_path(smollm2, torch_path):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The theory of relativity", "In 1492, Columbus"], return_tensors="pt", padding=True)
+    kw = dict(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    keyword = cache_keyword(model)
+    reference = model.generate(**kw, **{keyword: FP8Cache(model.config)})
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        fused = model.generate(**kw, **{keyword: FP8Cache(model.config)})
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(fused, reference)
