@@ -29,13 +29,16 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from .attention import ATTENTION_NAME
 from .cache import FP8Cache
 from .integration import cache_keyword
 
 __all__ = ["run_decode_benchmark", "main"]
 
 PREFILL_CHUNK = 2048
-CACHES = ("dynamic", "fp8")
+# DynamicCache + SDPA; FP8 cache + SDPA (dequantize path); FP8 cache + our attention reading FP8 directly
+CACHES = ("dynamic", "fp8", "fp8+attn")
+LAYER_KINDS = ("dynamic", "fp8")
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256),
@@ -112,6 +115,7 @@ def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_to
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    model.set_attn_implementation(ATTENTION_NAME if kind == "fp8+attn" else "sdpa")
     cache = DynamicCache(config=model.config) if kind == "dynamic" else FP8Cache(config=model.config)
     wall_ms: list[float] = []
     gpu_ms: list[float] = []
@@ -176,9 +180,10 @@ def run_decode_benchmark(
         prompt = torch.randint(vocab, (B, L), generator=generator).to(dev)
         decode_tokens = torch.randint(vocab, (warmup + steps, B, 1), generator=generator).to(dev)
         results = [_run_one(model, kind, prompt, decode_tokens, warmup, param_bytes, sdpa_backend) for kind in CACHES]
-        match = (results[0][1] == results[1][1]).float().mean().item()
-        for row, _ in results:
+        model.set_attn_implementation("sdpa")
+        for row, token in results:
             ratio = row["kv_bytes"] / results[0][0]["kv_bytes"]
+            match = (token == results[0][1]).float().mean().item()
             rows.append({"case": f"{B}x{L}", "B": B, "L": L, **row, "kv_ratio_vs_dynamic": ratio,
                          "greedy_match": match, **env})  # fmt: skip
     del model
@@ -189,22 +194,27 @@ def run_decode_benchmark(
     return rows
 
 
-def _pair(rows: list[dict[str, Any]], case: str) -> list[dict[str, Any]]:
-    return [next(r for r in rows if r["case"] == case and r["cache"] == kind) for kind in CACHES]
+def _pair(rows: list[dict[str, Any]], case: str, kinds=CACHES) -> list[dict[str, Any]]:
+    return [next(r for r in rows if r["case"] == case and r["cache"] == kind) for kind in kinds]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """One line per case: dynamic and fp8 side by side, with fp8/dynamic ratios."""
-    head = ["case", *(f"{label} {c}" for _, label, _, _ in METRICS for c in ("dyn", "fp8", "ratio")), "greedy="]
+    """One line per case and metric group: DynamicCache, then each FP8 variant with its ratio to DynamicCache."""
+    head = ["case"]
+    for _, label, _, _ in METRICS:
+        head += [f"{label} dyn"] + [f"{label} {kind}{suffix}" for kind in CACHES[1:] for suffix in ("", " /dyn")]
+    head += [f"greedy= {kind}" for kind in CACHES[1:]]
     lines = [head]
     for case in dict.fromkeys(r["case"] for r in rows):
-        dyn, fp8 = _pair(rows, case)
+        dyn, *others = _pair(rows, case)
         line = [case]
         for key, _, div, digits in METRICS:
-            a, b = dyn[key], fp8[key]
-            line += ["-" if x is None else f"{x / div:.{digits}f}" for x in (a, b)]
-            line.append(f"{b / a:.3f}" if a and b is not None else "-")
-        lines.append([*line, f"{dyn['greedy_match']:.2f}"])
+            line.append("-" if dyn[key] is None else f"{dyn[key] / div:.{digits}f}")
+            for other in others:
+                value = other[key]
+                line.append("-" if value is None else f"{value / div:.{digits}f}")
+                line.append(f"{value / dyn[key]:.3f}" if dyn[key] and value is not None else "-")
+        lines.append([*line, *(f"{other['greedy_match']:.2f}" for other in others)])
     widths = [max(len(x) for x in col) for col in zip(*lines, strict=True)]
     print(" | ".join(f"{k}={rows[0][k]}" for k in CONDITIONS))
     for line in lines:
@@ -233,7 +243,10 @@ def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
     for ax, (key, label, div, _) in zip(axes[0], metrics, strict=True):
         for j, kind in enumerate(CACHES):
             values = [_pair(rows, case)[j][key] / div for case in cases]
-            ax.bar([i + (j - 0.5) * 0.4 for i in range(len(cases))], values, width=0.4, label=kind)
+            width = 0.8 / len(CACHES)
+            ax.bar(
+                [i + (j - (len(CACHES) - 1) / 2) * width for i in range(len(cases))], values, width=width, label=kind
+            )
         ax.set(xticks=range(len(cases)), xticklabels=cases, xlabel="B x L", title=label)
         ax.legend()
     fig.suptitle(f"decode step: DynamicCache vs FP8Cache ({rows[0]['model_shape']}, {rows[0]['gpu']})")
@@ -258,7 +271,7 @@ def run_layer_benchmark(
     for B, L in cases:
         prompt = torch.randn(B, heads, L, head_dim, device=dev, dtype=dtype)
         steps = torch.randn(iters, B, heads, 1, head_dim, device=dev, dtype=dtype)
-        for kind in CACHES:
+        for kind in LAYER_KINDS:
             if kind == "fp8":
                 store = FP8Cache()
                 update = lambda x, store=store: store.update(x, x, 0)
@@ -284,7 +297,7 @@ def run_layer_benchmark(
     print(f"one layer's decode-step cache update ({heads} KV heads, d={head_dim}, {dtype}), median of {iters}")
     print(f"{'case':>8} {'dynamic us':>11} {'fp8 us':>9} {'fp8/dyn':>8} {'fp8 TB/s':>9}")
     for case in dict.fromkeys(r["case"] for r in rows):
-        dyn, fp8 = _pair(rows, case)
+        dyn, fp8 = _pair(rows, case, LAYER_KINDS)
         ratio = fp8["update_us_median"] / dyn["update_us_median"]
         print(f"{case:>8} {dyn['update_us_median']:>11.1f} {fp8['update_us_median']:>9.1f} {ratio:>8.3f} "
               f"{fp8['tb_per_s']:>9.2f}")  # fmt: skip
@@ -312,10 +325,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out-dir", default="results")
     parser.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"], default=None)
     parser.add_argument("--layer", action="store_true", help="time one layer's cache update on the GPU instead")
+    parser.add_argument("--attention", action="store_true", help="time the decode attention kernels instead")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.layer:
         return run_layer_benchmark(args.cases, device=args.device, dtype=dtype, out_dir=args.out_dir)
+    if args.attention:
+        from .benchmark_attention import run_attention_benchmark
+
+        return run_attention_benchmark(args.cases, out_dir=args.out_dir)
     return run_decode_benchmark(
         args.cases, args.model_shape, args.steps, args.warmup, args.device, dtype, args.out_dir, args.sdpa_backend
     )

@@ -1,0 +1,143 @@
+"""Decode-attention kernel benchmark: our FP8 kernel vs torch SDPA in bf16, on the GPU, in one run.
+
+For each (B, L): a query ``[B, Hq, 1, D]`` and a cache of L tokens (Llama-3.1-8B shape by default: Hq=32, H=8,
+D=128). Timed with ``triton.testing.do_bench`` (CUDA events, median of many runs after warm-up):
+
+- ``fp8``: ``kernels.decode_attention`` reading the FP8 bytes (per-tensor scales);
+- ``sdpa-flash`` / ``sdpa-cudnn`` / ``sdpa-efficient``: torch SDPA over bf16 K/V (GQA via ``enable_gqa``), each
+  backend pinned, skipped where it does not run;
+- ``dequant+sdpa``: our dequantize into bf16, then SDPA (the read path for other attention implementations).
+
+Bandwidth counts the K and V bytes each variant must read (FP8: 1 byte an element, bf16: 2), against the copy
+ceiling measured in the same run (a large device-to-device copy, bytes read + written). Also checks the FP8
+kernel against SDPA over the dequantized values (relative error). Writes ``attention_benchmark.json`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .formats import resolve_format
+from .kernels import decode_attention, dequantize_kv, quantize_append_kv
+
+__all__ = ["run_attention_benchmark"]
+
+DEFAULT_CASES = ((1, 4096), (1, 32768), (8, 8192), (8, 32768), (32, 8192))
+
+
+def _copy_ceiling_tb_s() -> float:
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    import triton.testing
+
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / ms / 1e9
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+
+    def run(q, k, v):
+        with sdpa_kernel(backends[backend]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    return run
+
+
+def run_attention_benchmark(
+    cases=DEFAULT_CASES, heads: int = 32, kv_heads: int = 8, head_dim: int = 128, out_dir: str | Path = "results"
+) -> list[dict[str, Any]]:
+    """Time every variant at every (B, L); print the table, write JSON and PNG, return the rows."""
+    ceiling = _copy_ceiling_tb_s()
+    rows: list[dict[str, Any]] = []
+    for B, L in cases:
+        rows += _bench_case(B, L, heads, kv_heads, head_dim, ceiling)
+        torch.cuda.empty_cache()
+    _report(rows, Path(out_dir))
+    return rows
+
+
+def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceiling: float) -> list[dict[str, Any]]:
+    import triton.testing
+
+    fmt = resolve_format("fp8")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, kv_heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, kv_heads, L, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = torch.full((1,), 4.0 / fmt.max, device="cuda")
+    kb, vb = (torch.empty(B, kv_heads, L, head_dim, dtype=torch.uint8, device="cuda") for _ in range(2))
+    quantize_append_kv(k, v, kb, vb, 0, 1.0 / scale, 1.0 / scale, fmt)
+    kd, vd = torch.empty_like(k), torch.empty_like(v)
+    dequantize_kv(kb, vb, L, scale, scale, fmt, kd, vd)
+    start = torch.zeros(B, dtype=torch.int32, device="cuda")
+    sm = head_dim**-0.5
+    fp8 = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
+    error = ((fp8().transpose(1, 2).float() - reference).norm() / reference.norm()).item()
+    fp8_bytes, bf16_bytes = 2 * B * kv_heads * L * head_dim, 4 * B * kv_heads * L * head_dim
+    flash = _sdpa("sdpa-flash")
+
+    def dequant_then_sdpa():
+        dequantize_kv(kb, vb, L, scale, scale, fmt, kd, vd)
+        return flash(q, kd, vd)
+
+    variants = {"fp8": (fp8, fp8_bytes), "dequant+sdpa": (dequant_then_sdpa, 3 * fp8_bytes + bf16_bytes)}
+    for name in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient"):
+        variants[name] = (functools.partial(_sdpa(name), q, k, v), bf16_bytes)
+    rows = []
+    for name, (fn, nbytes) in variants.items():
+        try:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        except RuntimeError as failure:  # a backend that does not take these shapes
+            print(f"{B}x{L} {name}: not run ({str(failure).splitlines()[0][:80]})")
+            continue
+        rows.append({"case": f"{B}x{L}", "B": B, "L": L, "variant": name, "us": ms * 1e3, "bytes": nbytes,
+                     "tb_s": nbytes / ms / 1e9, "ceiling_tb_s": ceiling, "fp8_rel_error": error,
+                     "gpu": torch.cuda.get_device_name()})  # fmt: skip
+    return rows
+
+
+def _report(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    ceiling = rows[0]["ceiling_tb_s"]
+    print(f"decode attention, {rows[0]['gpu']}, copy ceiling {ceiling:.2f} TB/s; times in us (TB/s, % of ceiling)")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print(f"{'case':>9} " + " ".join(f"{v:>24}" for v in variants) + f" {'best bf16 / fp8':>16} {'fp8 rel err':>12}")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["case"] == case}
+        cells = [f"{by[v]['us']:8.1f} ({by[v]['tb_s']:4.2f}, {100 * by[v]['tb_s'] / ceiling:3.0f}%)" if v in by
+                 else "-" for v in variants]  # fmt: skip
+        bf16 = [by[v]["us"] for v in variants if v.startswith("sdpa") and v in by]
+        speedup = f"{min(bf16) / by['fp8']['us']:.2f}x" if bf16 and "fp8" in by else "-"
+        print(
+            f"{case:>9} " + " ".join(f"{c:>24}" for c in cells) + f" {speedup:>16} {by['fp8']['fp8_rel_error']:12.2e}"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention_benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(variants)
+    for j, variant in enumerate(variants):
+        values = [next((r["us"] for r in rows if r["case"] == c and r["variant"] == variant), 0) for c in cases]
+        ax.bar([i + j * width for i in range(len(cases))], values, width=width, label=variant)
+    ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(cases))], xticklabels=cases, ylabel="us", yscale="log",
+           title=f"decode attention (32 q / 8 kv heads, d=128), {rows[0]['gpu']}")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "attention_benchmark.png", dpi=120)
+    plt.close(fig)
