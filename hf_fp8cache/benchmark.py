@@ -326,10 +326,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--sdpa-backend", choices=["flash", "cudnn", "efficient", "math"], default=None)
     parser.add_argument("--layer", action="store_true", help="time one layer's cache update on the GPU instead")
     parser.add_argument("--attention", action="store_true", help="time the decode attention kernels instead")
+    parser.add_argument("--sweep", action="store_true", help="tuning sweep of the FP8 decode attention kernel")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.layer:
         return run_layer_benchmark(args.cases, device=args.device, dtype=dtype, out_dir=args.out_dir)
+    if args.sweep:
+        from .benchmark_attention import run_tuning_sweep
+
+        return run_tuning_sweep()
     if args.attention:
         from .benchmark_attention import run_attention_benchmark
 

@@ -8,6 +8,9 @@ D=128). Timed with ``triton.testing.do_bench`` (CUDA events, median of many runs
   backend pinned, skipped where it does not run;
 - ``dequant+sdpa``: our dequantize into bf16, then SDPA (the read path for other attention implementations).
 
+Every variant is replayed from a CUDA graph (``do_bench_cudagraph``), so the numbers are GPU time without Python
+launch overhead (which eager decode adds on top, for every variant).
+
 Bandwidth counts the K and V bytes each variant must read (FP8: 1 byte an element, bf16: 2), against the copy
 ceiling measured in the same run (a large device-to-device copy, bytes read + written). Also checks the FP8
 kernel against SDPA over the dequantized values (relative error). Writes ``attention_benchmark.json`` / ``.png``.
@@ -28,6 +31,42 @@ from .kernels import decode_attention, dequantize_kv, quantize_append_kv
 __all__ = ["run_attention_benchmark"]
 
 DEFAULT_CASES = ((1, 4096), (1, 32768), (8, 8192), (8, 32768), (32, 8192))
+
+
+def _time(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph: the GPU time, without Python launch overhead."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> None:
+    """Time the FP8 decode kernel over a grid of block sizes, warps, pipeline stages and split counts."""
+    import itertools
+
+    from .kernels.attention import decode_attention_fp8
+
+    fmt = resolve_format("fp8")
+    for B, L in cases:
+        q = torch.randn(B, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+        kb, vb = (torch.randint(0, 120, (B, kv_heads, L, head_dim), dtype=torch.uint8, device="cuda") for _ in "kv")
+        start, scale = torch.zeros(B, dtype=torch.int32, device="cuda"), torch.ones(1, device="cuda")
+        results = []
+        for block_n, warps, stages, splits in itertools.product((64, 128), (4, 8), (2, 3, 4), (None, 64, 132, 264)):
+            fn = functools.partial(decode_attention_fp8, q, kb, vb, L, start, scale, scale, fmt, head_dim**-0.5,
+                                   num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)  # fmt: skip
+            try:
+                us = _time(fn) * 1e3
+            except Exception as failure:  # noqa: BLE001 -- a config the compiler rejects (e.g. out of shared memory)
+                print(f"{B}x{L} block_n={block_n} warps={warps} stages={stages} splits={splits}: {failure!s:.60}")
+                continue
+            results.append((us, block_n, warps, stages, splits))
+        results.sort()
+        tb_s = 2 * B * kv_heads * L * head_dim / (results[0][0] * 1e-6) / 1e12
+        print(f"{B}x{L}: best {results[0]} = {tb_s:.2f} TB/s; top 5 (us, block_n, warps, stages, splits):")
+        for row in results[:5]:
+            print("   ", row)
+        print("    default:", next(r for r in results if r[1:] == (64, 4, 3, None)) if results else "-")
 
 
 def _copy_ceiling_tb_s() -> float:
@@ -66,7 +105,6 @@ def run_attention_benchmark(
 
 
 def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceiling: float) -> list[dict[str, Any]]:
-    import triton.testing
 
     fmt = resolve_format("fp8")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -96,7 +134,7 @@ def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceilin
     rows = []
     for name, (fn, nbytes) in variants.items():
         try:
-            ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            ms = _time(fn)
         except RuntimeError as failure:  # a backend that does not take these shapes
             print(f"{B}x{L} {name}: not run ({str(failure).splitlines()[0][:80]})")
             continue

@@ -225,10 +225,14 @@ def decode_attention_fp8(
     out: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
 
-    ``num_splits`` overrides the split heuristic (tests, benchmarks); it is capped at one split per key block.
+    The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
+    split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``.
     """
     _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out)
     B, Hq, Sq, D = query.shape
@@ -242,7 +246,7 @@ def decode_attention_fp8(
     rows = G * Sq
     BLOCK_M = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
     BLOCK_D = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
-    BLOCK_N = _BLOCK_N if BLOCK_D <= 128 else _BLOCK_N // 2
+    BLOCK_N = block_n or (_BLOCK_N if BLOCK_D <= 128 else _BLOCK_N // 2)
     row_tiles = triton.cdiv(rows, BLOCK_M)
     if num_splits is None:
         sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _DEFAULT_SM_COUNT
@@ -262,7 +266,8 @@ def decode_attention_fp8(
     fp8_dtype = tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5
     dot_dtype = tl.float32 if query.dtype == torch.float32 else tl.float16
     scale_stride_h = 0 if key_scale.numel() == 1 else 1
-    num_warps = 8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4
+    num_warps = num_warps or (8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4)
+    tuning = {} if num_stages is None else {"num_stages": num_stages}
     _decode_attention_fp8_kernel[(B * H, splits, row_tiles)](
         query, key_cache, value_cache, kv_start, key_scale, value_scale,
         out, part_acc, part_m, part_l,
@@ -273,7 +278,7 @@ def decode_attention_fp8(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         FP8_DTYPE=fp8_dtype, DOT_DTYPE=dot_dtype, WRITE_PARTIAL=splits > 1,
         FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
-        num_warps=num_warps,
+        num_warps=num_warps, **tuning,
     )  # fmt: skip
     if splits > 1:
         _combine_splits_kernel[(B * H * rows,)](

@@ -119,7 +119,9 @@ def test_forced_split_counts_agree(num_splits):
     args = _case(2, 2, 4, 3, 64, 300, [0, 130], dtype=torch.float32, seed=7)
     out = _check_kernel(args, num_splits=num_splits)
     single = decode_attention_fp8(*args, num_splits=1)
-    assert (out - single).abs().max().item() < 1e-5
+    # only the fp32 summation order differs: interpreter below 1e-6 abs; H200 (fp32 dot) up to ~4e-6 abs on
+    # outputs of magnitude ~15, i.e. ~3e-7 relative
+    assert ((out - single).abs().max() / single.abs().max()).item() < 2e-6
 
 
 def test_rows_that_see_nothing_are_zero_not_nan():
