@@ -194,3 +194,25 @@ def test_rocm_fnuz_storage_doubles_e4m3fn_scales(tmp_path):
     fnuz = FP8Cache.from_pretrained(tmp_path, kv_cache_dtype="fp8_e4m3fnuz")
     assert fnuz.format.name == "e4m3fnuz"
     assert torch.equal(fnuz.scales.key[1], fn.scales.key[1] * 2)
+
+
+def test_written_checkpoint_parses_as_compressed_tensors_and_still_loads(tmp_path):
+    """compressed-tensors' own config parser (the one vLLM uses) accepts what we write, and transformers still
+    loads the model from the directory with identical weights."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    KVScales([[0.5, 0.25]] * 2, [[0.125, 2.0]] * 2, "attn_head").save_pretrained(tmp_path)
+    config = QuantizationConfig.model_validate(
+        json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    )
+    scheme = config.kv_cache_scheme
+    assert (scheme.num_bits, scheme.type, scheme.strategy, scheme.symmetric, scheme.dynamic) == (
+        8, "float", "attn_head", True, False
+    )  # fmt: skip
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
