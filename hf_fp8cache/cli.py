@@ -167,11 +167,19 @@ def _calibrate(args) -> int:
     scales = calibrate(model, tokenizer, args.dataset, args.num_samples, args.max_seq_len, args.strategy,
                        args.observer, args.batch_size, args.include_query, args.kv_cache_dtype, args.split,
                        args.text_column)  # fmt: skip
-    if args.scales_only:
+    quantization = getattr(model.config, "quantization_config", None)
+    quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else quantization or {}
+    packed_gguf = str(quantization.get("quant_method", "")).lower().endswith("gguf")
+    if args.scales_only or packed_gguf:  # a GGUF-packed model has no safetensors weights to write: scales only
+        import json
         from pathlib import Path
 
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        model.config.to_json_file(f"{args.output}/config.json")
+        (Path(args.output) / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        if packed_gguf and not args.scales_only:
+            print(f"{args.model} is GGUF-packed: writing only config.json and the scales")
     else:
         model.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)

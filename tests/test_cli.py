@@ -51,3 +51,44 @@ def test_inspect_prints_scheme_table_and_verdict(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "bad")]) == 1
     out = capsys.readouterr().out
     assert "missing" in out and "NOT USABLE" in out and "[2]" in out
+
+
+@pytest.mark.slow
+def test_calibrate_then_eval_on_local_data(tmp_path, capsys, torch_path):
+    from hf_fp8cache import load_kv_scales
+
+    (tmp_path / "data.txt").write_text(
+        "\n\n".join(f"Paragraph {i} talks about caches, keys and values." for i in range(6))
+    )
+    args = ["calibrate", "--dataset", str(tmp_path / "data.txt"), "--num-samples", "4", "--max-seq-len", "64",
+            "--strategy", "attn_head", "--scales-only", "--output", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    scales = load_kv_scales(tmp_path / "out")
+    assert scales.num_layers == 30 and scales.num_heads == 3  # SmolLM2
+    assert (
+        main(
+            [
+                "eval",
+                "--scales",
+                str(tmp_path / "out"),
+                "--sequences",
+                "1",
+                "--seq-len",
+                "136",
+                "--prefix",
+                "128",
+                "--step",
+                "4",
+                "--formats",
+                "fp8",
+                "--calibration-samples",
+                "2",
+                "--calibration-seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("e4m3fn")]
+    assert len(rows) == 8 and rows[-1].startswith("e4m3fn checkpoint")  # unit, 2 on-the-fly, 4 calibrated, checkpoint
