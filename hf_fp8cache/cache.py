@@ -25,6 +25,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import ATTENTION_NAME
 from .calibration import ONTHEFLY_HEADROOM, onthefly_scale
 from .formats import FP8Format, resolve_format
 from .kernels import dequantize_kv, quantize_append_kv
@@ -229,8 +230,6 @@ class FP8CacheLayer(CacheLayerMixin):
         return self.dequantized()
 
     def _serves_fp8_attention(self) -> bool:
-        from .attention import ATTENTION_NAME
-
         return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
 
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
