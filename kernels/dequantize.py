@@ -18,10 +18,7 @@ import triton.language as tl
 
 from hf_fp8cache.formats import FP8Format
 
-from .fp8_codec import decode_fp8, round_to_output
-
-# About 4K elements per tensor and program, as in quantize.py.
-_ELEMENTS_PER_PROGRAM = 4096
+from .fp8_codec import decode_fp8, round_to_output, token_tiles
 
 
 @triton.jit
@@ -71,9 +68,7 @@ def dequantize_kv(
     B, H, _, D = key_cache.shape
     if length == 0 or B == 0:
         return
-    BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_S = min(triton.next_power_of_2(length), max(1, _ELEMENTS_PER_PROGRAM // BLOCK_D))
-    grid = (B * H, triton.cdiv(length, BLOCK_S))
+    grid, BLOCK_S, BLOCK_D = token_tiles(B, H, length, D)
     c = fmt.codec_constants()
     _dequantize_kv_kernel[grid](
         key_cache, value_cache, key_scale, value_scale, key_out, value_out,

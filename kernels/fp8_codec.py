@@ -1,4 +1,5 @@
-"""FP8 encode/decode (and bf16 rounding) in integer arithmetic, shared by every kernel that writes or reads the cache.
+"""FP8 encode/decode (and bf16 rounding) in integer arithmetic, shared by every kernel that writes or reads the cache
+(plus the tiling of the per-token kernels).
 
 Why integers: the Triton interpreter's own float -> fp8 conversion is wrong (ties round away from zero, a carry
 into the exponent halves the value, no saturation), so the CPU tests could never match the GPU. These helpers
@@ -14,6 +15,17 @@ clamping to +-FMAX); tests check all 256 codes and random fp32 values bit for bi
 
 import triton
 import triton.language as tl
+
+# Per-token kernels (quantize, dequantize) give a program about 4K elements of each of K and V: decode (S=1) gets
+# one row per program, prefill fills whole tiles.
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+def token_tiles(B: int, H: int, S: int, D: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK_S, BLOCK_D) of the per-token kernels: one program per (b, h) row and block of BLOCK_S tokens."""
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_S = min(triton.next_power_of_2(S), max(1, _ELEMENTS_PER_PROGRAM // BLOCK_D))
+    return (B * H, triton.cdiv(S, BLOCK_S)), BLOCK_S, BLOCK_D
 
 
 @triton.jit

@@ -19,10 +19,7 @@ import triton.language as tl
 
 from hf_fp8cache.formats import FP8Format
 
-from .fp8_codec import encode_fp8
-
-# About 4K elements per tensor and program: decode (S=1) gets one row per program, prefill fills whole tiles.
-_ELEMENTS_PER_PROGRAM = 4096
+from .fp8_codec import encode_fp8, token_tiles
 
 
 @triton.jit
@@ -70,9 +67,7 @@ def quantize_append_kv(
     B, H, S, D = key.shape
     if S == 0 or B == 0:
         return
-    BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_S = min(triton.next_power_of_2(S), max(1, _ELEMENTS_PER_PROGRAM // BLOCK_D))
-    grid = (B * H, triton.cdiv(S, BLOCK_S))
+    grid, BLOCK_S, BLOCK_D = token_tiles(B, H, S, D)
     c = fmt.codec_constants()
     _quantize_append_kv_kernel[grid](
         key, value, key_cache, value_cache, key_inv_scale, value_inv_scale,
