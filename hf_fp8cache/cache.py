@@ -121,10 +121,6 @@ class FP8CacheLayer(CacheLayerMixin):
         return 0 if self._key_bytes is None else self._key_bytes.shape[2]
 
     @property
-    def batch_size(self) -> int:
-        return 0 if self._key_bytes is None else self._key_bytes.shape[0]
-
-    @property
     def nbytes(self) -> int:
         """Bytes holding cached tokens (K and V) plus the scales."""
         if self._key_bytes is None:
