@@ -250,16 +250,8 @@ def _eval(args) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="decode-step time and KV memory: FP8 cache vs DynamicCache")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for hf_fp8cache.benchmark (see --help there)")
-    p.set_defaults(func=lambda args: _bench(args.rest))
-
-
-def _bench(rest: list[str]) -> int:
-    from .benchmark import main as bench_main
-
-    bench_main(rest)
-    return 0
+    # its options belong to hf_fp8cache.benchmark (``hf-fp8cache bench --help`` lists them)
+    subparsers.add_parser("bench", add_help=False, help="decode benchmarks: step time, KV memory, attention kernel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_calibrate(subparsers)
     _add_eval(subparsers)
     _add_bench(subparsers)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .benchmark import main as bench_main
+
+        bench_main(extra)
+        return 0
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

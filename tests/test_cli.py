@@ -1,5 +1,6 @@
 """The hf-fp8cache command on the embedded model (fully offline)."""
 
+import json
 import re
 
 import pytest
@@ -92,3 +93,15 @@ def test_calibrate_then_eval_on_local_data(tmp_path, capsys, torch_path):
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("e4m3fn")]
     assert len(rows) == 8 and rows[-1].startswith("e4m3fn checkpoint")  # unit, 2 on-the-fly, 4 calibrated, checkpoint
+
+
+def test_bench_passes_its_options_through(tmp_path, capsys, torch_path):
+    assert main(["bench", "--model-shape", "tiny", "--device", "cpu", "--cases", "1x16", "--steps", "1",
+                 "--warmup", "0", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "decode_benchmark.json").read_text())
+    assert [r["cache"] for r in rows] == ["dynamic", "fp8", "fp8+attn"]
+    # 17 tokens x 2 layers x 2 KV heads x d=16: (1088 FP8 bytes + 16 of scales) / 2176 bf16 bytes = 0.507
+    assert rows[1]["kv_ratio_vs_dynamic"] == pytest.approx(1104 / 2176)
+    assert "1x16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["generate", "--no-such-option"])
