@@ -100,8 +100,8 @@ def test_bench_passes_its_options_through(tmp_path, capsys, torch_path):
                  "--warmup", "0", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "decode_benchmark.json").read_text())
     assert [r["cache"] for r in rows] == ["dynamic", "fp8", "fp8+attn"]
-    # 17 tokens x 2 layers x 2 KV heads x d=16: (1088 FP8 bytes + 16 of scales) / 2176 bf16 bytes = 0.507
-    assert rows[1]["kv_ratio_vs_dynamic"] == pytest.approx(1104 / 2176)
+    # 17 tokens x 2 layers x (K, V) x 2 KV heads x d=16 = 2176 FP8 bytes + 16 of scales, over 4352 bf16 bytes
+    assert rows[1]["kv_ratio_vs_dynamic"] == pytest.approx((2176 + 16) / 4352)
     assert "1x16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["generate", "--no-such-option"])
