@@ -34,7 +34,14 @@ import torch
 
 from .scales import KVScales, check_strategy
 
-__all__ = ["load_kv_scales", "save_kv_scales", "CheckpointScales", "KV_SCALES_FILE"]
+__all__ = [
+    "CheckpointScales",
+    "KV_SCALES_FILE",
+    "load_kv_scales",
+    "read_checkpoint_scales",
+    "save_kv_scales",
+    "to_kv_scales",
+]
 
 logger = logging.getLogger(__name__)
 
