@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -16,9 +17,21 @@ from hf_fp8cache.formats import FP8Format
 
 from . import reference
 
-__all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton"]
+__all__ = ["RecentWindow", "quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton"]
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+class RecentWindow(NamedTuple):
+    """The exact K/V of the most recent cached positions ``[start, kv_length)`` for ``decode_attention``.
+
+    ``keys`` / ``values``: ring buffers ``[B, H, R, D]`` in the query's dtype; position p sits at slot ``p % R``, so
+    at most R positions (``kv_length - start <= R``).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
 
 
 def uses_triton(tensor: torch.Tensor) -> bool:
@@ -107,6 +120,7 @@ def _check_decode_attention(
     value_scale: torch.Tensor,
     fmt: FP8Format,
     out: torch.Tensor | None,
+    recent: RecentWindow | None,
 ) -> None:
     """Validate the arguments of ``decode_attention`` (shared by the dispatch and the Triton launcher)."""
     if fmt.fnuz:
@@ -130,7 +144,21 @@ def _check_decode_attention(
     _check_scales("scales", key_scale, value_scale, H)
     if out is not None and (tuple(out.shape) != (B, Sq, Hq, D) or out.dtype != query.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {query.dtype} {(B, Sq, Hq, D)}, got {out.dtype} {tuple(out.shape)}")
+    if recent is not None:
+        ring = recent.keys
+        if ring.dim() != 4 or ring.shape[:2] != (B, H) or ring.shape[3] != D or ring.shape[2] == 0:
+            raise ValueError(f"recent window buffers must be [{B}, {H}, R, {D}], got {tuple(ring.shape)}")
+        if recent.values.shape != ring.shape or ring.dtype != query.dtype or recent.values.dtype != query.dtype:
+            raise ValueError(f"recent window keys and values must both be {query.dtype} {tuple(ring.shape)}")
+        if ring.stride(3) != 1 or recent.values.stride() != ring.stride():
+            raise ValueError("recent window buffers must have the same strides, contiguous along the head dim")
+        if not 0 <= kv_length - recent.start <= ring.shape[2]:
+            raise ValueError(
+                f"recent window start {recent.start} must be in [{kv_length - ring.shape[2]}, {kv_length}] "
+                f"(kv_length {kv_length}, {ring.shape[2]} slots)"
+            )
     tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
+    tensors += () if recent is None else tuple(recent[:2])
     if any(t.device != query.device for t in tensors):
         raise ValueError("query, caches, kv_start, scales and out must be on one device")
 
@@ -146,16 +174,19 @@ def decode_attention(
     fmt: FP8Format,
     sm_scale: float,
     out: torch.Tensor | None = None,
+    recent: RecentWindow | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
 
     Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal,
-    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). Output in the query's dtype, written
-    into ``out`` when given.
+    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). With ``recent``, the positions of
+    that window are read exactly from its ring buffers instead of the fp8 cache. Output in the query's dtype,
+    written into ``out`` when given.
     """
     if uses_triton(query):
         from .attention import decode_attention_fp8 as run  # validates the arguments itself
     else:
-        _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out)
+        _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
+                                recent)  # fmt: skip
         run = reference.decode_attention_fp8_ref
-    return run(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, out)
+    return run(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, out, recent)

@@ -14,6 +14,8 @@ Layout and dtypes:
   read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``).
 - key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head); kv_start: int32 ``[B]``.
 - out: contiguous ``[B, Sq, Hq, D]`` in the query's dtype, the layout an attention function returns to transformers.
+- recent (optional ``RecentWindow``): ring buffers ``[B, H, R, D]`` in the query's dtype holding the exact K/V of
+  positions [start, L) at slot ``position % R``; those positions are read from the ring instead of the fp8 bytes.
 
 Design:
 - Grid (B * H, splits, row tiles). A program owns one (batch row, KV head), one contiguous range of the keys (its
@@ -28,9 +30,15 @@ Design:
   The running max starts at a finite -1e30, so fully masked blocks and rows never compute inf - inf; a row that
   sees no key at all (l == 0) writes zeros, never NaN. K and V loads outside [kv_start, L) read zeros, so stale
   or NaN bytes in padding or spare capacity cannot leak through 0 * NaN.
-- Splits: enough to give the GPU about two waves of programs, at most one per BLOCK_N block of keys. With one split
-  the attention kernel normalizes and writes ``out`` itself; otherwise each split stores its (m, l, acc) in fp32
-  and ``_combine_splits_kernel`` merges them (one program per query row) and writes ``out``.
+- The exact window: the fp8 splits stop at the window's start, and one more launch of the same kernel, specialized
+  with EXACT_WINDOW (one program per (b, h) and row tile), runs the same online-softmax step (``_attend_block``) over
+  the ring into the last partial slot: logit scale without k_scale, values divided by v_scale (which the end
+  applies to everything). A separate specialization because a second loop in the same kernel slowed the fp8 loop
+  by up to 50 % on the H200.
+- Splits: enough to give the GPU about two waves of programs, at most one per BLOCK_N block of keys. With one
+  partial (one split, no window) the attention kernel normalizes and writes ``out`` itself; otherwise each split
+  (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel`` merges them (one program per
+  query row) and writes ``out``.
 - Offsets are int64. The output goes through ``fp8_codec.round_to_output`` (round-to-nearest-even, also for bf16
   under the interpreter).
 """
@@ -45,7 +53,7 @@ import triton.language as tl
 
 from hf_fp8cache.formats import FP8Format
 
-from . import _check_decode_attention
+from . import RecentWindow, _check_decode_attention
 from .fp8_codec import round_to_output
 
 # exp(x) == exp2(x * log2(e)); the factor is folded into the logit scale.
@@ -68,17 +76,41 @@ _FP16_MAX = 65504.0
 _M_INIT = -1.0e30
 
 
+@triton.jit
+def _to_dot_dtype(x, DOT_DTYPE: tl.constexpr, FP16_MAX: tl.constexpr):
+    """A query or exact-window tile in the dot dtype: bf16 into an fp16 dot is saturated to the fp16 range first."""
+    if x.dtype != DOT_DTYPE:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP16_MAX), FP16_MAX).to(DOT_DTYPE)
+    return x
+
+
+@triton.jit
+def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
+    """One online-softmax step over a block of keys n (k, v in the dot dtype; invalid keys loaded as zeros)."""
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    visible = n_valid[None, :] & (n[None, :] <= last_visible[:, None])
+    qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
 # The length and split sizes change every decode step: no value specialization (would compile extra variants).
-@triton.jit(do_not_specialize=["L", "num_splits", "blocks_per_split"])
+@triton.jit(do_not_specialize=["L", "num_slots", "first_slot", "blocks_per_split", "recent_start"])
 def _decode_attention_fp8_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr,
+    recent_k_ptr, recent_v_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_cb, stride_ch, stride_cs,
+    stride_rb, stride_rh, stride_rs,
     scale_stride_h,
-    H, G, SQ, D, L, num_splits, blocks_per_split, qk_scale,
+    H, G, SQ, D, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -96,48 +128,48 @@ def _decode_attention_fp8_kernel(
     d_valid = d < D
     q_mask = row_valid[:, None] & d_valid[None, :]
     q_offsets = b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
-    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-    if q.dtype != DOT_DTYPE:  # bf16 query, fp16 dot: saturate to the fp16 range, then round
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX).to(DOT_DTYPE)
+    q = _to_dot_dtype(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0), DOT_DTYPE, FP16_MAX)
 
     kv_first = tl.load(kv_start_ptr + b)  # positions below are left padding
     last_visible = L - SQ + i  # causal: row i sees keys up to its own position
-    qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
-
-    # this split's keys, starting at the block holding kv_start (blocks of pure padding are skipped)
-    lo = split * blocks_per_split * BLOCK_N
-    hi = tl.minimum(lo + blocks_per_split * BLOCK_N, L)
-    lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
-
     m_i = tl.full([BLOCK_M], M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    cache_base = b * stride_cb + h * stride_ch
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_valid = (n >= kv_first) & (n < L)
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        kv_offsets = cache_base + n.to(tl.int64)[:, None] * stride_cs + d[None, :]
 
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0)
-        k = k.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        visible = n_valid[None, :] & (n[None, :] <= last_visible[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0)
-        v = v.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
-        m_i = m_new
+    if EXACT_WINDOW:
+        # the exact window [recent_start, L) from the ring buffers, position n at slot n % R. Its keys take the
+        # logit scale without k_scale; its values enter divided by v_scale, which the end applies to everything.
+        inv_v_scale = 1.0 / tl.load(v_scale_ptr + h * scale_stride_h)
+        recent_base = b * stride_rb + h * stride_rh
+        for start in range(tl.maximum(recent_start, kv_first), L, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_valid = n < L
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            offsets = recent_base + (n % R).to(tl.int64)[:, None] * stride_rs + d[None, :]
+            k = _to_dot_dtype(tl.load(recent_k_ptr + offsets, mask=kv_mask, other=0.0), DOT_DTYPE, FP16_MAX)
+            v = tl.load(recent_v_ptr + offsets, mask=kv_mask, other=0.0).to(tl.float32) * inv_v_scale
+            v = _to_dot_dtype(v, DOT_DTYPE, FP16_MAX)
+            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE)
+    else:
+        # this split's fp8 keys, from the block holding kv_start (blocks of pure padding are skipped) up to the
+        # exact window's start (recent_start == L without one)
+        qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
+        lo = split * blocks_per_split * BLOCK_N
+        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
+        lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
+        cache_base = b * stride_cb + h * stride_ch
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_valid = (n >= kv_first) & (n < recent_start)
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            kv_offsets = cache_base + n.to(tl.int64)[:, None] * stride_cs + d[None, :]
+            k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE)
 
     if WRITE_PARTIAL:
-        # partials [B * H * G * SQ, num_splits, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
-        part = (pid_bh * G * SQ + rows) * num_splits + split
+        # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
+        part = (pid_bh * G * SQ + rows) * num_slots + first_slot + split
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=q_mask)
@@ -223,18 +255,21 @@ def decode_attention_fp8(
     fmt: FP8Format,
     sm_scale: float,
     out: torch.Tensor | None = None,
+    recent: RecentWindow | None = None,
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
+    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` tokens -> ``[B, Sq, Hq, D]``: fp8
+    tokens, except those of the exact ``recent`` window when given (see ``kernels.decode_attention``).
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``.
     """
-    _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out)
+    _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
+                            recent)  # fmt: skip
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H
@@ -248,43 +283,61 @@ def decode_attention_fp8(
     BLOCK_D = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
     BLOCK_N = block_n or (_BLOCK_N if BLOCK_D <= 128 else _BLOCK_N // 2)
     row_tiles = triton.cdiv(rows, BLOCK_M)
-    if num_splits is None:
+    window = recent is not None and recent.start < kv_length
+    fp8_length = recent.start if window else kv_length  # fp8 positions [0, fp8_length) are split
+    if fp8_length == 0:
+        splits, blocks_per_split = 0, 1
+    elif num_splits is None:
         sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _DEFAULT_SM_COUNT
-        splits, blocks_per_split = split_plan(B * H * row_tiles, kv_length, BLOCK_N, sm_count)
+        splits, blocks_per_split = split_plan(B * H * row_tiles, fp8_length, BLOCK_N, sm_count)
     else:
-        blocks = triton.cdiv(kv_length, BLOCK_N)
+        blocks = triton.cdiv(fp8_length, BLOCK_N)
         blocks_per_split = triton.cdiv(blocks, min(max(num_splits, 1), blocks))
         splits = triton.cdiv(blocks, blocks_per_split)
+    slots = splits + window  # partial results per query row: one per fp8 split, one for the window
 
-    if splits > 1:
-        part_m = torch.empty(B * H * rows, splits, dtype=torch.float32, device=query.device)
+    if slots > 1:
+        part_m = torch.empty(B * H * rows, slots, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B * H * rows, splits, D, dtype=torch.float32, device=query.device)
+        part_acc = torch.empty(B * H * rows, slots, D, dtype=torch.float32, device=query.device)
     else:
         part_m = part_l = part_acc = out  # unused: the attention kernel writes out directly
 
-    fp8_dtype = tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5
-    dot_dtype = tl.float32 if query.dtype == torch.float32 else tl.float16
+    if not window:  # the ring pointers are never read
+        recent = RecentWindow(key_cache, value_cache, kv_length)
     scale_stride_h = 0 if key_scale.numel() == 1 else 1
-    num_warps = num_warps or (8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4)
-    tuning = {} if num_stages is None else {"num_stages": num_stages}
-    _decode_attention_fp8_kernel[(B * H, splits, row_tiles)](
+    arguments = (
         query, key_cache, value_cache, kv_start, key_scale, value_scale,
+        recent.keys, recent.values,
         out, part_acc, part_m, part_l,
         *query.stride(),
         *key_cache.stride()[:3],
+        *recent.keys.stride()[:3],
         scale_stride_h,
-        H, G, Sq, D, kv_length, splits, blocks_per_split, sm_scale * _LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        FP8_DTYPE=fp8_dtype, DOT_DTYPE=dot_dtype, WRITE_PARTIAL=splits > 1,
-        FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
-        num_warps=num_warps, **tuning,
+        H, G, Sq, D, kv_length, slots,
     )  # fmt: skip
-    if splits > 1:
+    meta = dict(
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
+        DOT_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
+        WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        num_warps=num_warps or (8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4),
+        **({} if num_stages is None else {"num_stages": num_stages}),
+    )  # fmt: skip
+    window_args = (sm_scale * _LOG2E, recent.keys.shape[2], recent.start)
+    if splits:  # slots 0 .. splits - 1
+        _decode_attention_fp8_kernel[(B * H, splits, row_tiles)](
+            *arguments, 0, blocks_per_split, *window_args, EXACT_WINDOW=False, **meta
+        )
+    if window:  # the last slot; its own specialization keeps the fp8 loop's code as fast as without a window
+        _decode_attention_fp8_kernel[(B * H, 1, row_tiles)](
+            *arguments, splits, 1, *window_args, EXACT_WINDOW=True, **meta
+        )
+    if slots > 1:
         _combine_splits_kernel[(B * H * rows,)](
             part_acc, part_m, part_l, value_scale, out,
             scale_stride_h,
-            H, G, Sq, D, splits,
+            H, G, Sq, D, slots,
             BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=BLOCK_D, M_INIT=_M_INIT,
         )  # fmt: skip
     return out

@@ -17,6 +17,20 @@ def _per_head(scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1, -1, 1, 1)
 
 
+def ring_read(ring: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions ``[start, end)`` of a ring buffer ``[B, H, R, D]`` (position p at slot ``p % R``), in order."""
+    slots = torch.arange(start, end, device=ring.device) % ring.shape[2]
+    return ring.index_select(2, slots)
+
+
+def ring_write(ring: torch.Tensor, states: torch.Tensor, start: int) -> None:
+    """Store ``states`` ``[B, H, S, D]`` (positions ``start ..``) in the ring; only the last R positions stay."""
+    R, S = ring.shape[2], states.shape[2]
+    first = max(start, start + S - R)
+    slots = torch.arange(first, start + S, device=ring.device) % R
+    ring.index_copy_(2, slots, states[:, :, first - start :].to(ring.dtype))
+
+
 def encode_fp8_ref(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     """fp32 -> uint8 fp8 codes: torch's round-to-nearest-even cast after saturating at +-fmax."""
     return x.float().clamp(-fmt.max, fmt.max).to(fmt.dtype).view(torch.uint8)
@@ -69,10 +83,12 @@ def decode_attention_fp8_ref(
     fmt: FP8Format,
     sm_scale: float,
     out: torch.Tensor | None = None,
+    recent=None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
 
-    Math attention in fp32 on the dequantized cache: query row i (position ``kv_length - Sq + i``) sees positions
+    Math attention in fp32 on the dequantized cache, the positions of the ``recent`` window (a
+    ``kernels.RecentWindow``) taken exactly from its ring: query row i (position ``kv_length - Sq + i``) sees positions
     ``kv_start[b]`` up to its own. Values outside ``[kv_start, kv_length)`` count as zero and a row that sees no
     key gives zeros, as in the kernel. Output in the query's dtype (into ``out`` when given).
     """
@@ -82,6 +98,9 @@ def decode_attention_fp8_ref(
     in_row = positions[None, :] >= kv_start[:, None].long()  # [B, L]: not left padding
     key = decode_fp8_ref(key_cache[:, :, :kv_length], fmt) * _per_head(key_scale)
     value = decode_fp8_ref(value_cache[:, :, :kv_length], fmt) * _per_head(value_scale)
+    if recent is not None:
+        key[:, :, recent.start :] = ring_read(recent.keys, recent.start, kv_length).float()
+        value[:, :, recent.start :] = ring_read(recent.values, recent.start, kv_length).float()
     value = value.masked_fill(~in_row[:, None, :, None], 0.0)
     key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)  # [B, Hq, L, D]
 

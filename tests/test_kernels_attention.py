@@ -48,12 +48,32 @@ def _case(B, H, G, Sq, D, L, kv_start, *, fmt=FMTS[0], dtype=torch.float16, per_
     return query, caches[0], caches[1], L, start, key_scale.to(DEVICE), value_scale.to(DEVICE), fmt, D**-0.5
 
 
-def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, fmt, sm_scale):
-    """fp64 attention written out row by row from the decoded fp8 values: out [B, Sq, Hq, D]."""
+def _with_window(args, slots, window, seed=0):
+    """Add a RecentWindow of ``slots`` ring slots whose last ``window`` positions are exact; other slots hold NaN."""
+    query, L = args[0], args[3]
+    B, H, D = args[1].shape[0], args[1].shape[1], args[1].shape[3]
+    g = torch.Generator().manual_seed(seed)
+    rings = []
+    for scale in (args[5], args[6]):  # exact values of the size the scales imply
+        ring = torch.full((B, H, slots, D), float("nan"))
+        exact = torch.randn(B, H, window, D, generator=g) * 40 * scale.cpu().reshape(1, -1, 1, 1)
+        for j, p in enumerate(range(L - window, L)):
+            ring[:, :, p % slots] = exact[:, :, j]
+        rings.append(ring.to(query.dtype).to(DEVICE))
+    return (*args, None, kernels.RecentWindow(rings[0], rings[1], L - window))
+
+
+def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, fmt, sm_scale, out=None, recent=None):
+    """fp64 attention written out row by row from the decoded fp8 values (and the exact window): [B, Sq, Hq, D]."""
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     key = key_cache.cpu().view(fmt.dtype).double() * key_scale.cpu().double().reshape(1, -1, 1, 1)
     value = value_cache.cpu().view(fmt.dtype).double() * value_scale.cpu().double().reshape(1, -1, 1, 1)
+    if recent is not None:
+        for p in range(recent.start, L):
+            slot = p % recent.keys.shape[2]
+            key[:, :, p] = recent.keys[:, :, slot].cpu().double()
+            value[:, :, p] = recent.values[:, :, slot].cpu().double()
     q = query.cpu().double()
     out = torch.zeros(B, Sq, Hq, D, dtype=torch.float64)
     for b in range(B):
@@ -131,6 +151,29 @@ def test_rows_that_see_nothing_are_zero_not_nan():
         out = _check_kernel(args, num_splits=num_splits)
         assert (out[1, :2] == 0).all() and (out[2] == 0).all()
         assert (out[1, 2] != 0).any()
+
+
+# (slots, window): a full ring, a part-filled one, a window that wraps around the ring, one longer than a key block,
+# and an empty window; lengths put the window inside one split or across the split boundary
+@pytest.mark.parametrize("slots, window", [(8, 8), (16, 5), (6, 6), (96, 80), (4, 0)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_exact_recent_window_matches_oracle(slots, window, dtype, num_splits):
+    args = _with_window(_case(3, 2, 4, 3, 64, 200, [0, 150, 197], dtype=dtype, seed=slots), slots, window, seed=window)
+    out = _check_kernel(args, num_splits=num_splits)
+    fp8_only = _oracle(*args[:9])
+    if window:  # the window changed the answer (rows that see a window position)
+        assert _relative_error(out, fp8_only) > 10 * TOLERANCE[dtype]
+    reference_out = reference.decode_attention_fp8_ref(*args)
+    assert _relative_error(reference_out, _oracle(*args)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_window_holding_every_token_needs_no_fp8(dtype):
+    # 7 tokens, all in an 8-slot window: only the window program runs and writes out directly; fp8 bytes are NaN
+    args = _with_window(_case(2, 2, 4, 3, 64, 7, [0, 3], dtype=dtype, seed=11), 8, 7, seed=2)
+    args[1].fill_(NAN_CODE), args[2].fill_(NAN_CODE)
+    _check_kernel(args)
 
 
 def test_writes_into_out():
@@ -223,6 +266,15 @@ def _bad(change):
         return args, {"out": torch.empty(B, Hq, Sq, D, dtype=args[0].dtype, device=DEVICE)}
     elif change == "out_dtype":
         return args, {"out": torch.empty(B, Sq, Hq, D, dtype=torch.float32, device=DEVICE)}
+    elif change.startswith("window"):
+        ring = torch.zeros(B, 2, 4, D, dtype=args[0].dtype, device=DEVICE)
+        recent = {
+            "window_too_long": kernels.RecentWindow(ring, ring, 5),  # 5 positions of 10 in 4 slots
+            "window_past_end": kernels.RecentWindow(ring, ring, 11),
+            "window_dtype": kernels.RecentWindow(ring.float(), ring.float(), 8),
+            "window_shape": kernels.RecentWindow(ring[:, :1], ring[:, :1], 8),
+        }[change]
+        return args, {"recent": recent}
     return args, {}
 
 
@@ -230,7 +282,8 @@ def _bad(change):
     "change",
     ["group", "head_dim", "batch", "query_rank", "query_dtype", "too_many_queries", "past_capacity", "kv_start_dtype",
      "kv_start_shape", "scale_count", "scale_dtype", "cache_dtype", "cache_layout", "cache_shapes_differ",
-     "head_dim_over_256", "out_shape", "out_dtype"],
+     "head_dim_over_256", "out_shape", "out_dtype", "window_too_long", "window_past_end", "window_dtype",
+     "window_shape"],
 )  # fmt: skip
 def test_rejects_bad_arguments(change, monkeypatch):
     args, extra = _bad(change)
