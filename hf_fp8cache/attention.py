@@ -8,7 +8,8 @@ When the model runs with it, ``QuantizedFP8Cache.update`` hands attention the FP
 their cache layer) instead of dequantized copies, and:
 
 - decode (up to ``MAX_DECODE_QUERIES`` new tokens) runs ``kernels.decode_attention``: split-KV attention straight
-  from the FP8 bytes, scales folded in; no bf16 copy of the history ever exists;
+  from the FP8 bytes, scales folded in (and the exact recent window, with ``residual_length``); no bf16 copy of the
+  history ever exists;
 - longer chunks over an FP8 history (chunked prefill) dequantize into the cache's workspace and run SDPA;
 - the first prefill of an empty cache, and any call without an FP8 cache, is plain SDPA on what it was given.
 
@@ -53,7 +54,7 @@ def fp8_attention_forward(module, query, key, value, attention_mask, scaling=Non
         kv_start = _kv_start(attention_mask, query.shape[0], query.device)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = decode_attention(query, layer.key_bytes, layer.value_bytes, layer.length, kv_start, layer.key_scale,
-                               layer.value_scale, layer.fmt, scale)  # fmt: skip
+                               layer.value_scale, layer.fmt, scale, recent=layer.recent_window)  # fmt: skip
         return out, None
     key, value = layer.dequantized()
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -28,7 +28,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import ATTENTION_NAME
 from .calibration import ONTHEFLY_HEADROOM, onthefly_scale
 from .formats import FP8Format, resolve_format
-from .kernels import dequantize_kv, quantize_append_kv
+from .kernels import RecentWindow, dequantize_kv, quantize_append_kv
+from .kernels.reference import ring_read, ring_write
 from .scales import KVScales, check_strategy
 
 __all__ = ["QuantizedFP8Cache", "FP8Cache", "FP8CacheLayer", "check_full_attention"]
@@ -79,17 +80,22 @@ class FP8CacheLayer(CacheLayerMixin):
         workspace: DequantWorkspace,
         layer_idx: int,
         attention_config=None,
+        residual_length: int = 0,
     ) -> None:
         self.fmt = fmt
         self._attention_config = attention_config  # the model config whose attention implementation we serve
         self.strategy = strategy
         self.calculate_kv_scales = calculate_kv_scales
         self.exact_prefill = exact_prefill
+        self.residual_length = residual_length
         self.layer_idx = layer_idx
         self._given_scales = scales
         self._workspace = workspace
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
+        self._recent_keys: torch.Tensor | None = None  # model dtype [B, H, residual_length, D], a ring buffer
+        self._recent_values: torch.Tensor | None = None
+        self.recent_start = 0  # positions [recent_start, length) are also held exactly in the ring
         self.key_scale = self.value_scale = self.key_inv_scale = self.value_inv_scale = None
         self._scales_pending = False
         self.length = 0
@@ -121,19 +127,30 @@ class FP8CacheLayer(CacheLayerMixin):
         return 0 if self._key_bytes is None else self._key_bytes.shape[2]
 
     @property
+    def recent_window(self) -> RecentWindow | None:
+        """The exact K/V of the most recent tokens (``residual_length`` > 0), as the decode kernel takes them."""
+        if self._recent_keys is None:
+            return None
+        return RecentWindow(self._recent_keys, self._recent_values, self.recent_start)
+
+    @property
+    def _ring_nbytes(self) -> int:
+        return 0 if self._recent_keys is None else 2 * self._recent_keys.numel() * self._recent_keys.element_size()
+
+    @property
     def nbytes(self) -> int:
-        """Bytes holding cached tokens (K and V) plus the scales."""
+        """Bytes holding cached tokens (FP8 K and V), the exact recent window and the scales."""
         if self._key_bytes is None:
             return 0
         B, H, _, D = self._key_bytes.shape
-        return 2 * B * H * self.length * D + 2 * self.key_scale.numel() * 4
+        return 2 * B * H * self.length * D + self._ring_nbytes + 2 * self.key_scale.numel() * 4
 
     @property
     def allocated_nbytes(self) -> int:
-        """Bytes of the FP8 buffers including spare capacity, plus the scales."""
+        """Bytes of the FP8 buffers including spare capacity, the exact recent window and the scales."""
         if self._key_bytes is None:
             return 0
-        return 2 * self._key_bytes.numel() + 2 * self.key_scale.numel() * 4
+        return 2 * self._key_bytes.numel() + self._ring_nbytes + 2 * self.key_scale.numel() * 4
 
     def _set_scales(self, key_scale: torch.Tensor, value_scale: torch.Tensor) -> None:
         self.key_scale, self.value_scale = key_scale, value_scale
@@ -162,7 +179,15 @@ class FP8CacheLayer(CacheLayerMixin):
             or self._key_bytes.shape[3] != D
         ):
             self._key_bytes = self._value_bytes = None  # reused after reset() only when the shape still fits
-        self.length = 0
+        ring_shape = (B, H, self.residual_length, D)
+        if self.residual_length and (
+            self._recent_keys is None
+            or self._recent_keys.shape != ring_shape
+            or (self._recent_keys.dtype, self._recent_keys.device) != (self.dtype, self.device)
+        ):
+            self._recent_keys = torch.empty(ring_shape, dtype=self.dtype, device=self.device)
+            self._recent_values = torch.empty_like(self._recent_keys)
+        self.length = self.recent_start = 0
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -219,6 +244,10 @@ class FP8CacheLayer(CacheLayerMixin):
             self.key_inv_scale, self.value_inv_scale, self.fmt,
         )  # fmt: skip
         self.length = start + new_tokens
+        if self._recent_keys is not None:
+            ring_write(self._recent_keys, key_states, start)
+            ring_write(self._recent_values, value_states, start)
+        self.recent_start = max(self.recent_start, self.length - self.residual_length)
         if start == 0 and self.exact_prefill:
             return key_states, value_states
         if self._serves_fp8_attention():
@@ -243,6 +272,9 @@ class FP8CacheLayer(CacheLayerMixin):
             self._key_bytes, self._value_bytes, self.length, self.key_scale, self.value_scale, self.fmt,
             key_out, value_out,
         )  # fmt: skip
+        if self.recent_start < self.length:  # the exact window replaces its dequantized tokens
+            key_out[:, :, self.recent_start :] = ring_read(self._recent_keys, self.recent_start, self.length)
+            value_out[:, :, self.recent_start :] = ring_read(self._recent_values, self.recent_start, self.length)
         return key_out, value_out
 
     def get_seq_length(self) -> int:
@@ -265,11 +297,14 @@ class FP8CacheLayer(CacheLayerMixin):
             self.length = min(self.length, tokens_to_remove)
         else:
             self.length = max(0, self.length + tokens_to_remove)
+        self.recent_start = min(self.recent_start, self.length)  # the ring still holds what remains of the window
 
     def _map_batch(self, select) -> None:
-        """Apply a batch-dim selection to the filled part of both buffers (capacity is kept)."""
+        """Apply a batch-dim selection to the filled part of both buffers (capacity is kept) and to the ring."""
         if self._key_bytes is None or self.length == 0:
             return
+        if self._recent_keys is not None:
+            self._recent_keys, self._recent_values = select(self._recent_keys), select(self._recent_values)
         buffers = []
         for old in (self._key_bytes, self._value_bytes):
             chosen = select(old[:, :, : self.length])
@@ -325,6 +360,10 @@ class QuantizedFP8Cache(Cache):
         scales: a ``KVScales`` (e.g. from a checkpoint or calibration). Without scales and without
             ``calculate_kv_scales`` every scale is 1.0 (vLLM's default).
         exact_prefill: the first prefill attends over the exact K/V it was given (default) rather than FP8.
+        residual_length: also keep the K/V of the most recent ``residual_length`` tokens in the model dtype (a ring
+            buffer per layer), and let attention read those exactly; older tokens are read from FP8. Costs
+            ``residual_length`` tokens in the model dtype per layer (e.g. 16 tokens: 1.6 % of the FP8 bytes at
+            2K tokens). 0 (default) is pure FP8, like vLLM; transformers' ``QuantizedCache`` uses the same name.
     """
 
     def __init__(
@@ -335,8 +374,12 @@ class QuantizedFP8Cache(Cache):
         strategy: str | None = None,
         scales: KVScales | None = None,
         exact_prefill: bool = True,
+        residual_length: int = 0,
     ) -> None:
         self.format = resolve_format(kv_cache_dtype)
+        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
+            raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
+        self.residual_length = residual_length
         if scales is not None and not isinstance(scales, KVScales):
             raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
         if scales is not None and calculate_kv_scales:
@@ -374,7 +417,8 @@ class QuantizedFP8Cache(Cache):
         """A cache with the KV scales of a checkpoint (local directory or Hub id; see ``checkpoint.load_kv_scales``).
 
         Checkpoint scales are calibrated for e4m3fn; stored as ROCm e4m3fnuz (max 240) they are doubled, as vLLM
-        does. Other keyword arguments go to the constructor (``exact_prefill``).
+        does. Other keyword arguments go to the constructor (``exact_prefill``,
+        ``residual_length``).
         """
         from .checkpoint import load_kv_scales
 
@@ -393,7 +437,7 @@ class QuantizedFP8Cache(Cache):
                 )
             given = (self.scales.key[layer_idx], self.scales.value[layer_idx])
         return FP8CacheLayer(self.format, self.strategy, given, self.calculate_kv_scales, self.exact_prefill,
-                             self._workspace, layer_idx, self._attention_config)  # fmt: skip
+                             self._workspace, layer_idx, self._attention_config, self.residual_length)  # fmt: skip
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -404,12 +448,12 @@ class QuantizedFP8Cache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes holding cached tokens in every layer (FP8 K and V plus scales)."""
+        """Bytes holding cached tokens in every layer (FP8 K and V, the exact recent windows, scales)."""
         return sum(layer.nbytes for layer in self.layers)
 
     @property
     def allocated_nbytes(self) -> int:
-        """Bytes of all FP8 buffers including spare capacity."""
+        """Bytes of all FP8 buffers including spare capacity, plus the exact recent windows and scales."""
         return sum(layer.allocated_nbytes for layer in self.layers)
 
     @property

@@ -29,24 +29,41 @@ def fake_quant(x: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:
 
 
 class FakeQuantLayer(DynamicLayer):
-    """A DynamicLayer storing fake-quantized K/V with fixed scales: the oracle for the FP8 cache's semantics."""
+    """A DynamicLayer storing fake-quantized K/V with fixed scales: the oracle for the FP8 cache's semantics.
 
-    def __init__(self, fmt, key_scale, value_scale, exact_prefill=True):
+    With ``residual_length`` R it also keeps exact K/V (side by side with the fake-quantized ones along the last dim,
+    so DynamicLayer's crop and batch operations move both) and hands back exact values for the positions not yet
+    pushed out of the window: position p is exact while p >= the largest length - R seen so far (a crop does not
+    bring evicted positions back).
+    """
+
+    def __init__(self, fmt, key_scale, value_scale, exact_prefill=True, residual_length=0):
         super().__init__()
         self.fmt, self.key_scale, self.value_scale, self.exact_prefill = fmt, key_scale, value_scale, exact_prefill
+        self.residual_length = residual_length
+        self.evicted_below = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         first = self.get_seq_length() == 0
+        D = key_states.shape[-1]
         keys, values = super().update(
-            fake_quant(key_states, self.fmt, self.key_scale), fake_quant(value_states, self.fmt, self.value_scale)
+            torch.cat([fake_quant(key_states, self.fmt, self.key_scale), key_states], -1),
+            torch.cat([fake_quant(value_states, self.fmt, self.value_scale), value_states], -1),
         )
-        return (key_states, value_states) if first and self.exact_prefill else (keys, values)
+        length = keys.shape[2]
+        self.evicted_below = length if self.residual_length == 0 else (
+            max(0 if first else self.evicted_below, length - self.residual_length))  # fmt: skip
+        exact = (torch.arange(length) >= self.evicted_below).view(1, 1, -1, 1).to(keys.device)
+        if first and self.exact_prefill:
+            return key_states, value_states
+        return torch.where(exact, keys[..., D:], keys[..., :D]), torch.where(exact, values[..., D:], values[..., :D])
 
 
-def fake_quant_cache(config, kv_cache_dtype="fp8", key_scale=1.0, value_scale=1.0, exact_prefill=True):
+def fake_quant_cache(config, kv_cache_dtype="fp8", key_scale=1.0, value_scale=1.0, exact_prefill=True,
+                     residual_length=0):  # fmt: skip
     fmt = resolve_format(kv_cache_dtype)
     k, v = torch.as_tensor(key_scale).float().flatten(), torch.as_tensor(value_scale).float().flatten()
-    layers = [FakeQuantLayer(fmt, k, v, exact_prefill) for _ in range(config.num_hidden_layers)]
+    layers = [FakeQuantLayer(fmt, k, v, exact_prefill, residual_length) for _ in range(config.num_hidden_layers)]
     cache = DynamicCache(config=config)
     cache.layers = layers
     return cache

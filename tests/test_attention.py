@@ -33,7 +33,13 @@ def _generate(model, implementation, cache_kwargs=None, **kwargs):
 
 @pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(do_sample=False, num_beams=3)], ids=["greedy", "beam"])
 @pytest.mark.parametrize(
-    "cache_kwargs", [{}, {"kv_cache_dtype": "fp8_e5m2", "calculate_kv_scales": True, "strategy": "attn_head"}]
+    "cache_kwargs",
+    [
+        {},
+        {"kv_cache_dtype": "fp8_e5m2", "calculate_kv_scales": True, "strategy": "attn_head"},
+        {"calculate_kv_scales": True, "residual_length": 5},  # the window slides over the last decode steps
+    ],
+    ids=["e4m3", "e5m2-head", "e4m3-window"],
 )
 def test_fused_generate_equals_sdpa_over_the_same_cache(kwargs, cache_kwargs):
     """Through the Triton kernel (interpreted): left-padded batch, GQA, greedy and beam search."""

@@ -43,7 +43,8 @@ SCALES = {
 
 def _oracle(model, fmt, cache_kwargs, exact_prefill=True):
     scales = cache_kwargs.get("scales")
-    cache = fake_quant_cache(model.config, fmt, exact_prefill=exact_prefill)
+    cache = fake_quant_cache(model.config, fmt, exact_prefill=exact_prefill,
+                             residual_length=cache_kwargs.get("residual_length", 0))  # fmt: skip
     if scales is not None:
         for i, layer in enumerate(cache.layers):
             layer.key_scale, layer.value_scale = scales.key[i], scales.value[i]
@@ -69,6 +70,52 @@ def test_generate_through_triton_interpreter_equals_oracle(tiny_model):
     assert torch.equal(ours, oracle)
     beams = _generate(tiny_model, FP8Cache(), do_sample=False, num_beams=2)  # no config: layers made lazily
     assert torch.equal(beams, _generate(tiny_model, _oracle(tiny_model, "fp8", {}), do_sample=False, num_beams=2))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+@pytest.mark.parametrize("residual_length", [1, 4, 32])
+def test_exact_recent_window_equals_oracle(tiny_model, mode, residual_length, torch_path):
+    """11-token prompts plus 8 new tokens: a window of 1 or 4 slides (positions leave it), 32 holds everything.
+    Compared on the logits of every step, not just the tokens."""
+    kwargs = dict(do_sample=False, num_beams=3 if mode == "beam" else 1, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    logits = lambda cache: torch.stack(_generate(tiny_model, cache, **kwargs).logits)
+    cache_kwargs = {"residual_length": residual_length, "calculate_kv_scales": True, "strategy": "attn_head"}
+    cache = FP8Cache(tiny_model.config, **cache_kwargs)
+    ours = logits(cache)
+    oracle_cache = _oracle(tiny_model, "fp8", cache_kwargs)
+    for ours_layer, oracle_layer in zip(cache.layers, oracle_cache.layers):  # the on-the-fly scales ours computed
+        oracle_layer.key_scale, oracle_layer.value_scale = ours_layer.key_scale, ours_layer.value_scale
+    assert torch.equal(ours, logits(oracle_cache))
+    assert cache.layers[0].recent_start == max(0, cache.get_seq_length() - residual_length)
+    plain = logits(FP8Cache(tiny_model.config, calculate_kv_scales=True, strategy="attn_head"))
+    full = logits(DynamicCache(config=tiny_model.config))
+    if residual_length == 32:  # nothing is ever read from FP8 after the exact prefill: full precision
+        torch.testing.assert_close(ours, full, rtol=0, atol=1e-5)  # measured: equal up to fp32 summation order
+    else:  # the window changes what attention reads, and brings it closer to full precision
+        assert not torch.equal(ours, plain)
+        assert (ours - full).abs().mean() < (plain - full).abs().mean()
+
+
+def test_exact_recent_window_through_crop_and_batch_ops(tiny_model):
+    """Through the Triton interpreter: a crop back into the window, then beams reordered, against the oracle."""
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 256, (2, 9), generator=g)
+    ours = FP8Cache(tiny_model.config, residual_length=4)
+    oracle = _oracle(tiny_model, "fp8", {"residual_length": 4})
+    for cache in (ours, oracle):
+        _step(tiny_model, cache, ids)
+        _step(tiny_model, cache, ids[:, :3])  # 12 tokens: 8..11 exact
+        cache.crop(-2)  # 10 tokens: 8, 9 still exact, evicted 0..7 stay FP8
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([3, 0, 1]))
+    assert ours.layers[0].recent_start == 8
+    for n in (1, 2, 3):  # 11, 13, 16 tokens: the window refills, then slides
+        nxt = torch.randint(3, 256, (3, n), generator=g)
+        assert torch.equal(_step(tiny_model, ours, nxt), _step(tiny_model, oracle, nxt))
+    assert ours.layers[0].recent_start == 12
+    ours.crop(-10)  # below the window: nothing exact is left
+    assert ours.layers[0].recent_start == ours.get_seq_length() == 6
 
 
 def test_quantized_prefill_option(tiny_model, torch_path):
@@ -217,6 +264,22 @@ def test_kv_bytes_half_of_dynamic_cache_and_amortized_growth(torch_path):
     assert ours.nbytes / (dynamic_bytes / 2) <= 0.501
     assert len(pointers) <= 3  # 100 -> 256 -> 512 tokens: two growths in 300 steps, no copy per step
     assert ours.allocated_nbytes <= 1.3 * ours.nbytes
+
+
+def test_exact_recent_window_bytes():
+    cache = FP8Cache(residual_length=16)
+    x = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16)
+    cache.update(x, x, 0)
+    fp8 = 2 * 2 * 4 * 100 * 64
+    ring = 2 * 2 * 4 * 16 * 64 * 2  # K and V, 16 tokens, bf16
+    assert cache.nbytes == fp8 + ring + 2 * 4
+    assert FP8Cache(residual_length=0).nbytes == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "16"])
+def test_bad_residual_length_is_an_error(bad):
+    with pytest.raises(ValueError, match="residual_length"):
+        FP8Cache(residual_length=bad)
 
 
 def test_errors_name_the_bad_value(tiny_model):
