@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 import time
 
@@ -30,6 +31,7 @@ def _add_generate(subparsers) -> None:
         "--scales", default="unit", help="unit | dynamic (from the first prefill) | checkpoint dir or Hub id"
     )
     p.add_argument("--strategy", default="tensor", choices=STRATEGIES)
+    p.add_argument("--residual-length", type=int, default=0, help="most recent tokens also kept exact (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--no-compare", action="store_true", help="skip the bf16/DynamicCache run used for comparison")
@@ -39,13 +41,12 @@ def _add_generate(subparsers) -> None:
 def _make_cache(args, config):
     from .cache import QuantizedFP8Cache
 
+    common = dict(kv_cache_dtype=args.kv_cache_dtype, residual_length=args.residual_length)
     if args.scales == "unit":
-        return QuantizedFP8Cache(config, kv_cache_dtype=args.kv_cache_dtype, strategy=args.strategy)
+        return QuantizedFP8Cache(config, strategy=args.strategy, **common)
     if args.scales == "dynamic":
-        return QuantizedFP8Cache(
-            config, kv_cache_dtype=args.kv_cache_dtype, strategy=args.strategy, calculate_kv_scales=True
-        )
-    return QuantizedFP8Cache.from_pretrained(args.scales, config=config, kv_cache_dtype=args.kv_cache_dtype)
+        return QuantizedFP8Cache(config, strategy=args.strategy, calculate_kv_scales=True, **common)
+    return QuantizedFP8Cache.from_pretrained(args.scales, config=config, **common)
 
 
 def _generate(args) -> int:
@@ -82,7 +83,8 @@ def _generate(args) -> int:
     print("---")
     tokens = cache.get_seq_length()
     bf16_bytes = sum(2 * layer.keys.numel() * 2 for layer in cache.layers)  # K and V at 2 bytes an element
-    print(f"KV cache: {tokens} tokens, {cache.nbytes:,} bytes in FP8 vs {bf16_bytes:,} bytes in bf16 "
+    window = f" (with the {args.residual_length} most recent a layer exact)" if args.residual_length else ""
+    print(f"KV cache: {tokens} tokens, {cache.nbytes:,} bytes in FP8{window} vs {bf16_bytes:,} bytes in bf16 "
           f"({cache.nbytes / bf16_bytes:.3f}x); {out.shape[1] - prompt_len} new tokens in {seconds:.2f} s")  # fmt: skip
     if not args.no_compare:
         reference = model.generate(**inputs, **generate, **{keyword: DynamicCache(config=model.config)})
@@ -197,6 +199,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--prefix", type=int, default=128, help="tokens prefilled at once before decoding")
     p.add_argument("--step", type=int, default=1, help="tokens fed per forward after the prefix")
     p.add_argument("--formats", default="fp8,fp8_e5m2")
+    p.add_argument("--residual-lengths", default="0", help="comma list: each configuration with that exact window")
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--calibration-seq-len", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,10 +208,10 @@ def _add_eval(subparsers) -> None:
     p.set_defaults(func=_eval)
 
 
-def _factory(config, fmt, **kwargs):
+def _factory(config, **kwargs):
     from .cache import QuantizedFP8Cache
 
-    return functools.partial(QuantizedFP8Cache, config, kv_cache_dtype=fmt, **kwargs)
+    return functools.partial(QuantizedFP8Cache, config, **kwargs)
 
 
 def _eval(args) -> int:
@@ -220,24 +223,30 @@ def _eval(args) -> int:
     from .models import load_model_and_tokenizer
 
     formats = [resolve_format(f) for f in args.formats.split(",")]
+    try:
+        residual_lengths = [int(r) for r in args.residual_lengths.split(",")]
+    except ValueError:
+        raise SystemExit(f"--residual-lengths must be comma-separated ints, got {args.residual_lengths!r}") from None
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = evaluation_ids(tokenizer, args.sequences, args.seq_len).to(args.device)
     observation = observe(model, tokenizer, None, args.calibration_samples, args.calibration_seq_len)
     configurations = {}
-    for fmt in formats:
-        configurations[f"{fmt.name} unit"] = _factory(model.config, fmt)
+    for residual_length, fmt in itertools.product(residual_lengths, formats):
+        window = f" +{residual_length} exact" if residual_length else ""
+        kw = dict(kv_cache_dtype=fmt, residual_length=residual_length)
+        configurations[f"{fmt.name} unit{window}"] = _factory(model.config, **kw)
         for strategy in STRATEGIES:
-            configurations[f"{fmt.name} on-the-fly {strategy}"] = _factory(
-                model.config, fmt, calculate_kv_scales=True, strategy=strategy
+            configurations[f"{fmt.name} on-the-fly {strategy}{window}"] = _factory(
+                model.config, calculate_kv_scales=True, strategy=strategy, **kw
             )
             for observer in OBSERVERS:
                 scales = observation.scales(fmt, strategy, observer)
-                configurations[f"{fmt.name} calibrated {observer} {strategy}"] = _factory(
-                    model.config, fmt, scales=scales
+                configurations[f"{fmt.name} calibrated {observer} {strategy}{window}"] = _factory(
+                    model.config, scales=scales, **kw
                 )
         if args.scales:
-            configurations[f"{fmt.name} checkpoint"] = functools.partial(
-                QuantizedFP8Cache.from_pretrained, args.scales, config=model.config, kv_cache_dtype=fmt
+            configurations[f"{fmt.name} checkpoint{window}"] = functools.partial(
+                QuantizedFP8Cache.from_pretrained, args.scales, config=model.config, **kw
             )
     rows = evaluate_configurations(model, ids, args.prefix, configurations, args.step)
     print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, then "

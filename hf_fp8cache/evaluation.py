@@ -74,8 +74,8 @@ def evaluate_configurations(
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'configuration':<34} {'top-1':>7} {'KL (nats)':>10} {'PPL':>8} {'PPL change':>11}"]
+    lines = [f"{'configuration':<44} {'top-1':>7} {'KL (nats)':>10} {'PPL':>8} {'PPL change':>11}"]
     for r in rows:
-        lines.append(f"{r['configuration']:<34} {r['top1']:>7.4f} {r['kl']:>10.5f} {r['ppl']:>8.3f} "
+        lines.append(f"{r['configuration']:<44} {r['top1']:>7.4f} {r['kl']:>10.5f} {r['ppl']:>8.3f} "
                      f"{100 * r['ppl_increase']:>+10.2f}%")  # fmt: skip
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import pytest
 from helpers import write_checkpoint
 
 from hf_fp8cache import KVScales
+from hf_fp8cache.benchmark import available_caches
 from hf_fp8cache.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -34,9 +35,14 @@ def test_bad_arguments_are_named():
 def test_generate_with_checkpoint_scales(tmp_path, capsys, torch_path):
     scales = KVScales([[0.02, 0.03, 0.04]] * 30, [[0.01, 0.02, 0.005]] * 30, "attn_head")  # SmolLM2: 30 x 3 heads
     scales.save_pretrained(tmp_path)
-    assert main(["generate", "--max-new-tokens", "4", "--scales", str(tmp_path), "--no-compare"]) == 0
+    args = ["generate", "--max-new-tokens", "4", "--scales", str(tmp_path), "--no-compare", "--residual-length", "4"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "attn_head" in out and "KV cache:" in out
+    assert "attn_head" in out
+    match = re.search(r"KV cache: (\d+) tokens, ([\d,]+) bytes in FP8 \(with the 4 most recent a layer exact\)", out)
+    assert match, out
+    # 30 layers x K and V x 3 heads x 64: one byte a token, plus 4 exact tokens in fp32 (CPU), plus 3 scales a tensor
+    assert int(match[2].replace(",", "")) == int(match[1]) * 30 * 2 * 3 * 64 + 30 * 2 * 3 * 64 * 4 * 4 + 30 * 2 * 3 * 4
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         main(["generate", "--scales", str(tmp_path / "missing")])
 
@@ -82,6 +88,8 @@ def test_calibrate_then_eval_on_local_data(tmp_path, capsys, torch_path):
                 "4",
                 "--formats",
                 "fp8",
+                "--residual-lengths",
+                "0,8",
                 "--calibration-samples",
                 "2",
                 "--calibration-seq-len",
@@ -92,16 +100,21 @@ def test_calibrate_then_eval_on_local_data(tmp_path, capsys, torch_path):
     )
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("e4m3fn")]
-    assert len(rows) == 8 and rows[-1].startswith("e4m3fn checkpoint")  # unit, 2 on-the-fly, 4 calibrated, checkpoint
+    # unit, 2 on-the-fly, 4 calibrated, checkpoint; then the same with an exact window of 8 tokens
+    assert len(rows) == 16 and rows[7].startswith("e4m3fn checkpoint ")
+    assert rows[8].startswith("e4m3fn unit +8 exact ") and rows[15].startswith("e4m3fn checkpoint +8 exact ")
 
 
 def test_bench_passes_its_options_through(tmp_path, capsys, torch_path):
     assert main(["bench", "--model-shape", "tiny", "--device", "cpu", "--cases", "1x16", "--steps", "1",
                  "--warmup", "0", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "decode_benchmark.json").read_text())
-    assert [r["cache"] for r in rows] == ["dynamic", "fp8", "fp8+attn"]
+    kinds = [r["cache"] for r in rows]
+    assert kinds[:3] == ["dynamic", "fp8", "fp8+attn"] and kinds == list(available_caches())
     # 17 tokens x 2 layers x (K, V) x 2 KV heads x d=16 = 2176 FP8 bytes + 16 of scales, over 4352 bf16 bytes
     assert rows[1]["kv_ratio_vs_dynamic"] == pytest.approx((2176 + 16) / 4352)
+    if "hf-quantized-fp8" in kinds:  # transformers >= 5.21: its fp8 cache holds the same bytes, per-tensor scales
+        assert rows[3]["kv_ratio_vs_dynamic"] == pytest.approx((2176 + 16) / 4352)
     assert "1x16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["generate", "--no-such-option"])
