@@ -1,4 +1,5 @@
-"""Decode-step benchmark: transformers' ``DynamicCache`` (bf16 K/V) against ``FP8Cache``.
+"""Decode-step benchmark: transformers' ``DynamicCache`` (bf16 K/V) and ``QuantizedCache(backend="fp8")`` against
+``FP8Cache``.
 
 A random-weight Llama (``llama-3.1-8b`` shape, or ``tiny`` for CPU smoke runs; SDPA, built on the device in
 ``dtype``, eval, no grad) prefills random ids ``[B, L]`` in 2048-token chunks into a fresh cache of each kind, then
@@ -36,8 +37,9 @@ from .integration import cache_keyword
 __all__ = ["run_decode_benchmark", "main"]
 
 PREFILL_CHUNK = 2048
-# DynamicCache + SDPA; FP8 cache + SDPA (dequantize path); FP8 cache + our attention reading FP8 directly
-CACHES = ("dynamic", "fp8", "fp8+attn")
+# DynamicCache + SDPA; FP8 cache + SDPA (dequantize path); FP8 cache + our attention reading FP8 directly;
+# transformers' own QuantizedCache(backend="fp8") + SDPA (transformers >= 5.21; left out where it does not exist)
+CACHES = ("dynamic", "fp8", "fp8+attn", "hf-quantized-fp8")
 LAYER_KINDS = ("dynamic", "fp8")
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -116,7 +118,7 @@ def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_to
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.set_attn_implementation(ATTENTION_NAME if kind == "fp8+attn" else "sdpa")
-    cache = DynamicCache(config=model.config) if kind == "dynamic" else FP8Cache(config=model.config)
+    cache = _new_cache(kind, model.config)
     wall_ms: list[float] = []
     gpu_ms: list[float] = []
     with torch.no_grad(), _sdpa_backend(sdpa_backend):
@@ -139,6 +141,10 @@ def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_to
                     gpu_ms.append(events[0].elapsed_time(events[1]))
     if isinstance(cache, FP8Cache):
         kv, allocated, workspace = cache.nbytes, cache.allocated_nbytes, cache.workspace_nbytes
+    elif kind == "hf-quantized-fp8":  # fp8 tensors (torch.cat per step) and one fp32 scale each
+        pairs = [(lay._quantized_keys, lay._quantized_values) for lay in cache.layers]
+        kv = allocated = sum(t[0].nbytes + 4 for pair in pairs for t in pair)
+        workspace = 0
     else:  # DynamicCache holds exactly-sized tensors and no workspace
         kv = allocated = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
         workspace = 0
@@ -152,6 +158,23 @@ def _run_one(model: LlamaForCausalLM, kind: str, prompt: torch.Tensor, decode_to
     if cuda:
         torch.cuda.empty_cache()
     return row, next_token
+
+
+def available_caches() -> tuple[str, ...]:
+    """The cache kinds this transformers version has (``QuantizedCache``'s fp8 backend came in 5.21)."""
+    from transformers import cache_utils
+
+    return tuple(k for k in CACHES if k != "hf-quantized-fp8" or hasattr(cache_utils, "Fp8QuantizedLayer"))
+
+
+def _new_cache(kind: str, config):
+    if kind == "dynamic":
+        return DynamicCache(config=config)
+    if kind == "hf-quantized-fp8":
+        from transformers import QuantizedCache
+
+        return QuantizedCache("fp8", config)
+    return FP8Cache(config=config)
 
 
 def run_decode_benchmark(
@@ -179,7 +202,8 @@ def run_decode_benchmark(
     for B, L in cases:
         prompt = torch.randint(vocab, (B, L), generator=generator).to(dev)
         decode_tokens = torch.randint(vocab, (warmup + steps, B, 1), generator=generator).to(dev)
-        results = [_run_one(model, kind, prompt, decode_tokens, warmup, param_bytes, sdpa_backend) for kind in CACHES]
+        results = [_run_one(model, kind, prompt, decode_tokens, warmup, param_bytes, sdpa_backend)
+                   for kind in available_caches()]  # fmt: skip
         model.set_attn_implementation("sdpa")
         for row, token in results:
             ratio = row["kv_bytes"] / results[0][0]["kv_bytes"]
@@ -194,16 +218,21 @@ def run_decode_benchmark(
     return rows
 
 
-def _pair(rows: list[dict[str, Any]], case: str, kinds=CACHES) -> list[dict[str, Any]]:
-    return [next(r for r in rows if r["case"] == case and r["cache"] == kind) for kind in kinds]
+def _kinds(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["cache"] for r in rows))
+
+
+def _pair(rows: list[dict[str, Any]], case: str, kinds=None) -> list[dict[str, Any]]:
+    return [next(r for r in rows if r["case"] == case and r["cache"] == kind) for kind in kinds or _kinds(rows)]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """One line per case and metric group: DynamicCache, then each FP8 variant with its ratio to DynamicCache."""
+    kinds = _kinds(rows)
     head = ["case"]
     for _, label, _, _ in METRICS:
-        head += [f"{label} dyn"] + [f"{label} {kind}{suffix}" for kind in CACHES[1:] for suffix in ("", " /dyn")]
-    head += [f"greedy= {kind}" for kind in CACHES[1:]]
+        head += [f"{label} dyn"] + [f"{label} {kind}{suffix}" for kind in kinds[1:] for suffix in ("", " /dyn")]
+    head += [f"greedy= {kind}" for kind in kinds[1:]]
     lines = [head]
     for case in dict.fromkeys(r["case"] for r in rows):
         dyn, *others = _pair(rows, case)
@@ -241,12 +270,11 @@ def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
     metrics = [m for m in METRICS if rows[0][m[0]] is not None]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
     for ax, (key, label, div, _) in zip(axes[0], metrics, strict=True):
-        for j, kind in enumerate(CACHES):
+        kinds = _kinds(rows)
+        for j, kind in enumerate(kinds):
             values = [_pair(rows, case)[j][key] / div for case in cases]
-            width = 0.8 / len(CACHES)
-            ax.bar(
-                [i + (j - (len(CACHES) - 1) / 2) * width for i in range(len(cases))], values, width=width, label=kind
-            )
+            width = 0.8 / len(kinds)
+            ax.bar([i + (j - (len(kinds) - 1) / 2) * width for i in range(len(cases))], values, width=width, label=kind)
         ax.set(xticks=range(len(cases)), xticklabels=cases, xlabel="B x L", title=label)
         ax.legend()
     fig.suptitle(f"decode step: DynamicCache vs FP8Cache ({rows[0]['model_shape']}, {rows[0]['gpu']})")

@@ -4,6 +4,8 @@ For each (B, L): a query ``[B, Hq, 1, D]`` and a cache of L tokens (Llama-3.1-8B
 D=128). Timed with ``triton.testing.do_bench`` (CUDA events, median of many runs after warm-up):
 
 - ``fp8``: ``kernels.decode_attention`` reading the FP8 bytes (per-tensor scales);
+- ``fp8+exact16``: the same with the 16 most recent tokens read exactly from bf16 ring buffers
+  (``residual_length=16``);
 - ``sdpa-flash`` / ``sdpa-cudnn`` / ``sdpa-efficient``: torch SDPA over bf16 K/V (GQA via ``enable_gqa``), each
   backend pinned, skipped where it does not run;
 - ``dequant+sdpa``: our dequantize into bf16, then SDPA (the read path for other attention implementations).
@@ -26,11 +28,12 @@ from typing import Any
 import torch
 
 from .formats import resolve_format
-from .kernels import decode_attention, dequantize_kv, quantize_append_kv
+from .kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv
 
 __all__ = ["run_attention_benchmark"]
 
 DEFAULT_CASES = ((1, 4096), (1, 32768), (8, 8192), (8, 32768), (32, 8192))
+_WINDOW = 16  # exact recent tokens of the fp8+exact variant
 
 
 def _time(fn) -> float:
@@ -119,6 +122,8 @@ def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceilin
     start = torch.zeros(B, dtype=torch.int32, device="cuda")
     sm = head_dim**-0.5
     fp8 = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm)
+    window = RecentWindow(k[:, :, -_WINDOW:].contiguous(), v[:, :, -_WINDOW:].contiguous(), L - _WINDOW)  # L % 16 == 0
+    fp8_window = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm, recent=window)
     reference = torch.nn.functional.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
     error = ((fp8().transpose(1, 2).float() - reference).norm() / reference.norm()).item()
     fp8_bytes, bf16_bytes = 2 * B * kv_heads * L * head_dim, 4 * B * kv_heads * L * head_dim
@@ -128,7 +133,8 @@ def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceilin
         dequantize_kv(kb, vb, L, scale, scale, fmt, kd, vd)
         return flash(q, kd, vd)
 
-    variants = {"fp8": (fp8, fp8_bytes), "dequant+sdpa": (dequant_then_sdpa, 3 * fp8_bytes + bf16_bytes)}
+    variants = {"fp8": (fp8, fp8_bytes), f"fp8+exact{_WINDOW}": (fp8_window, fp8_bytes),
+                "dequant+sdpa": (dequant_then_sdpa, 3 * fp8_bytes + bf16_bytes)}  # fmt: skip
     for name in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient"):
         variants[name] = (functools.partial(_sdpa(name), q, k, v), bf16_bytes)
     rows = []
