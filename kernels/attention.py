@@ -39,7 +39,8 @@ Design:
   partial (one split, no window) the attention kernel normalizes and writes ``out`` itself; otherwise each split
   (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel`` merges them (one program per
   query row) and writes ``out``.
-- Offsets are int64. The output goes through ``fp8_codec.round_to_output`` (round-to-nearest-even, also for bf16
+- Offsets into the caches: a 64-bit block pointer plus int32 offsets inside the block; other offsets are int64.
+  The output goes through ``fp8_codec.round_to_output`` (round-to-nearest-even, also for bf16
   under the interpreter).
 """
 
@@ -111,7 +112,7 @@ def _decode_attention_fp8_kernel(
     H, G, SQ, D, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
-    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr,
+    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -157,15 +158,22 @@ def _decode_attention_fp8_kernel(
         lo = split * blocks_per_split * BLOCK_N
         hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
         lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
-        cache_base = b * stride_cb + h * stride_ch
+        # a 64-bit pointer to the block, advanced each iteration, plus int32 offsets within it; no head-dim mask
+        # when BLOCK_D == D (both measured 8 % faster at 8x32768 on the H200 than int64 offsets per element)
+        first_block = b * stride_cb + h * stride_ch + lo.to(tl.int64) * stride_cs
+        k_block = k_cache_ptr + first_block
+        v_block = v_cache_ptr + first_block
+        tile = tl.arange(0, BLOCK_N)[:, None] * stride_cs + tl.arange(0, BLOCK_D)[None, :]
+        tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | EVEN_D
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_valid = (n >= kv_first) & (n < recent_start)
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            kv_offsets = cache_base + n.to(tl.int64)[:, None] * stride_cs + d[None, :]
-            k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+            kv_mask = n_valid[:, None] & tile_d_valid
+            k = tl.load(k_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+            v = tl.load(v_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
             m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE)
+            k_block += BLOCK_N * stride_cs
+            v_block += BLOCK_N * stride_cs
 
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
@@ -320,7 +328,7 @@ def decode_attention_fp8(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
         DOT_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-        WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, EVEN_D=BLOCK_D == D,
         num_warps=num_warps or (8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4),
         **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
