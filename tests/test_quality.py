@@ -13,6 +13,10 @@ reading the FP8 cache; compared with a DynamicCache in the model's dtype (fp32 o
     e5m2 on-the-fly tensor  0.9180   0.03227    +3.30 %
     e4m3 calibrated (mse, per head; 16 x 256 tokens of the built-in calibration text)
                             0.9707   0.00765    -0.47 %
+    e4m3 unit, 16 most recent tokens exact (residual_length=16)
+                            0.9844   0.00228    +0.41 %
+    e4m3 on-the-fly head, residual_length=16
+                            0.9766   0.00189    -0.04 %
 """
 
 import pytest
@@ -41,8 +45,10 @@ def text_ids(smollm2):
         ({"calculate_kv_scales": True}, 0.950, 0.0095, 0.005),
         ({"calculate_kv_scales": True, "strategy": "attn_head"}, 0.955, 0.0080, 0.005),
         ({"kv_cache_dtype": "fp8_e5m2"}, 0.910, 0.0290, 0.055),
+        ({"residual_length": 16}, 0.975, 0.0030, 0.007),
+        ({"calculate_kv_scales": True, "strategy": "attn_head", "residual_length": 16}, 0.970, 0.0025, 0.005),
     ],
-    ids=["e4m3-unit", "e4m3-onthefly-tensor", "e4m3-onthefly-head", "e5m2-unit"],
+    ids=["e4m3-unit", "e4m3-onthefly-tensor", "e4m3-onthefly-head", "e5m2-unit", "e4m3-exact16", "e4m3-head-exact16"],
 )
 def test_teacher_forced_agreement_floors(
     smollm2, text_ids, torch_path, cache_kwargs, min_top1, max_kl, max_ppl_increase
