@@ -205,14 +205,15 @@ def test_dispatch_picks_the_kernel_and_the_reference(monkeypatch):
 
 
 def test_split_plan_covers_every_block_without_empty_splits():
-    for programs in (1, 3, 8, 16, 64, 264, 1000):
+    for programs in (1, 3, 8, 16, 64, 264, 1000, 1056, 5000):
         for length in (1, 63, 64, 65, 4097, 32768, 131072):
             splits, per_split = split_plan(programs, length, 64, 132)
             blocks = math.ceil(length / 64)
-            assert 1 <= splits <= blocks and (splits - 1) * per_split < blocks <= splits * per_split
-            if programs >= 264:
+            assert 1 <= splits <= min(blocks, 32) and (splits - 1) * per_split < blocks <= splits * per_split
+            if programs >= 8 * 132:  # already 8 programs an SM
                 assert splits == 1
-    assert split_plan(8, 32768, 64, 132) == (32, 16)  # B * H = 8 at 32K tokens: 32 splits of 16 blocks
+    assert split_plan(8, 32768, 64, 132) == (32, 16)  # B * H = 8 at 32K tokens: capped at 32 splits of 16 blocks
+    assert split_plan(64, 32768, 64, 132) == (17, 31)  # 8 x 32768: about 8 programs an SM
 
 
 @pytest.mark.parametrize("name", ["e4m3fnuz", "e5m2fnuz"])
