@@ -31,15 +31,15 @@ def _generate(model, implementation, cache_kwargs=None, **kwargs):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(do_sample=False, num_beams=3)], ids=["greedy", "beam"])
+GREEDY, BEAM = dict(do_sample=False), dict(do_sample=False, num_beams=3)
+E5M2_HEAD = {"kv_cache_dtype": "fp8_e5m2", "calculate_kv_scales": True, "strategy": "attn_head"}
+WINDOW = {"calculate_kv_scales": True, "residual_length": 5}  # the window slides over the last decode steps
+
+
 @pytest.mark.parametrize(
-    "cache_kwargs",
-    [
-        {},
-        {"kv_cache_dtype": "fp8_e5m2", "calculate_kv_scales": True, "strategy": "attn_head"},
-        {"calculate_kv_scales": True, "residual_length": 5},  # the window slides over the last decode steps
-    ],
-    ids=["e4m3", "e5m2-head", "e4m3-window"],
+    "kwargs, cache_kwargs",
+    [(GREEDY, {}), (BEAM, {}), (GREEDY, E5M2_HEAD), (BEAM, E5M2_HEAD), (GREEDY, WINDOW)],
+    ids=["greedy-e4m3", "beam-e4m3", "greedy-e5m2-head", "beam-e5m2-head", "greedy-e4m3-window"],
 )
 def test_fused_generate_equals_sdpa_over_the_same_cache(kwargs, cache_kwargs):
     """Through the Triton kernel (interpreted): left-padded batch, GQA, greedy and beam search."""
