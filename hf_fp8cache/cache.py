@@ -273,8 +273,8 @@ class FP8CacheLayer(CacheLayerMixin):
             key_out, value_out,
         )  # fmt: skip
         if self.recent_start < self.length:  # the exact window replaces its dequantized tokens
-            key_out[:, :, self.recent_start :] = ring_read(self._recent_keys, self.recent_start, self.length)
-            value_out[:, :, self.recent_start :] = ring_read(self._recent_values, self.recent_start, self.length)
+            ring_read(self._recent_keys, self.recent_start, self.length, out=key_out[:, :, self.recent_start :])
+            ring_read(self._recent_values, self.recent_start, self.length, out=value_out[:, :, self.recent_start :])
         return key_out, value_out
 
     def get_seq_length(self) -> int:

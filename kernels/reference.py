@@ -17,18 +17,34 @@ def _per_head(scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1, -1, 1, 1)
 
 
-def ring_read(ring: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Positions ``[start, end)`` of a ring buffer ``[B, H, R, D]`` (position p at slot ``p % R``), in order."""
-    slots = torch.arange(start, end, device=ring.device) % ring.shape[2]
-    return ring.index_select(2, slots)
+def _ring_spans(first: int, end: int, R: int):
+    """Positions ``[first, end)`` (at most R of them) as contiguous ring slices: ``(slot, offset from first, n)``.
+    The span wraps the ring at most once, so there are at most two."""
+    position = first
+    while position < end:
+        slot = position % R
+        n = min(end - position, R - slot)
+        yield slot, position - first, n
+        position += n
+
+
+def ring_read(ring: torch.Tensor, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions ``[start, end)`` of a ring buffer ``[B, H, R, D]`` (position p at slot ``p % R``), in order,
+    copied into ``out`` ``[B, H, end - start, D]`` (any dtype; a new tensor when not given)."""
+    if out is None:
+        out = ring.new_empty(ring.shape[0], ring.shape[1], end - start, ring.shape[3])
+    for slot, offset, n in _ring_spans(start, end, ring.shape[2]):
+        out[:, :, offset : offset + n] = ring[:, :, slot : slot + n]
+    return out
 
 
 def ring_write(ring: torch.Tensor, states: torch.Tensor, start: int) -> None:
     """Store ``states`` ``[B, H, S, D]`` (positions ``start ..``) in the ring; only the last R positions stay."""
     R, S = ring.shape[2], states.shape[2]
     first = max(start, start + S - R)
-    slots = torch.arange(first, start + S, device=ring.device) % R
-    ring.index_copy_(2, slots, states[:, :, first - start :].to(ring.dtype))
+    skipped = first - start
+    for slot, offset, n in _ring_spans(first, start + S, R):
+        ring[:, :, slot : slot + n] = states[:, :, skipped + offset : skipped + offset + n]
 
 
 def encode_fp8_ref(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
@@ -99,8 +115,8 @@ def decode_attention_fp8_ref(
     key = decode_fp8_ref(key_cache[:, :, :kv_length], fmt) * _per_head(key_scale)
     value = decode_fp8_ref(value_cache[:, :, :kv_length], fmt) * _per_head(value_scale)
     if recent is not None:
-        key[:, :, recent.start :] = ring_read(recent.keys, recent.start, kv_length).float()
-        value[:, :, recent.start :] = ring_read(recent.values, recent.start, kv_length).float()
+        ring_read(recent.keys, recent.start, kv_length, out=key[:, :, recent.start :])
+        ring_read(recent.values, recent.start, kv_length, out=value[:, :, recent.start :])
     value = value.masked_fill(~in_row[:, None, :, None], 0.0)
     key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)  # [B, Hq, L, D]
 

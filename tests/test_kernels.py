@@ -120,6 +120,26 @@ def test_dequantize_property(B, H, length, spare, D, fmt, dtype, per_head, seed)
     assert _bits_equal(outs[0], outs[2]) and _bits_equal(outs[1], outs[3])
 
 
+@settings(max_examples=40, deadline=None)
+@given(R=st.integers(1, 9), start=st.integers(0, 30), S=st.integers(1, 25), seed=st.integers(0, 2**16))
+def test_ring_write_then_read_keeps_the_last_r_positions(R, start, S, seed):
+    g = torch.Generator().manual_seed(seed)
+    ring = torch.randn(2, 3, R, 4, generator=g)
+    previous = ring.clone()
+    states = torch.randn(2, 3, S, 4, generator=g)
+    reference.ring_write(ring, states, start)
+    expected = previous.clone()  # position p lives at slot p % R; only the last R written positions are kept
+    for p in range(max(start, start + S - R), start + S):
+        expected[:, :, p % R] = states[:, :, p - start]
+    assert torch.equal(ring, expected)
+    first = max(start, start + S - R)
+    read = reference.ring_read(ring, first, start + S)
+    assert torch.equal(read, states[:, :, first - start :])
+    out = torch.zeros(2, 3, start + S - first, 4, dtype=torch.float64)
+    reference.ring_read(ring, first, start + S, out=out)
+    assert torch.equal(out, states[:, :, first - start :].double())
+
+
 def _bits_equal(a, b):
     ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
     return bool(((a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())).all())
