@@ -64,17 +64,27 @@ def quantize_append_kv(
     value: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     key_inv_scale: torch.Tensor,
     value_inv_scale: torch.Tensor,
     fmt: FP8Format,
 ) -> None:
-    """Quantize K and V ``[B, H, S, D]`` into ``cache[:, :, start:start + S]`` (saturating, round-to-nearest-even)."""
+    """Quantize K and V ``[B, H, S, D]`` into ``cache[:, :, start:start + S]`` (saturating, round-to-nearest-even).
+
+    ``start`` is an int, or a one-element integer tensor on the cache's device read there (positions from it at or
+    beyond the capacity are then dropped: the caller checks the capacity on the device)."""
     if key.dim() != 4 or value.shape != key.shape:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
     _check_caches(key_cache, value_cache)
     B, H, S, D = key.shape
-    if key_cache.shape[:2] != (B, H) or key_cache.shape[3] != D or not 0 <= start <= key_cache.shape[2] - S:
+    if isinstance(start, torch.Tensor):  # read on the device; the kernel writes no position beyond the capacity
+        if start.dtype not in (torch.int32, torch.int64) or start.numel() != 1 or start.device != key_cache.device:
+            raise ValueError(f"a start tensor must be one int32/int64 element on {key_cache.device}, got "
+                             f"{start.dtype} {tuple(start.shape)} on {start.device}")  # fmt: skip
+        known_start = 0
+    else:
+        known_start = start
+    if key_cache.shape[:2] != (B, H) or key_cache.shape[3] != D or not 0 <= known_start <= key_cache.shape[2] - S:
         raise ValueError(f"cache {tuple(key_cache.shape)} cannot take {tuple(key.shape)} at position {start}")
     _check_scales("inverse scales", key_inv_scale, value_inv_scale, H)
     if uses_triton(key):
@@ -114,7 +124,7 @@ def _check_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    kv_length: int,
+    kv_length: int | torch.Tensor,
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
@@ -137,7 +147,15 @@ def _check_decode_attention(
         )
     if D > 256:
         raise ValueError(f"head dim {D} is larger than the supported 256")
-    if not 1 <= Sq <= kv_length <= capacity:
+    if isinstance(kv_length, torch.Tensor):  # read on the device: only its form and the capacity are checked here
+        if kv_length.dtype not in (torch.int32, torch.int64) or kv_length.numel() != 1:
+            raise ValueError(f"a kv_length tensor must be one int32/int64 element, got {kv_length.dtype} "
+                             f"{tuple(kv_length.shape)}")  # fmt: skip
+        if recent is not None:
+            raise ValueError("an exact recent window needs a Python int kv_length")
+        if not 1 <= Sq <= capacity:
+            raise ValueError(f"need 1 <= query length {Sq} <= cache capacity {capacity}")
+    elif not 1 <= Sq <= kv_length <= capacity:
         raise ValueError(f"need 1 <= query length {Sq} <= kv_length {kv_length} <= cache capacity {capacity}")
     if kv_start.dtype != torch.int32 or tuple(kv_start.shape) != (B,):
         raise ValueError(f"kv_start must be int32 of shape ({B},), got {kv_start.dtype} {tuple(kv_start.shape)}")
@@ -158,16 +176,17 @@ def _check_decode_attention(
                 f"(kv_length {kv_length}, {ring.shape[2]} slots)"
             )
     tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
+    tensors += (kv_length,) if isinstance(kv_length, torch.Tensor) else ()
     tensors += () if recent is None else tuple(recent[:2])
     if any(t.device != query.device for t in tensors):
-        raise ValueError("query, caches, kv_start, scales and out must be on one device")
+        raise ValueError("query, caches, kv_start, kv_length, scales and out must be on one device")
 
 
 def decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    kv_length: int,
+    kv_length: int | torch.Tensor,
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
@@ -177,6 +196,10 @@ def decode_attention(
     recent: RecentWindow | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
+
+    ``kv_length`` is an int, or a one-element integer tensor on the query's device that the kernel reads there
+    (the static cache's filled length: no host value changes from step to step, as torch.compile and CUDA graphs
+    need).
 
     Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal,
     left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). With ``recent``, the positions of

@@ -14,6 +14,10 @@ Layout and dtypes:
   read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``).
 - key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head); kv_start: int32 ``[B]``.
 - out: contiguous ``[B, Sq, Hq, D]`` in the query's dtype, the layout an attention function returns to transformers.
+- kv_length: a Python int, or a one-element integer tensor on the device (the static cache's filled length; then
+  nothing on the host depends on it, so a compiled or CUDA-graphed step replays unchanged). The split count is
+  then planned for the whole capacity, and each program divides the filled blocks evenly among the splits itself:
+  the work stays proportional to the tokens written, not to the capacity.
 - recent (optional ``RecentWindow``): ring buffers ``[B, H, R, D]`` in the query's dtype holding the exact K/V of
   positions [start, L) at slot ``position % R``; those positions are read from the ring instead of the fp8 bytes.
 
@@ -105,7 +109,7 @@ def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DO
 # The length and split sizes change every decode step: no value specialization (would compile extra variants).
 @triton.jit(do_not_specialize=["L", "num_slots", "first_slot", "blocks_per_split", "recent_start"])
 def _decode_attention_fp8_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr, length_ptr,
     recent_k_ptr, recent_v_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -115,13 +119,17 @@ def _decode_attention_fp8_kernel(
     H, G, SQ, D, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
-    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, EVEN_D: tl.constexpr,
+    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, EVEN_D: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
+    if LENGTH_IN_MEMORY:  # the filled length lives on the device; share its blocks among the launched splits
+        L = tl.load(length_ptr).to(tl.int32)
+        recent_start = L
+        blocks_per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), tl.num_programs(1))
 
     # query rows of this tile: r = g * SQ + i -> query head h * G + g at position L - SQ + i
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -261,7 +269,7 @@ def decode_attention_fp8(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    kv_length: int,
+    kv_length: int | torch.Tensor,
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
@@ -296,6 +304,9 @@ def decode_attention_fp8(
     BLOCK_D = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
     BLOCK_N = block_n or (_BLOCK_N if BLOCK_D <= 128 else _BLOCK_N // 2)
     row_tiles = triton.cdiv(rows, BLOCK_M)
+    length_tensor = kv_length if isinstance(kv_length, torch.Tensor) else None
+    if length_tensor is not None:  # plan for the whole capacity; the kernel reads the filled length
+        kv_length = key_cache.shape[2]
     window = recent is not None and recent.start < kv_length
     fp8_length = recent.start if window else kv_length  # fp8 positions [0, fp8_length) are split
     if fp8_length == 0:
@@ -321,6 +332,7 @@ def decode_attention_fp8(
     scale_stride_h = 0 if key_scale.numel() == 1 else 1
     arguments = (
         query, key_cache, value_cache, kv_start, key_scale, value_scale,
+        kv_start if length_tensor is None else length_tensor,
         recent.keys, recent.values,
         out, part_acc, part_m, part_l,
         *query.stride(),
@@ -334,6 +346,7 @@ def decode_attention_fp8(
         FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
         DOT_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
         WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, EVEN_D=BLOCK_D == D,
+        LENGTH_IN_MEMORY=length_tensor is not None,
         num_warps=num_warps or (8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4),
         **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip

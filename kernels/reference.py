@@ -67,8 +67,12 @@ def quantize_append_kv_ref(
     value_inv_scale: torch.Tensor,
     fmt: FP8Format,
 ) -> None:
-    """Write ``saturate(x * inv_scale)`` as fp8 into ``cache[:, :, start:start + S]`` for K and V."""
-    end = start + key.shape[2]
+    """Write ``saturate(x * inv_scale)`` as fp8 into ``cache[:, :, start:start + S]`` for K and V (``start`` an int or
+    a one-element tensor; positions beyond the capacity are dropped)."""
+    start = int(start)
+    written = max(0, min(key.shape[2], key_cache.shape[2] - start))
+    end = start + written
+    key, value = key[:, :, :written], value[:, :, :written]
     key_cache[:, :, start:end] = encode_fp8_ref(key.float() * _per_head(key_inv_scale), fmt)
     value_cache[:, :, start:end] = encode_fp8_ref(value.float() * _per_head(value_inv_scale), fmt)
 
@@ -92,7 +96,7 @@ def decode_attention_fp8_ref(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    kv_length: int,
+    kv_length: int | torch.Tensor,
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
@@ -108,6 +112,7 @@ def decode_attention_fp8_ref(
     ``kv_start[b]`` up to its own. Values outside ``[kv_start, kv_length)`` count as zero and a row that sees no
     key gives zeros, as in the kernel. Output in the query's dtype (into ``out`` when given).
     """
+    kv_length = int(kv_length)  # an int or a one-element tensor
     B, Hq, Sq, _ = query.shape
     G = Hq // key_cache.shape[1]
     positions = torch.arange(kv_length, device=query.device)

@@ -3,7 +3,7 @@ their torch twins in kernels/reference.py, for every format, input dtype, head d
 
 import pytest
 import torch
-from hf_fp8cache.kernels import reference
+from hf_fp8cache.kernels import ops, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +118,33 @@ def test_dequantize_property(B, H, length, spare, D, fmt, dtype, per_head, seed)
     kernels.dequantize_kv(*caches, length, scale, scale, fmt, outs[0], outs[1])
     reference.dequantize_kv_ref(*caches, length, scale, scale, fmt, outs[2], outs[3])
     assert _bits_equal(outs[0], outs[2]) and _bits_equal(outs[1], outs[3])
+
+
+@pytest.mark.parametrize("start, written", [(3, 5), (30, 2), (32, 0)])  # 32 slots: the last two drop 3 / 5 tokens
+def test_quantize_append_at_a_device_position(start, written, monkeypatch):
+    g = torch.Generator().manual_seed(start)
+    key, value = (torch.randn(2, 3, 5, 16, generator=g).to(DEVICE) for _ in "kv")
+    inv = torch.tensor([4.0], device=DEVICE)
+    caches = {}
+    for path in ("kernel", "reference"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernel" else "0")
+        k, v = (torch.full((2, 3, 32, 16), 0x7F, dtype=torch.uint8, device=DEVICE) for _ in "kv")
+        ops.quantize_append_kv_at(key, value, k, v, torch.tensor(start, device=DEVICE), inv, inv, "e4m3fn")
+        caches[path] = k, v
+    k, v = caches["kernel"]
+    assert torch.equal(k, caches["reference"][0]) and torch.equal(v, caches["reference"][1])
+    expected = torch.full_like(k, 0x7F)
+    expected[:, :, start : start + written] = reference.encode_fp8_ref(key[:, :, :written] * 4.0, FMTS[0])
+    assert torch.equal(k, expected)
+
+
+def test_quantize_append_rejects_a_bad_device_position():
+    key = torch.zeros(1, 1, 2, 16, device=DEVICE)
+    cache = torch.zeros(1, 1, 8, 16, dtype=torch.uint8, device=DEVICE)
+    one = torch.ones(1, device=DEVICE)
+    bad_start = torch.tensor([1.0], device=DEVICE)
+    with pytest.raises(ValueError, match="start tensor must be one int32/int64 element"):
+        kernels.quantize_append_kv(key, key, cache, cache.clone(), bad_start, one, one, FMTS[0])
 
 
 @settings(max_examples=40, deadline=None)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hf_fp8cache.kernels import reference
+from hf_fp8cache.kernels import ops, reference
 from hf_fp8cache.kernels.attention import decode_attention_fp8, split_plan
 
 from hf_fp8cache import kernels
@@ -151,6 +151,41 @@ def test_rows_that_see_nothing_are_zero_not_nan():
         out = _check_kernel(args, num_splits=num_splits)
         assert (out[1, :2] == 0).all() and (out[2] == 0).all()
         assert (out[1, 2] != 0).any()
+
+
+# The static cache's form: the filled length as a device tensor, the capacity far larger (its bytes poisoned), and
+# the splits planned for the capacity, so most of them find no filled block (16 splits for 1000 slots; 70 tokens
+# fill 2 blocks).
+@pytest.mark.parametrize("L, Sq", [(1, 1), (70, 3), (300, 1), (1000, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_length_read_on_the_device(L, Sq, dtype, monkeypatch):
+    args = list(_case(2, 2, 4, Sq, 64, L, [0, L // 3], dtype=dtype, seed=L, spare=1000 - L))
+    expected = _oracle(*args)
+    args[3] = torch.tensor(L, device=DEVICE)
+    for run in (decode_attention_fp8, kernels.decode_attention):
+        assert _relative_error(run(*args), expected) < TOLERANCE[dtype]
+    as_operator = ops.decode_attention_at(*args[:7], args[7].name, args[8])  # what the static cache calls
+    assert _relative_error(as_operator, expected) < TOLERANCE[dtype]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch twin takes the tensor too
+    assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("bad", ["float", "two_elements", "with_window", "query_past_capacity"])
+def test_rejects_bad_device_lengths(bad):
+    args = list(_case(2, 2, 4, 2, 64, 10, [0, 1]))
+    extra = {}
+    args[3] = torch.tensor(10, device=DEVICE)
+    if bad == "float":
+        args[3] = args[3].float()
+    elif bad == "two_elements":
+        args[3] = torch.tensor([10, 10], device=DEVICE)
+    elif bad == "with_window":
+        ring = torch.zeros(2, 2, 4, 64, dtype=args[0].dtype, device=DEVICE)
+        extra["recent"] = kernels.RecentWindow(ring, ring, 8)
+    else:
+        args[1], args[2] = args[1][:, :, :1].contiguous(), args[2][:, :, :1].contiguous()
+    with pytest.raises(ValueError, match="kv_length tensor|window needs a Python int|cache capacity 1"):
+        kernels.decode_attention(*args, **extra)
 
 
 # (slots, window): a full ring, a part-filled one, a window that wraps around the ring, one longer than a key block,
