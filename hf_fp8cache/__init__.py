@@ -7,11 +7,13 @@ from .checkpoint import load_kv_scales, save_kv_scales
 from .formats import FORMATS, FP8Format, resolve_format
 from .integration import attach, detach
 from .scales import KVScales
+from .static_cache import FP8StaticCache
 
 __all__ = [
     "FORMATS",
     "FP8Cache",
     "FP8Format",
+    "FP8StaticCache",
     "KVScales",
     "QuantizedFP8Cache",
     "attach",

@@ -4,8 +4,8 @@ Registered with transformers on import (``AttentionInterface`` plus ``AttentionM
 get their mask). Select it with ``from_pretrained(..., attn_implementation="hf_fp8cache")``,
 ``model.set_attn_implementation("hf_fp8cache")`` or ``attach(model, attention=True)``.
 
-When the model runs with it, ``QuantizedFP8Cache.update`` hands attention the FP8 buffers (fp8 views that carry
-their cache layer) instead of dequantized copies, and:
+When the model runs with it, ``QuantizedFP8Cache.update`` and ``FP8StaticCache.update`` hand attention the FP8
+buffers (fp8 views that carry their cache layer) instead of dequantized copies, and:
 
 - decode (up to ``MAX_DECODE_QUERIES`` new tokens) runs ``kernels.decode_attention``: split-KV attention straight
   from the FP8 bytes, scales folded in (and the exact recent window, with ``residual_length``); no bf16 copy of the
@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels import decode_attention
+from .kernels.ops import decode_attention_at
 
 __all__ = ["ATTENTION_NAME", "MAX_DECODE_QUERIES", "fp8_attention_forward"]
 
@@ -53,8 +54,12 @@ def fp8_attention_forward(module, query, key, value, attention_mask, scaling=Non
     if query.shape[2] <= MAX_DECODE_QUERIES and not unsupported:
         kv_start = _kv_start(attention_mask, query.shape[0], query.device)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = decode_attention(query, layer.key_bytes, layer.value_bytes, layer.length, kv_start, layer.key_scale,
-                               layer.value_scale, layer.fmt, scale, recent=layer.recent_window)  # fmt: skip
+        if layer.is_compileable:  # FP8StaticCache: the filled length is a device tensor, read by the kernel
+            out = decode_attention_at(query, layer.key_bytes, layer.value_bytes, layer.cumulative_length, kv_start,
+                                      layer.key_scale, layer.value_scale, layer.fmt.name, scale)  # fmt: skip
+        else:
+            out = decode_attention(query, layer.key_bytes, layer.value_bytes, layer.length, kv_start, layer.key_scale,
+                                   layer.value_scale, layer.fmt, scale, recent=layer.recent_window)  # fmt: skip
         return out, None
     key, value = layer.dequantized()
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -15,7 +15,8 @@ First prefill: by default (``exact_prefill=True``) the first update of an empty 
 given, so the prompt attends over exact values (as transformers' own fp8 layer does); its FP8 copy is what later
 tokens read. ``exact_prefill=False`` makes the prompt attend over the quantized values too.
 
-This is the only module coupled to transformers' Cache internals.
+This module and ``static_cache.py`` (its compileable twin) are the only ones coupled to transformers' Cache
+internals.
 """
 
 from __future__ import annotations
@@ -32,17 +33,22 @@ from .kernels import RecentWindow, dequantize_kv, quantize_append_kv
 from .kernels.reference import ring_read, ring_write
 from .scales import KVScales, check_strategy
 
-__all__ = ["QuantizedFP8Cache", "FP8Cache", "FP8CacheLayer", "check_full_attention"]
+__all__ = [
+    "QuantizedFP8Cache", "FP8Cache", "FP8CacheLayer", "check_full_attention", "resolve_cache_options",
+    "model_layer_count", "layer_scales", "DequantWorkspace", "FP8LayerBase",
+]  # fmt: skip
 
 _GROWTH_STEP = 256  # tokens; capacity is always a multiple of it
 _GROWTH_FRACTION = 16  # grow by at least capacity / 16: amortized O(1) copies per token, <= ~6 % spare bytes
 
 
 class DequantWorkspace:
-    """One reused K/V buffer per (device, dtype), shared by every layer of one cache."""
+    """One reused K/V buffer per (device, dtype), shared by every layer of one cache. ``static=True`` marks each
+    buffer as a fixed address for torch.compile / CUDA graphs (the static cache asks one size, so it never grows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, static: bool = False) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._static = static
 
     def views(
         self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
@@ -53,6 +59,8 @@ class DequantWorkspace:
             old = 0 if buffer is None else buffer.numel()
             buffer = torch.empty(max(2 * n, old + old // 8), dtype=dtype, device=device)
             self._buffers[(device, dtype)] = buffer
+            if self._static and not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(buffer)
         return buffer[:n].view(shape), buffer[n : 2 * n].view(shape)
 
     @property
@@ -60,15 +68,67 @@ class DequantWorkspace:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def __deepcopy__(self, memo: dict) -> DequantWorkspace:
-        return DequantWorkspace()  # a scratch area: a copy of the cache gets its own, empty
+        return DequantWorkspace(self._static)  # a scratch area: a copy of the cache gets its own, empty
 
 
-class FP8CacheLayer(CacheLayerMixin):
+class FP8LayerBase(CacheLayerMixin):
+    """What the dynamic and the static FP8 layer share: settings, first scales, the read path they serve."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        fmt: FP8Format,
+        strategy: str,
+        scales: tuple[torch.Tensor, torch.Tensor] | None,
+        calculate_kv_scales: bool,
+        workspace: DequantWorkspace,
+        layer_idx: int,
+        attention_config=None,
+    ) -> None:  # CacheLayerMixin.__init__ is not called: it assigns ``keys``, a property of the dynamic layer
+        self.fmt = fmt
+        self._attention_config = attention_config  # the model config whose attention implementation we serve
+        self.strategy = strategy
+        self.calculate_kv_scales = calculate_kv_scales
+        self.layer_idx = layer_idx
+        self._given_scales = scales
+        self._workspace = workspace
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+
+    def _first_scales(self, key_states: torch.Tensor, unit_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take dtype and device from the first K; return the given scales there (checked against its heads), or
+        unit scales of ``unit_heads`` elements."""
+        if not key_states.is_floating_point() or key_states.element_size() == 1:
+            raise TypeError(f"layer {self.layer_idx}: key_states must be fp16/bf16/fp32, got {key_states.dtype}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        heads = key_states.shape[1]
+        if self._given_scales is None:
+            unit = torch.ones(unit_heads, dtype=torch.float32, device=self.device)
+            return unit, unit.clone()
+        key_scale, value_scale = (s.to(self.device, torch.float32).contiguous() for s in self._given_scales)
+        if key_scale.numel() not in (1, heads):
+            raise ValueError(
+                f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads "
+                f"but key_states has {heads}"
+            )
+        return key_scale, value_scale
+
+    def _serves_fp8_attention(self) -> bool:
+        return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def offload(self) -> None:
+        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
+
+
+class FP8CacheLayer(FP8LayerBase):
     """One attention layer's FP8 K/V storage (see the module docstring)."""
 
     is_compileable = False
-    is_sliding = False
-    is_croppable = True
 
     def __init__(
         self,
@@ -82,15 +142,9 @@ class FP8CacheLayer(CacheLayerMixin):
         attention_config=None,
         residual_length: int = 0,
     ) -> None:
-        self.fmt = fmt
-        self._attention_config = attention_config  # the model config whose attention implementation we serve
-        self.strategy = strategy
-        self.calculate_kv_scales = calculate_kv_scales
+        super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config)
         self.exact_prefill = exact_prefill
         self.residual_length = residual_length
-        self.layer_idx = layer_idx
-        self._given_scales = scales
-        self._workspace = workspace
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
         self._recent_keys: torch.Tensor | None = None  # model dtype [B, H, residual_length, D], a ring buffer
@@ -99,8 +153,6 @@ class FP8CacheLayer(CacheLayerMixin):
         self.key_scale = self.value_scale = self.key_inv_scale = self.value_inv_scale = None
         self._scales_pending = False
         self.length = 0
-        self.dtype: torch.dtype | None = None
-        self.device: torch.device | None = None
         self.is_initialized = False
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -158,20 +210,8 @@ class FP8CacheLayer(CacheLayerMixin):
 
     # -- Cache layer API -------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if not key_states.is_floating_point() or key_states.element_size() == 1:
-            raise TypeError(f"layer {self.layer_idx}: key_states must be fp16/bf16/fp32, got {key_states.dtype}")
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self._set_scales(*self._first_scales(key_states))
         B, H, _, D = key_states.shape
-        if self._given_scales is not None:
-            key_scale, value_scale = (s.to(self.device) for s in self._given_scales)
-            if key_scale.numel() not in (1, H):
-                raise ValueError(
-                    f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads "
-                    f"but key_states has {H}"
-                )
-        else:
-            key_scale = value_scale = torch.ones(1, dtype=torch.float32, device=self.device)
-        self._set_scales(key_scale, value_scale)
         self._scales_pending = self.calculate_kv_scales
         if self._key_bytes is not None and (
             self._key_bytes.device != self.device
@@ -254,9 +294,6 @@ class FP8CacheLayer(CacheLayerMixin):
             return self._fp8_views()
         return self.dequantized()
 
-    def _serves_fp8_attention(self) -> bool:
-        return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
-
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp8 ``[B, H, length, D]`` views of the buffers, tagged with this layer for the FP8 attention."""
         keys, values = self.keys, self.values
@@ -322,12 +359,6 @@ class FP8CacheLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
-    def offload(self) -> None:
-        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
-
-    def prefetch(self) -> None:
-        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
-
 
 def check_full_attention(config) -> None:
     """Raise for models with sliding-window, chunked or other non-full attention layers (not supported yet)."""
@@ -342,9 +373,44 @@ def check_full_attention(config) -> None:
     unsupported = sorted(set(layer_types) - {"full_attention"})
     if unsupported:
         raise NotImplementedError(
-            f"{type(config).__name__} has {unsupported} layers; QuantizedFP8Cache supports only full-attention "
+            f"{type(config).__name__} has {unsupported} layers; the FP8 caches support only full-attention "
             "layers for now"
         )
+
+
+def resolve_cache_options(
+    kv_cache_dtype: str | torch.dtype | FP8Format,
+    calculate_kv_scales: bool,
+    strategy: str | None,
+    scales: KVScales | None,
+) -> tuple[FP8Format, str]:
+    """The format and strategy of a cache from its constructor arguments, refusing conflicting ones."""
+    fmt = resolve_format(kv_cache_dtype)
+    if scales is not None and not isinstance(scales, KVScales):
+        raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
+    if scales is not None and calculate_kv_scales:
+        raise ValueError("give either scales or calculate_kv_scales=True, not both")
+    if scales is not None and strategy is not None and strategy != scales.strategy:
+        raise ValueError(f"strategy={strategy!r} conflicts with the scales' strategy {scales.strategy!r}")
+    return fmt, check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
+
+
+def model_layer_count(config, scales: KVScales | None) -> int:
+    """The decoder's number of layers, after refusing layer types we do not support and scales that do not fit."""
+    text_config = config.get_text_config(decoder=True)
+    check_full_attention(text_config)
+    if scales is not None:
+        scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)
+    return text_config.num_hidden_layers
+
+
+def layer_scales(scales: KVScales | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One layer's (key, value) scales from ``scales``, or None without scales."""
+    if scales is None:
+        return None
+    if layer_idx >= scales.num_layers:
+        raise ValueError(f"scales cover {scales.num_layers} layers but the model updates layer {layer_idx}")
+    return scales.key[layer_idx], scales.value[layer_idx]
 
 
 class QuantizedFP8Cache(Cache):
@@ -376,17 +442,10 @@ class QuantizedFP8Cache(Cache):
         exact_prefill: bool = True,
         residual_length: int = 0,
     ) -> None:
-        self.format = resolve_format(kv_cache_dtype)
+        self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
         if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
             raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
         self.residual_length = residual_length
-        if scales is not None and not isinstance(scales, KVScales):
-            raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
-        if scales is not None and calculate_kv_scales:
-            raise ValueError("give either scales or calculate_kv_scales=True, not both")
-        if scales is not None and strategy is not None and strategy != scales.strategy:
-            raise ValueError(f"strategy={strategy!r} conflicts with the scales' strategy {scales.strategy!r}")
-        self.strategy = check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
         self.scales = scales
         self.calculate_kv_scales = calculate_kv_scales
         self.exact_prefill = exact_prefill
@@ -394,11 +453,7 @@ class QuantizedFP8Cache(Cache):
         self._attention_config = config
         layers = []
         if config is not None:
-            text_config = config.get_text_config(decoder=True)
-            check_full_attention(text_config)
-            if scales is not None:
-                scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)
-            layers = [self._new_layer(i) for i in range(text_config.num_hidden_layers)]
+            layers = [self._new_layer(i) for i in range(model_layer_count(config, scales))]
         super().__init__(layers=layers)
 
     @classmethod
@@ -429,15 +484,9 @@ class QuantizedFP8Cache(Cache):
         return cls(config=config, kv_cache_dtype=fmt, scales=scales, **kwargs)
 
     def _new_layer(self, layer_idx: int) -> FP8CacheLayer:
-        given = None
-        if self.scales is not None:
-            if layer_idx >= self.scales.num_layers:
-                raise ValueError(
-                    f"scales cover {self.scales.num_layers} layers but the model updates layer {layer_idx}"
-                )
-            given = (self.scales.key[layer_idx], self.scales.value[layer_idx])
-        return FP8CacheLayer(self.format, self.strategy, given, self.calculate_kv_scales, self.exact_prefill,
-                             self._workspace, layer_idx, self._attention_config, self.residual_length)  # fmt: skip
+        return FP8CacheLayer(self.format, self.strategy, layer_scales(self.scales, layer_idx), self.calculate_kv_scales,
+                             self.exact_prefill, self._workspace, layer_idx, self._attention_config,
+                             self.residual_length)  # fmt: skip
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

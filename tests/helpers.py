@@ -22,6 +22,16 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     return LlamaForCausalLM(config).eval()
 
 
+def left_padded_prompts(batch: int = 3, length: int = 11, seed: int = 0):
+    """Random ids ``[batch, length]`` and their mask; row r > 0 is left-padded with 2r + 1 pad tokens (id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row + 1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 def fake_quant(x: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:
     """What the FP8 cache hands back for x: decode(encode(x / scale)) * scale, in x's dtype."""
     s = scale.float().to(x.device).reshape(1, -1, 1, 1)

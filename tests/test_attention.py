@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import left_padded_prompts, tiny_llama
 
 from hf_fp8cache import FP8Cache, attach, detach
 from hf_fp8cache.attention import ATTENTION_NAME
@@ -11,17 +11,8 @@ from hf_fp8cache.integration import cache_keyword
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
 
 
-def _inputs(batch=3, length=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row + 1] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def _generate(model, implementation, cache_kwargs=None, **kwargs):
-    ids, mask = _inputs()
+    ids, mask = left_padded_prompts()
     model.set_attn_implementation(implementation)
     cache = FP8Cache(model.config, **(cache_kwargs or {}))
     try:

@@ -1,0 +1,293 @@
+"""FP8StaticCache: the FP8 cache in preallocated buffers of ``max_cache_len`` tokens, for torch.compile and CUDA graphs.
+
+Every layer is ``is_compileable``, so ``generate`` compiles its decode steps on CUDA (as with transformers'
+``StaticCache``) and ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` runs without graph
+breaks or recompiles from step to step. What makes that possible:
+
+- Fixed storage: per layer two uint8 buffers ``[B, H, max_cache_len, D]`` holding fp8 codes, fp32 scale tensors,
+  and the filled length ``cumulative_length`` as a device tensor, all allocated at the first update and marked as
+  static addresses. ``reset()`` keeps them, so the next prompt of the same shape reuses buffers and graphs.
+- The kernels run as ``torch.library`` operators (``kernels/ops.py``) that take the length as a tensor: the write
+  position and the attended length are read on the device, so nothing on the host changes between steps.
+- The attention finds its layer through the fp8 buffer views that ``update`` returns (made once, carrying the
+  layer as an attribute), which dynamo follows like any attribute of a graph input.
+
+Read paths, as in ``QuantizedFP8Cache``: with ``attn_implementation="hf_fp8cache"``, decode reads the fp8 bytes
+with work proportional to the tokens written (the kernel reads the length and divides the filled key blocks among
+its splits); with any other attention implementation, ``update`` dequantizes the whole buffer into a workspace
+shared by the layers and the model's attention masks the unwritten positions (as bf16 ``StaticCache`` attends
+over its whole length).
+
+First prefill: the prompt attends over its exact K/V (written into the dequantized workspace over their FP8
+copies), as in ``QuantizedFP8Cache``; on-the-fly scales are computed from it into the fixed scale tensors.
+
+Capacity: a prompt longer than ``max_cache_len`` raises at once; a decode step past it fails a device-side check
+(``torch._assert_async``, as transformers' StaticCache fails its index copy), and the kernel never writes outside
+the buffers. Size ``max_cache_len`` for prompt + new tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers.cache_utils import Cache
+
+from .cache import DequantWorkspace, FP8LayerBase, layer_scales, model_layer_count, resolve_cache_options
+from .calibration import ONTHEFLY_HEADROOM, onthefly_scale
+from .formats import FP8Format
+from .kernels import ops
+from .scales import KVScales
+
+__all__ = ["FP8StaticCache", "FP8StaticLayer"]
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that these tensors keep their address (CUDA graphs then take them as fixed inputs)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+class FP8StaticLayer(FP8LayerBase):
+    """One attention layer's FP8 K/V in buffers of ``max_cache_len`` tokens (see the module docstring)."""
+
+    is_compileable = True
+
+    def __init__(
+        self,
+        max_cache_len: int,
+        fmt: FP8Format,
+        strategy: str,
+        scales: tuple[torch.Tensor, torch.Tensor] | None,
+        calculate_kv_scales: bool,
+        workspace: DequantWorkspace,
+        layer_idx: int,
+        attention_config=None,
+        max_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config)
+        self.max_cache_len = max_cache_len
+        self.max_batch_size = max_batch_size
+        # fp8 views of the whole buffers, made once at the first update (so the attribute naming the layer is there
+        # when dynamo traces): what attention receives
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = torch.zeros((), dtype=torch.int64)  # tokens written; on the device once initialized
+        self._first_prefill = True  # the next update is a prompt into an empty layer (a host flag: no sync)
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def key_bytes(self) -> torch.Tensor | None:
+        """The whole key buffer, uint8 ``[B, H, max_cache_len, D]`` (the first ``cumulative_length`` are valid)."""
+        return self._key_bytes if self.is_initialized else None
+
+    @property
+    def value_bytes(self) -> torch.Tensor | None:
+        return self._value_bytes if self.is_initialized else None
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of the FP8 buffers (all ``max_cache_len`` tokens) and the scales."""
+        if not self.is_initialized:
+            return 0
+        return 2 * self._key_bytes.numel() + 2 * self.key_scale.numel() * 4
+
+    # -- Cache layer API -------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        if self.max_batch_size is not None and B > self.max_batch_size:
+            raise ValueError(
+                f"layer {self.layer_idx}: batch {B} (beams included) exceeds max_batch_size={self.max_batch_size}"
+            )
+        heads = H if self.calculate_kv_scales and self.strategy == "attn_head" else 1
+        key_scale, value_scale = self._first_scales(key_states, unit_heads=heads)
+        self._key_bytes = torch.zeros(B, H, self.max_cache_len, D, dtype=torch.uint8, device=self.device)
+        self._value_bytes = torch.zeros_like(self._key_bytes)
+        self.key_scale, self.value_scale = key_scale.clone(), value_scale.clone()
+        self.key_inv_scale, self.value_inv_scale = 1.0 / self.key_scale, 1.0 / self.value_scale
+        self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._publish_buffers()
+        self.is_initialized = True
+
+    def _publish_buffers(self) -> None:
+        """Make the fp8 views attention receives (tagged with this layer) and mark the fixed tensors static."""
+        self.keys, self.values = self._key_bytes.view(self.fmt.dtype), self._value_bytes.view(self.fmt.dtype)
+        self.keys.hf_fp8cache_layer = self.values.hf_fp8cache_layer = self
+        _mark_static(self._key_bytes, self._value_bytes, self.cumulative_length, self.key_scale, self.value_scale,
+                     self.key_inv_scale, self.value_inv_scale)  # fmt: skip
+
+    def __deepcopy__(self, memo: dict) -> FP8StaticLayer:
+        """An independent copy whose attention views alias its own buffers (a plain deepcopy would copy the views
+        apart from the buffers); it follows the same model config."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            if name not in ("keys", "values", "_attention_config"):
+                setattr(copied, name, copy.deepcopy(value, memo))
+        copied._attention_config = self._attention_config
+        if self.is_initialized:
+            copied._publish_buffers()
+        return copied
+
+    def _set_onthefly_scales(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """vLLM's first-prefill rule, written into the fixed scale tensors (their addresses never change)."""
+        for scale, inv_scale, states, kind in (
+            (self.key_scale, self.key_inv_scale, key_states, "key"),
+            (self.value_scale, self.value_inv_scale, value_states, "value"),
+        ):
+            scale.copy_(onthefly_scale(states, self.fmt, self.strategy, ONTHEFLY_HEADROOM[kind]))
+            inv_scale.copy_(1.0 / scale)  # the dynamic cache's division (torch.reciprocal can differ by an ulp)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write K/V ``[B, H, S, D]`` as FP8 at the filled length and return what attention reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new_tokens = key_states.shape[2]
+        if tuple(key_states.shape) != (*self._key_bytes.shape[:2], new_tokens, self._key_bytes.shape[3]) or (
+            value_states.shape != key_states.shape
+        ):
+            raise ValueError(
+                f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} / value_states "
+                f"{tuple(value_states.shape)} do not fit this static cache {tuple(self._key_bytes.shape)}"
+            )
+        if new_tokens > self.max_cache_len:
+            raise ValueError(f"layer {self.layer_idx}: {new_tokens} tokens exceed max_cache_len={self.max_cache_len}")
+        first_prefill = self._first_prefill and new_tokens > 0
+        if first_prefill and self.calculate_kv_scales:
+            self._set_onthefly_scales(key_states, value_states)
+        ops.quantize_append_kv_at(key_states, value_states, self._key_bytes, self._value_bytes, self.cumulative_length,
+                                  self.key_inv_scale, self.value_inv_scale, self.fmt.name)  # fmt: skip
+        self.cumulative_length.add_(new_tokens)
+        self._first_prefill = self._first_prefill and new_tokens == 0
+        if not first_prefill and self._serves_fp8_attention():
+            return self.keys, self.values
+        key_out, value_out = self.dequantized()
+        if first_prefill:  # the prompt attends over its exact K/V
+            key_out[:, :, :new_tokens] = key_states
+            value_out[:, :, :new_tokens] = value_states
+        return key_out, value_out
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``max_cache_len`` positions in the model dtype (unwritten ones are stale or zero; the mask hides
+        them), in the workspace shared by the cache's layers (valid until the next update of any layer)."""
+        key_out, value_out = self._workspace.views(self.device, self.dtype, tuple(self._key_bytes.shape))
+        ops.dequantize_kv_into(self._key_bytes, self._value_bytes, self.max_cache_len, self.key_scale,
+                               self.value_scale, self.fmt.name, key_out, value_out)  # fmt: skip
+        return key_out, value_out
+
+    def check_capacity(self, new_tokens: int) -> None:
+        """A device-side check that ``new_tokens`` more fit (no host sync; fails the step when they do not)."""
+        torch._assert_async(
+            self.cumulative_length + new_tokens <= self.max_cache_len,
+            f"FP8StaticCache: more tokens than max_cache_len={self.max_cache_len}",
+        )
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Forget the tokens, keeping every buffer (and so every compiled graph); on-the-fly scales are recomputed
+        at the next prefill."""
+        if self.is_initialized:
+            self.cumulative_length.zero_()
+        self._first_prefill = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many tokens from the end. Positive: keep that many (transformers <= 5.19 meaning)."""
+        if tokens_to_remove > 0:
+            self.cumulative_length.clamp_(max=tokens_to_remove)
+        else:
+            self.cumulative_length.sub_(-tokens_to_remove).clamp_(min=0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch rows in place (the buffers keep their addresses)."""
+        for buffer in (self._key_bytes, self._value_bytes):
+            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("FP8StaticCache has a fixed batch; use QuantizedFP8Cache to grow the batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("FP8StaticCache has a fixed batch; use QuantizedFP8Cache to select rows")
+
+
+class FP8StaticCache(Cache):
+    """A compileable transformers Cache that stores K and V in FP8 in buffers of ``max_cache_len`` tokens.
+
+    Args:
+        config: the model's config; one layer per decoder layer (full attention only).
+        max_cache_len: tokens per sequence the buffers hold (prompt plus new tokens).
+        max_batch_size: the largest batch (times beams) it accepts; the buffers are made for the batch of the
+            first update. None: no limit.
+        kv_cache_dtype, calculate_kv_scales, strategy, scales: as for ``QuantizedFP8Cache``.
+    """
+
+    def __init__(
+        self,
+        config,
+        max_cache_len: int,
+        max_batch_size: int | None = None,
+        kv_cache_dtype: str | torch.dtype = "fp8",
+        scales: KVScales | None = None,
+        strategy: str | None = None,
+        calculate_kv_scales: bool = False,
+    ) -> None:
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
+            raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
+        self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
+        self._max_cache_len = max_cache_len
+        self.scales = scales
+        self._workspace = DequantWorkspace(static=True)
+        layers = [
+            FP8StaticLayer(
+                max_cache_len,
+                self.format,
+                self.strategy,
+                layer_scales(scales, i),
+                calculate_kv_scales,
+                self._workspace,
+                i,
+                config,
+                max_batch_size,
+            )  # fmt: skip
+            for i in range(model_layer_count(config, scales))
+        ]
+        super().__init__(layers=layers)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer {layer_idx} is outside this cache's {len(self.layers)} layers")
+        layer = self.layers[layer_idx]
+        if layer_idx == 0 and layer.is_initialized:  # once per forward: every layer holds the same length
+            layer.check_capacity(key_states.shape[2])
+        return layer.update(key_states, value_states)
+
+    @property
+    def max_cache_len(self) -> int:  # transformers <= 5.23 has a read-only property of this name on Cache
+        return self._max_cache_len
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of all FP8 buffers (``max_cache_len`` tokens each) and scales."""
+        return sum(layer.allocated_nbytes for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return (
+            f"FP8StaticCache(format={self.format.name}, strategy={self.strategy!r}, layers={len(self.layers)}, "
+            f"max_cache_len={self.max_cache_len})"
+        )
