@@ -244,17 +244,23 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 line.append("-" if value is None else f"{value / div:.{digits}f}")
                 line.append(f"{value / dyn[key]:.3f}" if dyn[key] and value is not None else "-")
         lines.append([*line, *(f"{other['greedy_match']:.2f}" for other in others)])
-    widths = [max(len(x) for x in col) for col in zip(*lines, strict=True)]
     print(" | ".join(f"{k}={rows[0][k]}" for k in CONDITIONS))
+    print_aligned(lines)
+
+
+def print_aligned(lines: list) -> None:
+    """Print rows of strings as right-aligned columns."""
+    widths = [max(len(x) for x in col) for col in zip(*lines, strict=True)]
     for line in lines:
         print("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)))
 
 
-def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """Write ``decode_benchmark.json``, ``.csv`` and (if matplotlib is available) ``.png`` under ``out_dir``."""
+def write_rows(rows: list[dict[str, Any]], out_dir: Path, stem: str):
+    """Write ``<stem>.json`` and ``.csv`` under ``out_dir``; return ``matplotlib.pyplot`` (Agg) for the plot, or None
+    when matplotlib is not installed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode_benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(out_dir / "decode_benchmark.csv", "w", newline="") as fh:
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -264,7 +270,15 @@ def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed; skipping decode_benchmark.png")
+        print(f"matplotlib is not installed; skipping {stem}.png")
+        return None
+    return plt
+
+
+def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Write ``decode_benchmark.json``, ``.csv`` and (if matplotlib is available) ``.png`` under ``out_dir``."""
+    plt = write_rows(rows, out_dir, "decode_benchmark")
+    if plt is None:
         return
     cases = list(dict.fromkeys(r["case"] for r in rows))
     metrics = [m for m in METRICS if rows[0][m[0]] is not None]
@@ -355,6 +369,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--layer", action="store_true", help="time one layer's cache update on the GPU instead")
     parser.add_argument("--attention", action="store_true", help="time the decode attention kernels instead")
     parser.add_argument("--sweep", action="store_true", help="tuning sweep of the FP8 decode attention kernel")
+    parser.add_argument(
+        "--compiled", action="store_true", help="compiled decode: FP8StaticCache vs StaticCache and the floors"
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.layer:
@@ -363,6 +380,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         from .benchmark_attention import run_tuning_sweep
 
         return run_tuning_sweep()
+    if args.compiled:
+        from .benchmark_compiled import run_compiled_benchmark
+
+        return run_compiled_benchmark(args.cases, args.model_shape, args.steps, args.warmup, args.out_dir)
     if args.attention:
         from .benchmark_attention import run_attention_benchmark
 

@@ -1,0 +1,153 @@
+"""Compiled decode benchmark: ``FP8StaticCache`` + our attention against transformers' ``StaticCache`` in bf16 + SDPA,
+both under ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), on the GPU.
+
+A random-weight Llama (``llama-3.1-8b`` shape by default) prefills random ids ``[B, L]`` eagerly in 2048-token
+chunks into each static cache (``max_cache_len = L + warmup + steps``), then runs ``warmup`` compiled steps (the
+first compiles, the next ones record the CUDA graph) and ``steps`` timed ones. Per (B, L, cache): median GPU ms per
+step (CUDA events around the compiled call), median wall ms, the first compiled call's seconds (compile time),
+and dynamo's recompiles over the run (graphs beyond the first).
+
+Floors: the bytes a decode step must read at least -- every weight once plus the filled K/V (bf16: 2 bytes an
+element, FP8: 1) -- over the copy bandwidth measured in the same run (a large device-to-device copy). Prints a
+table with the ratios; writes ``compiled_benchmark.{json,csv,png}``. GPU: ``hf-fp8cache bench --compiled``.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attention import ATTENTION_NAME
+from .benchmark import PREFILL_CHUNK, _environment, build_model, print_aligned, write_rows
+from .benchmark_attention import _copy_ceiling_tb_s
+from .integration import cache_keyword
+from .static_cache import FP8StaticCache
+
+__all__ = ["run_compiled_benchmark"]
+
+KINDS = ("bf16-static", "fp8-static")
+
+
+def _new_cache(kind: str, config, max_cache_len: int):
+    if kind == "fp8-static":
+        return FP8StaticCache(config, max_cache_len=max_cache_len)
+    from transformers import StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_cache_len)
+
+
+def _run_one(model, kind: str, prompt: torch.Tensor, tokens: torch.Tensor, warmup: int) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.set_attn_implementation(ATTENTION_NAME if kind == "fp8-static" else "sdpa")
+    cache = _new_cache(kind, model.config, prompt.shape[1] + tokens.shape[0])
+    kw = cache_keyword(model)
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    gpu_ms, wall_ms = [], []
+    with torch.no_grad():
+        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
+            model(input_ids=prompt[:, start : start + PREFILL_CHUNK], **{kw: cache}, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        for i, token in enumerate(tokens):
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            t0 = time.perf_counter()
+            events[0].record()
+            forward(input_ids=token, **{kw: cache}, use_cache=True, logits_to_keep=1)
+            events[1].record()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            if i == 0:
+                compile_s = seconds
+            if i >= warmup:
+                wall_ms.append(seconds * 1e3)
+                gpu_ms.append(events[0].elapsed_time(events[1]))
+    row = {"cache": kind, "gpu_ms_median": statistics.median(gpu_ms), "wall_ms_median": statistics.median(wall_ms),
+           "compile_s": compile_s, "recompiles": max(counters["stats"]["unique_graphs"] - 1, 0)}  # fmt: skip
+    del cache, forward
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_compiled_benchmark(
+    cases: tuple[tuple[int, int], ...] = ((1, 4096), (8, 32768)),
+    model_shape: str = "llama-3.1-8b",
+    steps: int = 20,
+    warmup: int = 3,
+    out_dir: str | Path = "results",
+) -> list[dict[str, Any]]:
+    """Benchmark compiled decode steps with both static caches for every ``(B, L)``; print, save and return rows."""
+    if steps < 1 or warmup < 2:
+        raise ValueError("need steps >= 1 and warmup >= 2 (compile, then record the CUDA graph)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the compiled benchmark runs CUDA graphs and needs a CUDA GPU")
+    device = torch.device("cuda")
+    ceiling = _copy_ceiling_tb_s()
+    model = build_model(model_shape, device, torch.bfloat16)
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    env = {"model_shape": model_shape, "steps": steps, "warmup": warmup, "copy_tb_s": ceiling, **_environment(device)}
+    generator = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for B, L in cases:
+        prompt = torch.randint(config.vocab_size, (B, L), generator=generator).to(device)
+        tokens = torch.randint(config.vocab_size, (warmup + steps, B, 1), generator=generator).to(device)
+        kv_elements = 2 * config.num_hidden_layers * B * config.num_key_value_heads * L * config.head_dim
+        for kind in KINDS:
+            row = _run_one(model, kind, prompt, tokens, warmup)
+            kv_bytes = kv_elements * (1 if kind == "fp8-static" else 2)
+            floor_ms = (weight_bytes + kv_bytes) / (ceiling * 1e12) * 1e3
+            rows.append({"case": f"{B}x{L}", "B": B, "L": L, **row, "floor_ms": floor_ms,
+                         "vs_floor": row["gpu_ms_median"] / floor_ms, **env})  # fmt: skip
+    model.set_attn_implementation("sdpa")
+    del model
+    torch.cuda.empty_cache()
+    print_table(rows)
+    save_rows(rows, Path(out_dir))
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    first = rows[0]
+    print(f"compiled decode step (reduce-overhead, fullgraph), {first['model_shape']}, {first['gpu']}, "
+          f"copy {first['copy_tb_s']:.2f} TB/s, torch {first['torch']}, transformers {first['transformers']}, "
+          f"triton {first['triton']}, {first['git_sha']}; GPU ms, median of {first['steps']}")  # fmt: skip
+    head = ("case", "bf16 ms", "bf16 floor", "bf16/floor", "fp8 ms", "fp8 floor", "fp8/floor", "fp8/bf16",
+            "compile s bf16/fp8", "recompiles bf16/fp8")  # fmt: skip
+    lines = [head]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        bf16, fp8 = (next(r for r in rows if r["case"] == case and r["cache"] == k) for k in KINDS)
+        lines.append((case, f"{bf16['gpu_ms_median']:.2f}", f"{bf16['floor_ms']:.2f}", f"{bf16['vs_floor']:.2f}",
+                      f"{fp8['gpu_ms_median']:.2f}", f"{fp8['floor_ms']:.2f}", f"{fp8['vs_floor']:.2f}",
+                      f"{fp8['gpu_ms_median'] / bf16['gpu_ms_median']:.3f}",
+                      f"{bf16['compile_s']:.0f}/{fp8['compile_s']:.0f}",
+                      f"{bf16['recompiles']}/{fp8['recompiles']}"))  # fmt: skip
+    print_aligned(lines)
+
+
+def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Write ``compiled_benchmark.json``, ``.csv`` and (with matplotlib) ``.png`` under ``out_dir``."""
+    plt = write_rows(rows, out_dir, "compiled_benchmark")
+    if plt is None:
+        return
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.2
+    for j, (kind, key) in enumerate([(k, m) for k in KINDS for m in ("gpu_ms_median", "floor_ms")]):
+        values = [next(r for r in rows if r["case"] == case and r["cache"] == kind)[key] for case in cases]
+        label = f"{kind} {'compiled' if key == 'gpu_ms_median' else 'floor'}"
+        ax.bar([i + (j - 1.5) * width for i in range(len(cases))], values, width=width, label=label)
+    ax.set(xticks=range(len(cases)), xticklabels=cases, xlabel="B x L", ylabel="GPU ms per decode step")
+    ax.legend()
+    fig.suptitle(f"compiled decode: StaticCache bf16 vs FP8StaticCache ({rows[0]['gpu']})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "compiled_benchmark.png", dpi=120)
+    plt.close(fig)
