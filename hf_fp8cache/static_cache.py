@@ -151,8 +151,15 @@ class FP8StaticLayer(FP8LayerBase):
         ):
             raise ValueError(
                 f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} / value_states "
-                f"{tuple(value_states.shape)} do not fit this static cache {tuple(self._key_bytes.shape)}"
+                f"{tuple(value_states.shape)} do not fit this static cache {tuple(self._key_bytes.shape)}; "
+                "a new batch shape needs a new cache"
             )
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if (t.dtype, t.device) != (self.dtype, self.device):
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} is {t.dtype} on {t.device} but this static cache holds "
+                    f"{self.dtype} on {self.device}"
+                )
         if new_tokens > self.max_cache_len:
             raise ValueError(f"layer {self.layer_idx}: {new_tokens} tokens exceed max_cache_len={self.max_cache_len}")
         first_prefill = self._first_prefill and new_tokens > 0

@@ -193,7 +193,7 @@ def test_bad_arguments_are_named(model, kwargs, error, message):
         FP8StaticCache(model.config, **kwargs)
 
 
-def test_batch_beyond_max_batch_size_and_batch_changes_are_refused(model):
+def test_batch_beyond_max_batch_size_and_batch_or_dtype_changes_are_refused(model):
     cache = FP8StaticCache(model.config, max_cache_len=8, max_batch_size=2)
     x = torch.randn(3, 2, 4, 16)
     with pytest.raises(ValueError, match="batch 3 .* exceeds max_batch_size=2"):
@@ -201,5 +201,7 @@ def test_batch_beyond_max_batch_size_and_batch_changes_are_refused(model):
     cache.update(x[:2], x[:2], 0)
     with pytest.raises(ValueError, match="do not fit this static cache"):
         cache.update(x[:1, :, :1], x[:1, :, :1], 0)
+    with pytest.raises(ValueError, match="key_states is torch.float64 on cpu but this static cache holds torch.fl"):
+        cache.update(x[:2].double(), x[:2].double(), 0)
     with pytest.raises(NotImplementedError, match="fixed batch"):
         cache.batch_repeat_interleave(2)
