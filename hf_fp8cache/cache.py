@@ -115,6 +115,13 @@ class FP8LayerBase(CacheLayerMixin):
             )
         return key_scale, value_scale
 
+    def _onthefly_scales(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """vLLM's first-prefill rule (``calibration.onthefly_scale``) for K and V of this layer's strategy."""
+        return (
+            onthefly_scale(key_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["key"]),
+            onthefly_scale(value_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["value"]),
+        )
+
     def _serves_fp8_attention(self) -> bool:
         return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
 
@@ -272,10 +279,7 @@ class FP8CacheLayer(FP8LayerBase):
         self._check_states(key_states, value_states)
         new_tokens = key_states.shape[2]
         if self._scales_pending and new_tokens > 0:
-            self._set_scales(
-                onthefly_scale(key_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["key"]),
-                onthefly_scale(value_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["value"]),
-            )
+            self._set_scales(*self._onthefly_scales(key_states, value_states))
             self._scales_pending = False
         start = self.length
         self._reserve(start + new_tokens, key_states)

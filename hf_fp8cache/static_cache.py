@@ -34,7 +34,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import DequantWorkspace, FP8LayerBase, layer_scales, model_layer_count, resolve_cache_options
-from .calibration import ONTHEFLY_HEADROOM, onthefly_scale
 from .formats import FP8Format
 from .kernels import ops
 from .scales import KVScales
@@ -131,12 +130,11 @@ class FP8StaticLayer(FP8LayerBase):
         return copied
 
     def _set_onthefly_scales(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """vLLM's first-prefill rule, written into the fixed scale tensors (their addresses never change)."""
-        for scale, inv_scale, states, kind in (
-            (self.key_scale, self.key_inv_scale, key_states, "key"),
-            (self.value_scale, self.value_inv_scale, value_states, "value"),
-        ):
-            scale.copy_(onthefly_scale(states, self.fmt, self.strategy, ONTHEFLY_HEADROOM[kind]))
+        """The first-prefill rule, written into the fixed scale tensors (their addresses never change)."""
+        key_scale, value_scale = self._onthefly_scales(key_states, value_states)
+        for scale, inv_scale, new in ((self.key_scale, self.key_inv_scale, key_scale),
+                                      (self.value_scale, self.value_inv_scale, value_scale)):  # fmt: skip
+            scale.copy_(new)
             inv_scale.copy_(1.0 / scale)  # the dynamic cache's division (torch.reciprocal can differ by an ulp)
 
     def update(
