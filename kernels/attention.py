@@ -93,17 +93,49 @@ def _to_dot_dtype(x, DOT_DTYPE: tl.constexpr, FP16_MAX: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
-    """One online-softmax step over a block of keys n (k, v in the dot dtype; invalid keys loaded as zeros)."""
+def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE: tl.constexpr,
+                  MASKED: tl.constexpr = True):  # fmt: skip
+    """One online-softmax step over a block of keys n (k, v in the dot dtype; invalid keys loaded as zeros).
+    MASKED=False: every key of the block is valid and visible to every row (no masking work)."""
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-    visible = n_valid[None, :] & (n[None, :] <= last_visible[:, None])
-    qk = tl.where(visible, qk, float("-inf"))
+    if MASKED:
+        visible = n_valid[None, :] & (n[None, :] <= last_visible[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_fp8_blocks(
+    q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, lo, hi, kv_first, kv_end, last_visible, qk_scale, m_i, l_i, acc,
+    D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FP8_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the fp8 key blocks at lo, lo + BLOCK_N, ... below hi of the (b, h) whose keys start at
+    block_base. Addressing: a 64-bit block pointer plus int32 offsets inside the block, and no head-dim mask when
+    BLOCK_D == D (8 % faster at 8x32768 on the H200 than int64 offsets per element). MASKED=False: the caller
+    guarantees that every key in [lo, hi) is valid and visible to every row, and nothing is masked."""
+    k_block = k_cache_ptr + block_base + lo.to(tl.int64) * stride_cs
+    v_block = v_cache_ptr + block_base + lo.to(tl.int64) * stride_cs
+    tile = tl.arange(0, BLOCK_N)[:, None] * stride_cs + tl.arange(0, BLOCK_D)[None, :]
+    tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | EVEN_D
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        n = start + tl.arange(0, BLOCK_N)
+        n_valid = (n >= kv_first) & (n < kv_end)
+        if MASKED:
+            kv_mask = n_valid[:, None] & tile_d_valid
+        else:
+            kv_mask = tile_d_valid
+        k = tl.load(k_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+        v = tl.load(v_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+        m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE, MASKED)
+        k_block += BLOCK_N * stride_cs
+        v_block += BLOCK_N * stride_cs
+    return m_i, l_i, acc
 
 
 # The length and split sizes change every decode step: no value specialization (would compile extra variants).
@@ -169,22 +201,22 @@ def _decode_attention_fp8_kernel(
         lo = split * blocks_per_split * BLOCK_N
         hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
         lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
-        # a 64-bit pointer to the block, advanced each iteration, plus int32 offsets within it; no head-dim mask
-        # when BLOCK_D == D (both measured 8 % faster at 8x32768 on the H200 than int64 offsets per element)
-        first_block = b * stride_cb + h * stride_ch + lo.to(tl.int64) * stride_cs
-        k_block = k_cache_ptr + first_block
-        v_block = v_cache_ptr + first_block
-        tile = tl.arange(0, BLOCK_N)[:, None] * stride_cs + tl.arange(0, BLOCK_D)[None, :]
-        tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | EVEN_D
-        for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_valid = (n >= kv_first) & (n < recent_start)
-            kv_mask = n_valid[:, None] & tile_d_valid
-            k = tl.load(k_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-            v = tl.load(v_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE)
-            k_block += BLOCK_N * stride_cs
-            v_block += BLOCK_N * stride_cs
+        # Blocks in [inner_lo, inner_hi) hold only keys that are valid and visible to every row: they skip all
+        # masking (3 % faster at 8x32768 on the H200) and are software-pipelined; the partial blocks around them (at
+        # most one below, two above) are masked and not pipelined.
+        inner_lo = tl.minimum(tl.maximum(lo, tl.cdiv(kv_first, BLOCK_N) * BLOCK_N), hi)
+        inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
+        block_base = b * stride_cb + h * stride_ch
+        # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
+        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, lo, inner_lo, kv_first,
+                                           recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
+                                           EVEN_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
+        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, inner_lo, inner_hi,
+                                           kv_first, recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N,
+                                           BLOCK_D, EVEN_D, FP8_DTYPE, DOT_DTYPE, False, None)  # fmt: skip
+        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, inner_hi, hi, kv_first,
+                                           recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
+                                           EVEN_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
 
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
