@@ -33,7 +33,8 @@ Design:
 - Online softmax in fp32 on exp2 (log2(e) folded into the logit scale): running max m, sum l, accumulator acc.
   The running max starts at a finite -1e30, so fully masked blocks and rows never compute inf - inf; a row that
   sees no key at all (l == 0) writes zeros, never NaN. K and V loads outside [kv_start, L) read zeros, so stale
-  or NaN bytes in padding or spare capacity cannot leak through 0 * NaN.
+  or NaN bytes in padding or spare capacity cannot leak through 0 * NaN. Only the partial key blocks at the edges
+  of a split pay for this masking; the blocks between hold only valid, visible keys and skip it (``MASKED=False``).
 - The exact window: the fp8 splits stop at the window's start, and one more launch of the same kernel, specialized
   with EXACT_WINDOW (one program per (b, h) and row tile), runs the same online-softmax step (``_attend_block``) over
   the ring into the last partial slot: logit scale without k_scale, values divided by v_scale (which the end
