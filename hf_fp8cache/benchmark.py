@@ -70,14 +70,25 @@ def _environment(device: torch.device) -> dict[str, Any]:
         triton_version: str | None = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton_version = None
-    try:
-        git = ["git", "rev-parse", "--short", "HEAD"]
-        sha = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "git_sha": sha or "unknown"}  # fmt: skip
+            "triton": triton_version, "git_sha": git_revision()}  # fmt: skip
+
+
+def git_revision() -> str:
+    """The short sha of the checkout this package runs from, with ``+dirty`` when tracked files differ from it (the
+    rows then describe uncommitted code); ``unknown`` outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha or "unknown"
 
 
 def build_model(model_shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
