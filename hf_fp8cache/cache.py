@@ -408,6 +408,20 @@ def model_layer_count(config, scales: KVScales | None) -> int:
     return text_config.num_hidden_layers
 
 
+def checkpoint_scales(
+    name_or_path, kv_cache_dtype: str | torch.dtype | FP8Format, **loader_options
+) -> tuple[FP8Format, KVScales]:
+    """The storage format and a checkpoint's KV scales for it (``from_pretrained`` of both caches).
+    ``loader_options`` go to ``checkpoint.load_kv_scales`` (``missing``, ``revision``, ``token``, ``cache_dir``,
+    ``local_files_only``). Checkpoint scales are calibrated for e4m3fn; stored as ROCm e4m3fnuz (max 240) they are
+    doubled, as vLLM does."""
+    from .checkpoint import load_kv_scales
+
+    fmt = resolve_format(kv_cache_dtype)
+    scales = load_kv_scales(name_or_path, **loader_options)
+    return fmt, scales.scaled(2.0) if fmt.name == "e4m3fnuz" else scales
+
+
 def layer_scales(scales: KVScales | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One layer's (key, value) scales from ``scales``, or None without scales."""
     if scales is None:
@@ -473,18 +487,10 @@ class QuantizedFP8Cache(Cache):
         local_files_only: bool = False,
         **kwargs,
     ) -> QuantizedFP8Cache:
-        """A cache with the KV scales of a checkpoint (local directory or Hub id; see ``checkpoint.load_kv_scales``).
-
-        Checkpoint scales are calibrated for e4m3fn; stored as ROCm e4m3fnuz (max 240) they are doubled, as vLLM
-        does. Other keyword arguments go to the constructor (``exact_prefill``,
-        ``residual_length``).
-        """
-        from .checkpoint import load_kv_scales
-
-        fmt = resolve_format(kv_cache_dtype)
-        scales = load_kv_scales(name_or_path, revision, token, cache_dir, local_files_only, missing)
-        if fmt.name == "e4m3fnuz":
-            scales = scales.scaled(2.0)
+        """A cache with the KV scales of a checkpoint (local directory or Hub id; see ``checkpoint_scales``). Other
+        keyword arguments go to the constructor (``exact_prefill``, ``residual_length``)."""
+        fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, missing=missing, revision=revision, token=token,
+                                        cache_dir=cache_dir, local_files_only=local_files_only)  # fmt: skip
         return cls(config=config, kv_cache_dtype=fmt, scales=scales, **kwargs)
 
     def _new_layer(self, layer_idx: int) -> FP8CacheLayer:

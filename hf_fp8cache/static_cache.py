@@ -33,7 +33,14 @@ import copy
 import torch
 from transformers.cache_utils import Cache
 
-from .cache import DequantWorkspace, FP8LayerBase, layer_scales, model_layer_count, resolve_cache_options
+from .cache import (
+    DequantWorkspace,
+    FP8LayerBase,
+    checkpoint_scales,
+    layer_scales,
+    model_layer_count,
+    resolve_cache_options,
+)
 from .formats import FP8Format
 from .kernels import ops
 from .scales import KVScales
@@ -271,6 +278,22 @@ class FP8StaticCache(Cache):
             for i in range(model_layer_count(config, scales))
         ]
         super().__init__(layers=layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path,
+        config,
+        max_cache_len: int,
+        kv_cache_dtype: str | torch.dtype = "fp8",
+        max_batch_size: int | None = None,
+        **loader_options,
+    ) -> FP8StaticCache:
+        """A static cache with the KV scales of a checkpoint (local directory or Hub id), as
+        ``QuantizedFP8Cache.from_pretrained``; ``loader_options`` go to ``checkpoint.load_kv_scales`` (``missing``,
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
+        fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, **loader_options)
+        return cls(config, max_cache_len, max_batch_size, kv_cache_dtype=fmt, scales=scales)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -52,6 +52,18 @@ def test_greedy_equals_dynamic_fp8_cache(model, attention, cache_kwargs):
         assert (ours - theirs).abs().max() <= tolerance
 
 
+def test_from_pretrained_reads_checkpoint_scales(model, tmp_path):
+    CHECKPOINT["scales"].save_pretrained(tmp_path)
+    cache = FP8StaticCache.from_pretrained(tmp_path, model.config, max_cache_len=24, max_batch_size=3)
+    assert cache.scales == CHECKPOINT["scales"] and cache.strategy == "attn_head" and cache.format.name == "e4m3fn"
+    assert all(layer.max_batch_size == 3 for layer in cache.layers)
+    dynamic = _generate(model, FP8Cache.from_pretrained(tmp_path, model.config))
+    assert torch.equal(_generate(model, cache).sequences, dynamic.sequences)
+    assert torch.equal(cache.layers[1].key_scale, CHECKPOINT["scales"].key[1].to(cache.layers[1].key_scale.device))
+    with pytest.raises(TypeError, match="revison"):  # a misspelt loader option is named, not dropped
+        FP8StaticCache.from_pretrained(tmp_path, model.config, max_cache_len=24, revison="main")
+
+
 def test_beam_search_equals_dynamic_fp8_cache(model, attention):
     beams = dict(num_beams=3, num_return_sequences=2)
     static = _generate(model, FP8StaticCache(model.config, max_cache_len=19, max_batch_size=9), **beams)
