@@ -55,7 +55,7 @@ def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: 
         kb, vb = (torch.randint(0, 120, (B, kv_heads, L, head_dim), dtype=torch.uint8, device="cuda") for _ in "kv")
         start, scale = torch.zeros(B, dtype=torch.int32, device="cuda"), torch.ones(1, device="cuda")
         results = []
-        for block_n, warps, stages, splits in itertools.product((64, 128), (4, 8), (2, 3, 4), (None, 64, 132, 264)):
+        for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 64, 132, 264)):
             fn = functools.partial(decode_attention_fp8, q, kb, vb, L, start, scale, scale, fmt, head_dim**-0.5,
                                    num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)  # fmt: skip
             try:
