@@ -15,18 +15,18 @@ launch overhead (which eager decode adds on top, for every variant).
 
 Bandwidth counts the K and V bytes each variant must read (FP8: 1 byte an element, bf16: 2), against the copy
 ceiling measured in the same run (a large device-to-device copy, bytes read + written). Also checks the FP8
-kernel against SDPA over the dequantized values (relative error). Writes ``attention_benchmark.json`` / ``.png``.
+kernel against SDPA over the dequantized values (relative error). Writes ``attention_benchmark.{json,csv,png}``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .benchmark import write_rows
 from .formats import resolve_format
 from .kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv
 
@@ -164,14 +164,8 @@ def _report(rows: list[dict[str, Any]], out_dir: Path) -> None:
         print(
             f"{case:>9} " + " ".join(f"{c:>24}" for c in cells) + f" {speedup:>16} {by['fp8']['fp8_rel_error']:12.2e}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention_benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = write_rows(rows, out_dir, "attention_benchmark")
+    if plt is None:
         return
     cases = list(dict.fromkeys(r["case"] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4))
