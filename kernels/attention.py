@@ -40,7 +40,12 @@ Design:
   the ring into the last partial slot: logit scale without k_scale, values divided by v_scale (which the end
   applies to everything). A separate specialization because a second loop in the same kernel slowed the fp8 loop
   by up to 50 % on the H200.
-- Splits: about 8 programs an SM (at most 32 splits, at most one per BLOCK_N block of keys; see split_plan). With one
+- Program shape (see program_shape): a tile of 16 query rows x 128 dims runs in one-warp programs over 32 keys a step
+  when there is work for at least 4 of them an SM (each program then reduces its softmax rows inside one warp, with
+  no shared-memory round trip per step); smaller workloads (one batch row) and bigger tiles run four (eight) warps
+  over 64 (32 for D > 128) keys a step.
+- Splits: as many as fit 8 programs an SM in one wave (at most 32 splits, at most one per BLOCK_N block of keys;
+  see split_plan). With one
   partial (one split, no window) the attention kernel normalizes and writes ``out`` itself; otherwise each split
   (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel`` merges them (one program per
   query row) and writes ``out``.
@@ -70,7 +75,13 @@ _MIN_DOT_SIZE = 16
 _MAX_BLOCK_M = 64
 # Keys per loop iteration, halved for D > 128 so a K or V tile stays at 8K elements.
 _BLOCK_N = 64
-# Target number of programs per SM when choosing the split count.
+# One-warp programs: for tiles of at most 16 query rows x 128 dims, over 32 keys a step, when there is work for at
+# least _NARROW_MIN_PROGRAMS_PER_SM of them an SM (8x32768 on the H200: 138.8 us against 159.5 us for four warps).
+_NARROW_TILE = 16 * 128
+_NARROW_BLOCK_N = 32
+_NARROW_MIN_PROGRAMS_PER_SM = 4
+# Programs an SM in the one wave the split count aims at: a one-warp program never needs more than 255 registers
+# a thread, 8 of them fit an SM's 64K registers, so 8 an SM is always one wave.
 _PROGRAMS_PER_SM = 8
 # At most this many splits per (batch row, KV head): more only adds combine work (1x32768 on the H200: 32 splits
 # 29.9 us, 128 splits 35.5 us).
@@ -112,18 +123,19 @@ def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DO
 
 @triton.jit
 def _attend_fp8_blocks(
-    q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, lo, hi, kv_first, kv_end, last_visible, qk_scale, m_i, l_i, acc,
-    D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FP8_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr, STAGES: tl.constexpr,
+    q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, last_visible, qk_scale, m_i, l_i, acc,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the fp8 key blocks at lo, lo + BLOCK_N, ... below hi of the (b, h) whose keys start at
-    block_base. Addressing: a 64-bit block pointer plus int32 offsets inside the block, and no head-dim mask when
-    BLOCK_D == D (8 % faster at 8x32768 on the H200 than int64 offsets per element). MASKED=False: the caller
+    block_base (contiguous rows of D bytes). Addressing: a 64-bit block pointer plus int32 offsets inside the block
+    (8 % faster at 8x32768 on the H200 than int64 offsets per element), the row stride a compile-time D (14 fewer
+    registers a thread than a stride argument), no head-dim mask when BLOCK_D == D. MASKED=False: the caller
     guarantees that every key in [lo, hi) is valid and visible to every row, and nothing is masked."""
-    k_block = k_cache_ptr + block_base + lo.to(tl.int64) * stride_cs
-    v_block = v_cache_ptr + block_base + lo.to(tl.int64) * stride_cs
-    tile = tl.arange(0, BLOCK_N)[:, None] * stride_cs + tl.arange(0, BLOCK_D)[None, :]
-    tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | EVEN_D
+    k_block = k_cache_ptr + block_base + lo.to(tl.int64) * D
+    v_block = v_cache_ptr + block_base + lo.to(tl.int64) * D
+    tile = tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
+    tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | (BLOCK_D == D)
     for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         n = start + tl.arange(0, BLOCK_N)
         n_valid = (n >= kv_first) & (n < kv_end)
@@ -134,8 +146,8 @@ def _attend_fp8_blocks(
         k = tl.load(k_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
         v = tl.load(v_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
         m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE, MASKED)
-        k_block += BLOCK_N * stride_cs
-        v_block += BLOCK_N * stride_cs
+        k_block += BLOCK_N * D
+        v_block += BLOCK_N * D
     return m_i, l_i, acc
 
 
@@ -146,13 +158,13 @@ def _decode_attention_fp8_kernel(
     recent_k_ptr, recent_v_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_cb, stride_ch, stride_cs,
+    stride_cb, stride_ch,
     stride_rb, stride_rh, stride_rs,
     scale_stride_h,
-    H, G, SQ, D, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start,
+    H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
-    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, EVEN_D: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
+    FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -209,15 +221,15 @@ def _decode_attention_fp8_kernel(
         inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
         block_base = b * stride_cb + h * stride_ch
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
-        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, lo, inner_lo, kv_first,
+        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
                                            recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
-                                           EVEN_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
-        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, inner_lo, inner_hi,
-                                           kv_first, recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N,
-                                           BLOCK_D, EVEN_D, FP8_DTYPE, DOT_DTYPE, False, None)  # fmt: skip
-        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, stride_cs, inner_hi, hi, kv_first,
+                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
+        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
                                            recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
-                                           EVEN_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
+                                           FP8_DTYPE, DOT_DTYPE, MASKED=False, STAGES=None)  # fmt: skip
+        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
+                                           recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
+                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
 
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
@@ -284,16 +296,28 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def program_shape(programs: int, block_m: int, block_d: int, sm_count: int) -> tuple[int, int]:
+    """(keys a step, warps) of a program over a ``block_m`` x ``block_d`` query tile, given the number of programs
+    without splitting (B * H * row tiles). One-warp programs keep the softmax row reductions inside a warp; they pay
+    off once the splits can give at least ``_NARROW_MIN_PROGRAMS_PER_SM`` of them to every SM. Measured on the H200
+    (one warp / four warps, us): 8x32768 138.8 / 159.5, 8x8192 42.0 / 49.1, 32x8192 144.4 / 171.6; with one batch
+    row (8 programs) four warps stay ahead: 1x4096 11.1 / 8.9."""
+    if block_m * block_d <= _NARROW_TILE and programs * _MAX_SPLITS >= _NARROW_MIN_PROGRAMS_PER_SM * sm_count:
+        return _NARROW_BLOCK_N, 1
+    return (_BLOCK_N if block_d <= 128 else _BLOCK_N // 2), (8 if block_m * block_d >= 64 * 256 else 4)
+
+
 def split_plan(programs: int, kv_length: int, block_n: int, sm_count: int) -> tuple[int, int]:
-    """(splits, blocks_per_split): about ``_PROGRAMS_PER_SM * sm_count`` programs, at most ``_MAX_SPLITS`` splits,
-    at least one key block each. Measured on the H200 (8 q / KV head groups, d=128) against 2 programs per SM:
-    8x32768 167.9 vs 187.8 us, 8x8192 50.4 vs 52.7 us; 32x8192 172.5 vs 186.0 us; B=1 unchanged (32 splits).
+    """(splits, blocks_per_split): the most splits that keep all programs in one wave of ``_PROGRAMS_PER_SM`` an
+    SM, at most ``_MAX_SPLITS`` splits, at least one key block each. A program more than a wave holds starts a second
+    wave that costs as much as the first: one-warp programs at 8x32768 on the H200 take 138.8 us with 16 splits
+    (1024 programs for 132 SMs) and 166.7 us with 17 (1088).
 
     ``programs`` is the number of programs without splitting (B * H * row tiles). The split count is then
     recomputed from the blocks per split, so that no split is empty.
     """
     blocks = triton.cdiv(kv_length, block_n)
-    splits = min(max(triton.cdiv(_PROGRAMS_PER_SM * sm_count, programs), 1), _MAX_SPLITS, blocks)
+    splits = min(max(_PROGRAMS_PER_SM * sm_count // programs, 1), _MAX_SPLITS, blocks)
     blocks_per_split = triton.cdiv(blocks, splits)
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split
 
@@ -335,8 +359,10 @@ def decode_attention_fp8(
     rows = G * Sq
     BLOCK_M = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
     BLOCK_D = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
-    BLOCK_N = block_n or (_BLOCK_N if BLOCK_D <= 128 else _BLOCK_N // 2)
     row_tiles = triton.cdiv(rows, BLOCK_M)
+    sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _DEFAULT_SM_COUNT
+    default_block_n, default_warps = program_shape(B * H * row_tiles, BLOCK_M, BLOCK_D, sm_count)
+    BLOCK_N = block_n or default_block_n
     length_tensor = kv_length if isinstance(kv_length, torch.Tensor) else None
     if length_tensor is not None:  # plan for the whole capacity; the kernel reads the filled length
         kv_length = key_cache.shape[2]
@@ -345,7 +371,6 @@ def decode_attention_fp8(
     if fp8_length == 0:
         splits, blocks_per_split = 0, 1
     elif num_splits is None:
-        sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _DEFAULT_SM_COUNT
         splits, blocks_per_split = split_plan(B * H * row_tiles, fp8_length, BLOCK_N, sm_count)
     else:
         blocks = triton.cdiv(fp8_length, BLOCK_N)
@@ -369,7 +394,7 @@ def decode_attention_fp8(
         recent.keys, recent.values,
         out, part_acc, part_m, part_l,
         *query.stride(),
-        *key_cache.stride()[:3],
+        *key_cache.stride()[:2],
         *recent.keys.stride()[:3],
         scale_stride_h,
         H, G, Sq, D, kv_length, slots,
@@ -378,9 +403,9 @@ def decode_attention_fp8(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
         DOT_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-        WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, EVEN_D=BLOCK_D == D,
+        WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
         LENGTH_IN_MEMORY=length_tensor is not None,
-        num_warps=num_warps or (8 if BLOCK_M * BLOCK_D >= 64 * 256 else 4),
+        num_warps=num_warps or default_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     window_args = (sm_scale * _LOG2E, recent.keys.shape[2], recent.start)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from hf_fp8cache.kernels import ops, reference
-from hf_fp8cache.kernels.attention import decode_attention_fp8, split_plan
+from hf_fp8cache.kernels.attention import decode_attention_fp8, program_shape, split_plan
 
 from hf_fp8cache import kernels
 from hf_fp8cache.formats import FORMATS
@@ -126,6 +126,21 @@ def test_lengths(L, Sq, dtype):
     else:
         B, H, D, kv_start = 3, 2, 64, [0, L // 2, L - 1]
     _check_kernel(_case(B, H, 4, Sq, D, L, kv_start, dtype=dtype, seed=L + Sq))
+
+
+# 3 batch rows x 6 KV heads = 18 programs before splitting: enough for one-warp programs over 32-key blocks on
+# 132 SMs (program_shape), with left padding, causal rows (Sq = 3) and an exact window or the device-held length.
+@pytest.mark.parametrize("Sq", [1, 3])
+@pytest.mark.parametrize("variant", ["int_length", "window", "device_length"])
+def test_one_warp_program_shape(Sq, variant):
+    assert program_shape(3 * 6, 16, 64, 132) == (32, 1)
+    args = _case(3, 6, 4, Sq, 64, 150, [0, 70, 149], seed=11 + Sq)
+    if variant == "window":
+        args = _with_window(args, 32, 20, seed=Sq)
+    expected = _oracle(*args)
+    if variant == "device_length":
+        args = (*args[:3], torch.tensor(150, device=DEVICE), *args[4:])
+    assert _relative_error(decode_attention_fp8(*args), expected) < TOLERANCE[args[0].dtype]
 
 
 def test_large_group_spans_several_row_tiles():
@@ -247,8 +262,22 @@ def test_split_plan_covers_every_block_without_empty_splits():
             assert 1 <= splits <= min(blocks, 32) and (splits - 1) * per_split < blocks <= splits * per_split
             if programs >= 8 * 132:  # already 8 programs an SM
                 assert splits == 1
+            if splits > 1:  # never beyond one wave of 8 programs an SM
+                assert programs * splits <= 8 * 132
     assert split_plan(8, 32768, 64, 132) == (32, 16)  # B * H = 8 at 32K tokens: capped at 32 splits of 16 blocks
-    assert split_plan(64, 32768, 64, 132) == (17, 31)  # 8 x 32768: about 8 programs an SM
+    assert split_plan(64, 32768, 32, 132) == (16, 64)  # 8 x 32768: 1024 programs, one wave of 8 an SM
+    assert split_plan(256, 8192, 32, 132) == (4, 64)  # 32 x 8192
+
+
+def test_program_shape_picks_one_warp_programs_only_with_enough_work():
+    assert program_shape(64, 16, 128, 132) == (32, 1)  # 8 x 8 KV heads, 4 query rows: 64 * 32 splits >= 4 / SM
+    assert program_shape(17, 16, 128, 132) == (32, 1)  # 17 * 32 = 544 >= 528
+    assert program_shape(16, 16, 128, 132) == (64, 4)  # 16 * 32 = 512 < 528: four warps
+    assert program_shape(8, 16, 128, 132) == (64, 4)  # one batch row of 8 KV heads
+    assert program_shape(64, 16, 64, 132) == (32, 1)  # D = 64 fits the one-warp tile too
+    assert program_shape(64, 32, 128, 132) == (64, 4)  # 32 query rows: beyond the one-warp tile
+    assert program_shape(64, 16, 256, 132) == (32, 4)  # D = 256: half the keys a step
+    assert program_shape(64, 64, 256, 132) == (32, 8)
 
 
 @pytest.mark.parametrize("name", ["e4m3fnuz", "e5m2fnuz"])
