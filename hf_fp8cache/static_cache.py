@@ -80,6 +80,11 @@ class FP8StaticLayer(FP8LayerBase):
         self.keys = self.values = None
         self.is_initialized = False
         self.cumulative_length = torch.zeros((), dtype=torch.int64)  # tokens written; on the device once initialized
+        # Every layer of a decode step sees the same padding mask: the cache's first layer writes the first attended
+        # position of each row into its ``kv_start`` buffer (int32 [B]) and the other layers read that buffer (the
+        # cache points every layer's ``first_layer`` at its layer 0).
+        self.first_layer = self
+        self.kv_start = None  # on the first layer only, once initialized
         self._first_prefill = True  # the next update is a prompt into an empty layer (a host flag: no sync)
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -113,6 +118,8 @@ class FP8StaticLayer(FP8LayerBase):
         self.key_scale, self.value_scale = key_scale.clone(), value_scale.clone()
         self.key_inv_scale, self.value_inv_scale = 1.0 / self.key_scale, 1.0 / self.value_scale
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.first_layer is self:
+            self.kv_start = torch.zeros(B, dtype=torch.int32, device=self.device)
         self._publish_buffers()
         self.is_initialized = True
 
@@ -120,8 +127,9 @@ class FP8StaticLayer(FP8LayerBase):
         """Make the fp8 views attention receives (tagged with this layer) and mark the fixed tensors static."""
         self.keys, self.values = self._key_bytes.view(self.fmt.dtype), self._value_bytes.view(self.fmt.dtype)
         self.keys.hf_fp8cache_layer = self.values.hf_fp8cache_layer = self
+        first_layer_only = [self.kv_start] if self.first_layer is self else []
         _mark_static(self._key_bytes, self._value_bytes, self.cumulative_length, self.key_scale, self.value_scale,
-                     self.key_inv_scale, self.value_inv_scale)  # fmt: skip
+                     self.key_inv_scale, self.value_inv_scale, *first_layer_only)  # fmt: skip
 
     def __deepcopy__(self, memo: dict) -> FP8StaticLayer:
         """An independent copy whose attention views alias its own buffers (a plain deepcopy would copy the views
@@ -277,6 +285,8 @@ class FP8StaticCache(Cache):
             )  # fmt: skip
             for i in range(model_layer_count(config, scales))
         ]
+        for layer in layers:
+            layer.first_layer = layers[0]
         super().__init__(layers=layers)
 
     @classmethod

@@ -52,6 +52,21 @@ def test_greedy_equals_dynamic_fp8_cache(model, attention, cache_kwargs):
         assert (ours - theirs).abs().max() <= tolerance
 
 
+def test_layers_read_the_padding_start_the_first_layer_computed(model):
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        cache = FP8StaticCache(model.config, max_cache_len=24)
+        _generate(model, cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+    pads = (left_padded_prompts()[1] == 0).sum(1).to(torch.int32)
+    assert pads.any() and torch.equal(cache.layers[0].kv_start, pads)  # written by the last decode step
+    assert all(layer.first_layer is cache.layers[0] for layer in cache.layers)
+    assert all(layer.kv_start is None for layer in cache.layers[1:])
+    twin = copy.deepcopy(cache)
+    assert all(layer.first_layer is twin.layers[0] for layer in twin.layers)
+
+
 def test_from_pretrained_reads_checkpoint_scales(model, tmp_path):
     CHECKPOINT["scales"].save_pretrained(tmp_path)
     cache = FP8StaticCache.from_pretrained(tmp_path, model.config, max_cache_len=24, max_batch_size=3)
