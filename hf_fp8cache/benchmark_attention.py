@@ -44,7 +44,8 @@ def _time(fn) -> float:
 
 
 def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> None:
-    """Time the FP8 decode kernel over a grid of block sizes, warps, pipeline stages and split counts."""
+    """Time the FP8 decode kernel over a grid of (keys a step, warps), pipeline stages and split counts; None is the
+    kernel's own choice (``program_shape``, ``split_plan``)."""
     import itertools
 
     from .kernels.attention import decode_attention_fp8
@@ -55,7 +56,8 @@ def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: 
         kb, vb = (torch.randint(0, 120, (B, kv_heads, L, head_dim), dtype=torch.uint8, device="cuda") for _ in "kv")
         start, scale = torch.zeros(B, dtype=torch.int32, device="cuda"), torch.ones(1, device="cuda")
         results = []
-        for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 64, 132, 264)):
+        shapes = ((None, None), (32, 1), (64, 1), (32, 2), (64, 2), (32, 4), (64, 4), (128, 8))
+        for (block_n, warps), stages, splits in itertools.product(shapes, (None, 2, 3, 4), (None, 8, 16, 32, 64)):
             fn = functools.partial(decode_attention_fp8, q, kb, vb, L, start, scale, scale, fmt, head_dim**-0.5,
                                    num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)  # fmt: skip
             try:
@@ -64,12 +66,12 @@ def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: 
                 print(f"{B}x{L} block_n={block_n} warps={warps} stages={stages} splits={splits}: {failure!s:.60}")
                 continue
             results.append((us, block_n, warps, stages, splits))
-        results.sort()
+        results.sort(key=lambda row: row[0])
         tb_s = 2 * B * kv_heads * L * head_dim / (results[0][0] * 1e-6) / 1e12
         print(f"{B}x{L}: best {results[0]} = {tb_s:.2f} TB/s; top 5 (us, block_n, warps, stages, splits):")
         for row in results[:5]:
             print("   ", row)
-        print("    default:", next(r for r in results if r[1:] == (64, 4, 3, None)) if results else "-")
+        print("    default:", next(r for r in results if r[1:] == (None, None, None, None)) if results else "-")
 
 
 def _copy_ceiling_tb_s() -> float:
