@@ -81,7 +81,8 @@ _NARROW_TILE = 16 * 128
 _NARROW_BLOCK_N = 32
 _NARROW_MIN_PROGRAMS_PER_SM = 4
 # Programs an SM in the one wave the split count aims at: a one-warp program never needs more than 255 registers
-# a thread, 8 of them fit an SM's 64K registers, so 8 an SM is always one wave.
+# a thread, so 8 of them always fit an SM's 64K registers together. For four-warp programs (few programs, or tiles
+# beyond 16 x 128) 8 an SM is more than a wave; with few programs the split count stops at _MAX_SPLITS first.
 _PROGRAMS_PER_SM = 8
 # At most this many splits per (batch row, KV head): more only adds combine work (1x32768 on the H200: 32 splits
 # 29.9 us, 128 splits 35.5 us).
