@@ -415,8 +415,10 @@ def decode_attention_fp8(
             *arguments, 0, blocks_per_split, *window_args, EXACT_WINDOW=False, **meta
         )
     if window:  # the last slot; its own specialization keeps the fp8 loop's code as fast as without a window
+        # one program per (b, h): at least four warps, one-warp fp8 programs or not
+        window_meta = dict(meta, num_warps=num_warps or max(default_warps, 4))
         _decode_attention_fp8_kernel[(B * H, 1, row_tiles)](
-            *arguments, splits, 1, *window_args, EXACT_WINDOW=True, **meta
+            *arguments, splits, 1, *window_args, EXACT_WINDOW=True, **window_meta
         )
     if slots > 1:
         _combine_splits_kernel[(B * H * rows,)](
