@@ -133,13 +133,15 @@ class FP8StaticLayer(FP8LayerBase):
 
     def __deepcopy__(self, memo: dict) -> FP8StaticLayer:
         """An independent copy whose attention views alias its own buffers (a plain deepcopy would copy the views
-        apart from the buffers); it follows the same model config."""
+        apart from the buffers); it follows the same model config, and its ``first_layer`` is the copy of this one's
+        when the whole cache is copied (layer 0 comes first), else the same layer (never a second copy of it)."""
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         for name, value in self.__dict__.items():
-            if name not in ("keys", "values", "_attention_config"):
+            if name not in ("keys", "values", "_attention_config", "first_layer"):
                 setattr(copied, name, copy.deepcopy(value, memo))
         copied._attention_config = self._attention_config
+        copied.first_layer = memo.get(id(self.first_layer), self.first_layer)
         if self.is_initialized:
             copied._publish_buffers()
         return copied

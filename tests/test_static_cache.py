@@ -65,6 +65,7 @@ def test_layers_read_the_padding_start_the_first_layer_computed(model):
     assert all(layer.kv_start is None for layer in cache.layers[1:])
     twin = copy.deepcopy(cache)
     assert all(layer.first_layer is twin.layers[0] for layer in twin.layers)
+    assert copy.deepcopy(cache.layers[1]).first_layer is cache.layers[0]  # one layer copied alone: no copy of layer 0
 
 
 def test_from_pretrained_reads_checkpoint_scales(model, tmp_path):
