@@ -15,121 +15,34 @@ First prefill: by default (``exact_prefill=True``) the first update of an empty 
 given, so the prompt attends over exact values (as transformers' own fp8 layer does); its FP8 copy is what later
 tokens read. ``exact_prefill=False`` makes the prompt attend over the quantized values too.
 
-This module and ``static_cache.py`` (its compileable twin) are the only ones coupled to transformers' Cache
-internals.
+On-the-fly scales (``calculate_kv_scales=True``) with our attention: the first prefill's FP8 write waits for the
+attention call, which brings the padding mask, so padded positions never enter the scales (``cache_base.py``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from .attention import ATTENTION_NAME
-from .calibration import ONTHEFLY_HEADROOM, onthefly_scale
-from .formats import FP8Format, resolve_format
+from .cache_base import (
+    DequantWorkspace,
+    FP8LayerBase,
+    RowStarts,
+    checkpoint_scales,
+    layer_scales,
+    model_layer_count,
+    resolve_cache_options,
+)
+from .contract import FP8AttentionInputs
+from .formats import FP8Format
 from .kernels import RecentWindow, dequantize_kv, quantize_append_kv
-from .kernels.reference import ring_read, ring_write
-from .scales import KVScales, check_strategy
+from .kernels.recent_window import ring_read, ring_write
+from .scales import KVScales
 
-__all__ = [
-    "QuantizedFP8Cache", "FP8Cache", "FP8CacheLayer", "check_full_attention", "resolve_cache_options",
-    "model_layer_count", "layer_scales", "DequantWorkspace", "FP8LayerBase",
-]  # fmt: skip
+__all__ = ["QuantizedFP8Cache", "FP8Cache"]
 
 _GROWTH_STEP = 256  # tokens; capacity is always a multiple of it
 _GROWTH_FRACTION = 16  # grow by at least capacity / 16: amortized O(1) copies per token, <= ~6 % spare bytes
-
-
-class DequantWorkspace:
-    """One reused K/V buffer per (device, dtype), shared by every layer of one cache. ``static=True`` marks each
-    buffer as a fixed address for torch.compile / CUDA graphs (the static cache asks one size, so it never grows)."""
-
-    def __init__(self, static: bool = False) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._static = static
-
-    def views(
-        self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = math.prod(shape)
-        buffer = self._buffers.get((device, dtype))
-        if buffer is None or buffer.numel() < 2 * n:
-            old = 0 if buffer is None else buffer.numel()
-            buffer = torch.empty(max(2 * n, old + old // 8), dtype=dtype, device=device)
-            self._buffers[(device, dtype)] = buffer
-            if self._static and not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(buffer)
-        return buffer[:n].view(shape), buffer[n : 2 * n].view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-    def __deepcopy__(self, memo: dict) -> DequantWorkspace:
-        return DequantWorkspace(self._static)  # a scratch area: a copy of the cache gets its own, empty
-
-
-class FP8LayerBase(CacheLayerMixin):
-    """What the dynamic and the static FP8 layer share: settings, first scales, the read path they serve."""
-
-    is_sliding = False
-    is_croppable = True
-
-    def __init__(
-        self,
-        fmt: FP8Format,
-        strategy: str,
-        scales: tuple[torch.Tensor, torch.Tensor] | None,
-        calculate_kv_scales: bool,
-        workspace: DequantWorkspace,
-        layer_idx: int,
-        attention_config=None,
-    ) -> None:  # CacheLayerMixin.__init__ is not called: it assigns ``keys``, a property of the dynamic layer
-        self.fmt = fmt
-        self._attention_config = attention_config  # the model config whose attention implementation we serve
-        self.strategy = strategy
-        self.calculate_kv_scales = calculate_kv_scales
-        self.layer_idx = layer_idx
-        self._given_scales = scales
-        self._workspace = workspace
-        self.dtype: torch.dtype | None = None
-        self.device: torch.device | None = None
-
-    def _first_scales(self, key_states: torch.Tensor, unit_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Take dtype and device from the first K; return the given scales there (checked against its heads), or
-        unit scales of ``unit_heads`` elements."""
-        if not key_states.is_floating_point() or key_states.element_size() == 1:
-            raise TypeError(f"layer {self.layer_idx}: key_states must be fp16/bf16/fp32, got {key_states.dtype}")
-        self.dtype, self.device = key_states.dtype, key_states.device
-        heads = key_states.shape[1]
-        if self._given_scales is None:
-            unit = torch.ones(unit_heads, dtype=torch.float32, device=self.device)
-            return unit, unit.clone()
-        key_scale, value_scale = (s.to(self.device, torch.float32).contiguous() for s in self._given_scales)
-        if key_scale.numel() not in (1, heads):
-            raise ValueError(
-                f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads "
-                f"but key_states has {heads}"
-            )
-        return key_scale, value_scale
-
-    def _onthefly_scales(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """vLLM's first-prefill rule (``calibration.onthefly_scale``) for K and V of this layer's strategy."""
-        return (
-            onthefly_scale(key_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["key"]),
-            onthefly_scale(value_states, self.fmt, self.strategy, ONTHEFLY_HEADROOM["value"]),
-        )
-
-    def _serves_fp8_attention(self) -> bool:
-        return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
-
-    def offload(self) -> None:
-        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
-
-    def prefetch(self) -> None:
-        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
 
 
 class FP8CacheLayer(FP8LayerBase):
@@ -148,6 +61,7 @@ class FP8CacheLayer(FP8LayerBase):
         layer_idx: int,
         attention_config=None,
         residual_length: int = 0,
+        row_starts: RowStarts | None = None,
     ) -> None:
         super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config)
         self.exact_prefill = exact_prefill
@@ -158,9 +72,9 @@ class FP8CacheLayer(FP8LayerBase):
         self._recent_values: torch.Tensor | None = None
         self.recent_start = 0  # positions [recent_start, length) are also held exactly in the ring
         self.key_scale = self.value_scale = self.key_inv_scale = self.value_inv_scale = None
-        self._scales_pending = False
         self.length = 0
         self.is_initialized = False
+        self._row_starts = row_starts if row_starts is not None else RowStarts()
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -274,35 +188,38 @@ class FP8CacheLayer(FP8LayerBase):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append K/V ``[B, H, S, D]`` as FP8 and return what attention reads (see the module docstring)."""
+        self._finish_pending_write(None)  # a prefill whose attention never came: write it over all positions
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_states(key_states, value_states)
-        new_tokens = key_states.shape[2]
-        if self._scales_pending and new_tokens > 0:
-            self._set_scales(*self._onthefly_scales(key_states, value_states))
-            self._scales_pending = False
         start = self.length
-        self._reserve(start + new_tokens, key_states)
-        quantize_append_kv(
-            key_states, value_states, self._key_bytes, self._value_bytes, start,
-            self.key_inv_scale, self.value_inv_scale, self.fmt,
-        )  # fmt: skip
-        self.length = start + new_tokens
+        self._reserve(start + key_states.shape[2], key_states)
+        waits = self._write_or_defer(key_states, value_states, start)
+        self.length = start + key_states.shape[2]
         if self._recent_keys is not None:
             ring_write(self._recent_keys, key_states, start)
             ring_write(self._recent_values, value_states, start)
         self.recent_start = max(self.recent_start, self.length - self.residual_length)
         if start == 0 and self.exact_prefill:
-            return key_states, value_states
+            return self._tagged(key_states, value_states) if waits else (key_states, value_states)
         if self._serves_fp8_attention():
-            return self._fp8_views()
+            return self._tagged(self.keys, self.values)
         return self.dequantized()
 
-    def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp8 ``[B, H, length, D]`` views of the buffers, tagged with this layer for the FP8 attention."""
-        keys, values = self.keys, self.values
-        keys.hf_fp8cache_layer = values.hf_fp8cache_layer = self
-        return keys, values
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, valid) -> None:
+        """Quantize K/V into the buffers at ``start`` (setting on-the-fly scales first, over ``valid`` positions)."""
+        self._set_onthefly_scales_from(key_states, value_states, valid)
+        quantize_append_kv(
+            key_states, value_states, self._key_bytes, self._value_bytes, start,
+            self.key_inv_scale, self.value_inv_scale, self.fmt,
+        )  # fmt: skip
+
+    def attention_inputs(self, attention_mask: torch.Tensor | None) -> FP8AttentionInputs:
+        """What the FP8 attention reads (``contract.py``); finishes a write that waited for the mask."""
+        self._finish_pending_write(attention_mask)
+        kv_start = self._row_starts(attention_mask, self._key_bytes.shape[0], self.device)
+        return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, self.key_scale,
+                                  self.value_scale, self.fmt, self.recent_window)  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next
@@ -330,6 +247,7 @@ class FP8CacheLayer(FP8LayerBase):
     def reset(self) -> None:
         """Forget the tokens (buffers are kept for reuse); on-the-fly scales are recomputed at the next prefill."""
         self.length = 0
+        self._pending_write = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -342,6 +260,7 @@ class FP8CacheLayer(FP8LayerBase):
 
     def _map_batch(self, select) -> None:
         """Apply a batch-dim selection to the filled part of both buffers (capacity is kept) and to the ring."""
+        self._finish_pending_write(None)
         if self._key_bytes is None or self.length == 0:
             return
         if self._recent_keys is not None:
@@ -360,75 +279,11 @@ class FP8CacheLayer(FP8LayerBase):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
-
-
-def check_full_attention(config) -> None:
-    """Raise for models with sliding-window, chunked or other non-full attention layers (not supported yet)."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-            layer_types = ["sliding_attention"]
-        elif getattr(config, "attention_chunk_size", None) is not None:
-            layer_types = ["chunked_attention"]
-        else:
-            layer_types = ["full_attention"]
-    unsupported = sorted(set(layer_types) - {"full_attention"})
-    if unsupported:
-        raise NotImplementedError(
-            f"{type(config).__name__} has {unsupported} layers; the FP8 caches support only full-attention "
-            "layers for now"
-        )
-
-
-def resolve_cache_options(
-    kv_cache_dtype: str | torch.dtype | FP8Format,
-    calculate_kv_scales: bool,
-    strategy: str | None,
-    scales: KVScales | None,
-) -> tuple[FP8Format, str]:
-    """The format and strategy of a cache from its constructor arguments, refusing conflicting ones."""
-    fmt = resolve_format(kv_cache_dtype)
-    if scales is not None and not isinstance(scales, KVScales):
-        raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
-    if scales is not None and calculate_kv_scales:
-        raise ValueError("give either scales or calculate_kv_scales=True, not both")
-    if scales is not None and strategy is not None and strategy != scales.strategy:
-        raise ValueError(f"strategy={strategy!r} conflicts with the scales' strategy {scales.strategy!r}")
-    return fmt, check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
-
-
-def model_layer_count(config, scales: KVScales | None) -> int:
-    """The decoder's number of layers, after refusing layer types we do not support and scales that do not fit."""
-    text_config = config.get_text_config(decoder=True)
-    check_full_attention(text_config)
-    if scales is not None:
-        scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)
-    return text_config.num_hidden_layers
-
-
-def checkpoint_scales(
-    name_or_path, kv_cache_dtype: str | torch.dtype | FP8Format, **loader_options
-) -> tuple[FP8Format, KVScales]:
-    """The storage format and a checkpoint's KV scales for it (``from_pretrained`` of both caches).
-    ``loader_options`` go to ``checkpoint.load_kv_scales`` (``missing``, ``revision``, ``token``, ``cache_dir``,
-    ``local_files_only``). Checkpoint scales are calibrated for e4m3fn; stored as ROCm e4m3fnuz (max 240) they are
-    doubled, as vLLM does."""
-    from .checkpoint import load_kv_scales
-
-    fmt = resolve_format(kv_cache_dtype)
-    scales = load_kv_scales(name_or_path, **loader_options)
-    return fmt, scales.scaled(2.0) if fmt.name == "e4m3fnuz" else scales
-
-
-def layer_scales(scales: KVScales | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One layer's (key, value) scales from ``scales``, or None without scales."""
-    if scales is None:
-        return None
-    if layer_idx >= scales.num_layers:
-        raise ValueError(f"scales cover {scales.num_layers} layers but the model updates layer {layer_idx}")
-    return scales.key[layer_idx], scales.value[layer_idx]
+    def batch_select_indices(self, indices) -> None:
+        """Keep the batch rows ``indices`` names: any index form ``DynamicCache`` takes (a list or tuple of rows, an
+        integer tensor, a bool mask), always along the batch dim."""
+        index = torch.as_tensor(indices)
+        self._map_batch(lambda t: t[index.to(t.device)])
 
 
 class QuantizedFP8Cache(Cache):
@@ -468,6 +323,7 @@ class QuantizedFP8Cache(Cache):
         self.calculate_kv_scales = calculate_kv_scales
         self.exact_prefill = exact_prefill
         self._workspace = DequantWorkspace()
+        self._row_starts = RowStarts()
         self._attention_config = config
         layers = []
         if config is not None:
@@ -496,7 +352,7 @@ class QuantizedFP8Cache(Cache):
     def _new_layer(self, layer_idx: int) -> FP8CacheLayer:
         return FP8CacheLayer(self.format, self.strategy, layer_scales(self.scales, layer_idx), self.calculate_kv_scales,
                              self.exact_prefill, self._workspace, layer_idx, self._attention_config,
-                             self.residual_length)  # fmt: skip
+                             self.residual_length, self._row_starts)  # fmt: skip
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -12,6 +12,7 @@ import functools
 import inspect
 
 from .cache import QuantizedFP8Cache
+from .contract import ATTENTION_NAME
 
 __all__ = ["attach", "detach", "cache_keyword"]
 
@@ -32,8 +33,6 @@ def attach(model, attention: bool = False, **cache_kwargs):
     """
     QuantizedFP8Cache(config=model.config, **cache_kwargs)  # validate the arguments now, not at the first generate
     if attention:
-        from .attention import ATTENTION_NAME
-
         model.set_attn_implementation(ATTENTION_NAME)
     detach(model)
     original = model.generate

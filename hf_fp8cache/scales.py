@@ -1,20 +1,51 @@
-"""KVScales: per-layer K and V (and optional Q) dequantization scales, validated once.
+"""KV scales: the ``KVScales`` a checkpoint or calibration gives, their bounds, and the on-the-fly rule.
 
 Convention (vLLM, compressed-tensors, ModelOpt): ``x_fp8 = saturate(x / scale)`` and ``x ~= x_fp8 * scale``.
 ``strategy`` uses llm-compressor's words: ``"tensor"`` (one scale per layer, stored as shape ``[1]``) or
 ``"attn_head"`` (one per KV head, stored as shape ``[H_kv]``; checkpoints write ``[H_kv, 1, 1]``, also accepted).
+
+Bounds. A scale is refused unless ``SMALLEST_SCALE <= scale <= LARGEST_SCALE``: below, its float32 reciprocal
+(what the write multiplies by) overflows and exact zeros become NaN; above, ``code * scale`` overflows float32 in
+the widest format (e5m2). A cache warns (``check_scale_range``) when a scale's whole storable range misses
+``PLAUSIBLE_KV_RANGE``, the magnitudes K/V entries of real models take: then every entry saturates or rounds to 0.
+
+On-the-fly (``calculate_kv_scales=True``), per layer, once, from the first prefill after construction or
+``reset()``::
+
+    scale = amax(|x|) * headroom / fmax        headroom = 448 / 200 for K, 448 / 100 for V
+
+i.e. exactly vLLM's ``amax / 200`` (K) and ``amax / 100`` (V) for e4m3, carried over to other formats by the
+same fraction of their range: later tokens may be 2.24x (K) / 4.48x (V) larger than anything in the prefill
+before they saturate. ``amax`` is taken over the whole tensor (strategy ``"tensor"``) or per KV head over
+batch, tokens and head dim (``"attn_head"``), over the unpadded positions only when the padding is known. An
+all-zero (or non-finite) amax gives scale 1.0. One outlier decides the whole tensor's scale (vLLM's rule):
+``outlier_warning`` says so when most values of the prefill then fall below the format's smallest normal
+number; ``"attn_head"`` confines an outlier to its head.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVScales", "STRATEGIES", "check_strategy"]
+from .formats import FP8Format
+
+__all__ = ["KVScales", "STRATEGIES", "check_strategy", "onthefly_scale"]
 
 STRATEGIES = ("tensor", "attn_head")
+
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny  # 2**-126 ~ 1.2e-38: 1 / scale is still finite
+LARGEST_SCALE = torch.finfo(torch.float32).max / torch.finfo(torch.float8_e5m2).max  # ~5.9e33: e5m2 max * scale finite
+# Magnitudes of K/V entries in real models: SmolLM2-135M keys reach ~20, values ~3 (amax over 16 x 512 tokens of
+# English); Llama-class 8B keys reach tens. A scale whose format stores nothing in this band is surely a mistake.
+PLAUSIBLE_KV_RANGE = (1e-3, 1e3)
+MOSTLY_SUBNORMAL = 0.5  # warn when more than this fraction of a prefill's values fall below the smallest normal
+
+# vLLM's K_SCALE_CONSTANT = 200 and V_SCALE_CONSTANT = 100, expressed as headroom over e4m3fn's max (448).
+ONTHEFLY_HEADROOM = {"key": 448.0 / 200.0, "value": 448.0 / 100.0}
 
 ScaleLike = float | int | torch.Tensor
 
@@ -34,7 +65,72 @@ def _as_scale(value: ScaleLike, name: str, strategy: str) -> torch.Tensor:
     bad = ~torch.isfinite(tensor) | (tensor <= 0)
     if bad.any():
         raise ValueError(f"{name} must be finite and positive, got {tensor[bad][0].item()!r}")
+    bad = (tensor < SMALLEST_SCALE) | (tensor > LARGEST_SCALE)
+    if bad.any():
+        raise ValueError(
+            f"{name} = {tensor[bad][0].item()!r} is outside [{SMALLEST_SCALE:.3g}, {LARGEST_SCALE:.3g}]: its "
+            "reciprocal or the dequantized values would overflow float32"
+        )
     return tensor.contiguous()
+
+
+def check_scale_range(scales: KVScales, fmt: FP8Format) -> None:
+    """Warn when a scale leaves ``fmt`` nothing to store in ``PLAUSIBLE_KV_RANGE``: every K/V entry of a real model
+    would saturate (largest storable value below the band) or round to zero (smallest step above it)."""
+    low, high = PLAUSIBLE_KV_RANGE
+    finfo = torch.finfo(fmt.dtype)
+    smallest_step = finfo.tiny * finfo.eps  # the smallest subnormal: 2**-9 for e4m3fn
+    for kind, per_layer in (("k_scale", scales.key), ("v_scale", scales.value)):
+        for i, scale in enumerate(per_layer):
+            largest, step = scale.max().item() * fmt.max, scale.min().item() * smallest_step
+            if largest < low or step > high:
+                warnings.warn(
+                    f"{kind} of layer {i} ({scale.min().item():.3g}..{scale.max().item():.3g}) stores {fmt.name} "
+                    f"values from {step:.3g} to {largest:.3g}, outside the magnitudes of real K/V ({low:g} to "
+                    f"{high:g}): every entry will saturate or round to zero. Check the checkpoint's scale "
+                    "convention (scale = amax / fmax, the dequantization multiplier)",
+                    stacklevel=3,
+                )
+                return
+
+
+def onthefly_scale(
+    x: torch.Tensor, fmt: FP8Format, strategy: str, headroom: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scale for ``x`` ``[B, H, S, D]``: float32 ``[1]`` (tensor) or ``[H]`` (attn_head), on x's device. ``valid``
+    (bool ``[B, S]``) leaves padded positions out of the amax."""
+    magnitude = x.detach().abs()
+    if valid is not None:
+        magnitude = magnitude.masked_fill(~valid[:, None, :, None], 0)
+    amax = magnitude.amax(dim=(0, 2, 3)) if strategy == "attn_head" else magnitude.amax().reshape(1)
+    scale = amax.float() * (headroom / fmt.max)
+    usable = torch.isfinite(scale) & (scale > 0)
+    return torch.where(usable, scale, torch.ones_like(scale)).contiguous()
+
+
+def outlier_warning(
+    x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, valid: torch.Tensor | None, what: str
+) -> str | None:
+    """A message when most valid nonzero values of ``x`` ``[B, H, S, D]`` that share a scale (the whole tensor, or
+    one head) fall below the format's smallest normal number under it -- one huge value set the scale -- else None.
+    Reads two numbers back from the device."""
+    scaled = x.detach().abs().float() / scale.reshape(1, -1, 1, 1)
+    tiny = (scaled < torch.finfo(fmt.dtype).tiny).to(torch.float32)
+    weight = (scaled > 0).to(torch.float32)  # exact zeros are stored exactly
+    if valid is not None:
+        weight = weight * valid[:, None, :, None]
+    dims = (0, 2, 3) if scale.numel() > 1 else (0, 1, 2, 3)
+    fraction = (tiny * weight).sum(dims).reshape(-1) / weight.sum(dims).reshape(-1).clamp(min=1)
+    worst, group = (v.item() for v in fraction.max(0))
+    if worst <= MOSTLY_SUBNORMAL:
+        return None
+    where = f"head {group} of " if scale.numel() > 1 else ""
+    return (
+        f"{what}: {worst:.0%} of {where}the first prefill's values fall below {fmt.name}'s smallest normal number "
+        f"under its on-the-fly scale ({scale.reshape(-1)[group].item():.3g}): a few outliers set the scale and the "
+        "rest lose their precision or become zero. strategy='attn_head' confines an outlier to its head; "
+        "calibrated or checkpoint scales avoid the first-prefill guess"
+    )
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,11 @@ Design:
   no shared-memory round trip per step); smaller workloads (one batch row) and bigger tiles run four (eight) warps
   over 64 (32 for D > 128) keys a step.
 - Splits: as many as fit 8 programs an SM in one wave (at most 32 splits, at most one per BLOCK_N block of keys;
-  see split_plan). With one
-  partial (one split, no window) the attention kernel normalizes and writes ``out`` itself; otherwise each split
-  (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel`` merges them (one program per
-  query row) and writes ``out``.
+  see split_plan). With one partial (one split, no window) the attention kernel normalizes and writes ``out``
+  itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel``
+  merges them (one program per query row) and writes ``out``.
+- The launcher ``decode_attention`` validates, plans (``plan_decode_attention``: block sizes, program shape and
+  splits as a ``DecodePlan``, host integers only), allocates the partials and launches.
 - Offsets into the caches: a 64-bit block pointer plus int32 offsets inside the block; other offsets are int64.
   The output goes through ``fp8_codec.round_to_output`` (round-to-nearest-even, also for bf16
   under the interpreter).
@@ -57,15 +58,16 @@ Design:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from hf_fp8cache.formats import FP8Format
-
-from . import RecentWindow, _check_decode_attention
+from .checks import check_decode_attention
+from .formats import FP8Format
 from .fp8_codec import round_to_output
+from .recent_window import RecentWindow
 
 # exp(x) == exp2(x * log2(e)); the factor is folded into the logit scale.
 _LOG2E = 1.4426950408889634
@@ -154,7 +156,7 @@ def _attend_fp8_blocks(
 
 # The length and split sizes change every decode step: no value specialization (would compile extra variants).
 @triton.jit(do_not_specialize=["L", "num_slots", "first_slot", "blocks_per_split", "recent_start"])
-def _decode_attention_fp8_kernel(
+def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr, length_ptr,
     recent_k_ptr, recent_v_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -323,7 +325,58 @@ def split_plan(programs: int, kv_length: int, block_n: int, sm_count: int) -> tu
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split
 
 
-def decode_attention_fp8(
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one ``decode_attention`` call is launched, planned on the host from shapes alone (see
+    ``plan_decode_attention``)."""
+
+    block_m: int  # query rows of a program: G * Sq, padded to the smallest tl.dot size, at most _MAX_BLOCK_M
+    block_n: int  # keys a loop step
+    block_d: int  # head dims of a program: D padded to a power of two
+    row_tiles: int  # programs along grid axis 2 (tiles of block_m query rows)
+    splits: int  # fp8 programs per (b, h) and row tile; 0 when the exact window holds every position
+    blocks_per_split: int  # key blocks of a split (the kernel shares them out itself when it reads the length)
+    window: bool  # one more launch over the exact window, into the last slot
+    num_warps: int  # of the fp8 launch
+    window_warps: int  # of the window launch
+
+    @property
+    def slots(self) -> int:
+        """Partial results per query row (one per fp8 split, one for the window); with one, no combine step."""
+        return self.splits + self.window
+
+
+def plan_decode_attention(
+    B: int, H: int, G: int, Sq: int, D: int, kv_length: int, window_start: int | None, sm_count: int, *,
+    num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+) -> DecodePlan:  # fmt: skip
+    """Block sizes, splits and warps of ``decode_attention`` over ``kv_length`` keys (the cache capacity when the
+    kernel reads the filled length on the device), of which those from ``window_start`` on (None: no window) come from
+    the exact window, on ``sm_count`` SMs: integer arithmetic only. The keyword overrides are the launcher's."""
+    rows = G * Sq
+    block_m = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
+    block_d = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
+    row_tiles = triton.cdiv(rows, block_m)
+    default_block_n, default_warps = program_shape(B * H * row_tiles, block_m, block_d, sm_count)
+    block_n = block_n or default_block_n
+    window = window_start is not None and window_start < kv_length
+    fp8_length = window_start if window else kv_length  # fp8 positions [0, fp8_length) are split
+    if fp8_length == 0:
+        splits, blocks_per_split = 0, 1
+    elif num_splits is None:
+        splits, blocks_per_split = split_plan(B * H * row_tiles, fp8_length, block_n, sm_count)
+    else:
+        blocks = triton.cdiv(fp8_length, block_n)
+        blocks_per_split = triton.cdiv(blocks, min(max(num_splits, 1), blocks))
+        splits = triton.cdiv(blocks, blocks_per_split)
+    # the window runs one program per (b, h): at least four warps, one-warp fp8 programs or not
+    window_warps = num_warps or max(default_warps, 4)
+    return DecodePlan(
+        block_m, block_n, block_d, row_tiles, splits, blocks_per_split, window, num_warps or default_warps, window_warps
+    )
+
+
+def decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -347,8 +400,8 @@ def decode_attention_fp8(
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``.
     """
-    _check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
-                            recent)  # fmt: skip
+    check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
+                           recent)  # fmt: skip
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H
@@ -357,36 +410,21 @@ def decode_attention_fp8(
     if out.numel() == 0:
         return out
 
-    rows = G * Sq
-    BLOCK_M = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
-    BLOCK_D = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
-    row_tiles = triton.cdiv(rows, BLOCK_M)
     sm_count = _sm_count(query.device.index or 0) if query.is_cuda else _DEFAULT_SM_COUNT
-    default_block_n, default_warps = program_shape(B * H * row_tiles, BLOCK_M, BLOCK_D, sm_count)
-    BLOCK_N = block_n or default_block_n
     length_tensor = kv_length if isinstance(kv_length, torch.Tensor) else None
     if length_tensor is not None:  # plan for the whole capacity; the kernel reads the filled length
         kv_length = key_cache.shape[2]
-    window = recent is not None and recent.start < kv_length
-    fp8_length = recent.start if window else kv_length  # fp8 positions [0, fp8_length) are split
-    if fp8_length == 0:
-        splits, blocks_per_split = 0, 1
-    elif num_splits is None:
-        splits, blocks_per_split = split_plan(B * H * row_tiles, fp8_length, BLOCK_N, sm_count)
-    else:
-        blocks = triton.cdiv(fp8_length, BLOCK_N)
-        blocks_per_split = triton.cdiv(blocks, min(max(num_splits, 1), blocks))
-        splits = triton.cdiv(blocks, blocks_per_split)
-    slots = splits + window  # partial results per query row: one per fp8 split, one for the window
-
-    if slots > 1:
-        part_m = torch.empty(B * H * rows, slots, dtype=torch.float32, device=query.device)
+    plan = plan_decode_attention(B, H, G, Sq, D, kv_length, None if recent is None else recent.start, sm_count,
+                                 num_splits=num_splits, block_n=block_n, num_warps=num_warps)  # fmt: skip
+    rows = G * Sq
+    if plan.slots > 1:
+        part_m = torch.empty(B * H * rows, plan.slots, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B * H * rows, slots, D, dtype=torch.float32, device=query.device)
+        part_acc = torch.empty(B * H * rows, plan.slots, D, dtype=torch.float32, device=query.device)
     else:
         part_m = part_l = part_acc = out  # unused: the attention kernel writes out directly
 
-    if not window:  # the ring pointers are never read
+    if not plan.window:  # the ring pointers are never read
         recent = RecentWindow(key_cache, value_cache, kv_length)
     scale_stride_h = 0 if key_scale.numel() == 1 else 1
     arguments = (
@@ -398,33 +436,31 @@ def decode_attention_fp8(
         *key_cache.stride()[:2],
         *recent.keys.stride()[:3],
         scale_stride_h,
-        H, G, Sq, D, kv_length, slots,
+        H, G, Sq, D, kv_length, plan.slots,
     )  # fmt: skip
     meta = dict(
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
         DOT_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-        WRITE_PARTIAL=slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
         LENGTH_IN_MEMORY=length_tensor is not None,
-        num_warps=num_warps or default_warps,
+        num_warps=plan.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     window_args = (sm_scale * _LOG2E, recent.keys.shape[2], recent.start)
-    if splits:  # slots 0 .. splits - 1
-        _decode_attention_fp8_kernel[(B * H, splits, row_tiles)](
-            *arguments, 0, blocks_per_split, *window_args, EXACT_WINDOW=False, **meta
+    if plan.splits:  # slots 0 .. splits - 1
+        _decode_attention_kernel[(B * H, plan.splits, plan.row_tiles)](
+            *arguments, 0, plan.blocks_per_split, *window_args, EXACT_WINDOW=False, **meta
         )
-    if window:  # the last slot; its own specialization keeps the fp8 loop's code as fast as without a window
-        # one program per (b, h): at least four warps, one-warp fp8 programs or not
-        window_meta = dict(meta, num_warps=num_warps or max(default_warps, 4))
-        _decode_attention_fp8_kernel[(B * H, 1, row_tiles)](
-            *arguments, splits, 1, *window_args, EXACT_WINDOW=True, **window_meta
+    if plan.window:  # the last slot; its own specialization keeps the fp8 loop's code as fast as without a window
+        _decode_attention_kernel[(B * H, 1, plan.row_tiles)](
+            *arguments, plan.splits, 1, *window_args, EXACT_WINDOW=True, **dict(meta, num_warps=plan.window_warps)
         )
-    if slots > 1:
+    if plan.slots > 1:
         _combine_splits_kernel[(B * H * rows,)](
             part_acc, part_m, part_l, value_scale, out,
             scale_stride_h,
-            H, G, Sq, D, slots,
-            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=BLOCK_D, M_INIT=_M_INIT,
+            H, G, Sq, D, plan.slots,
+            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=plan.block_d, M_INIT=_M_INIT,
         )  # fmt: skip
     return out

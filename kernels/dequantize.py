@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fp8cache.formats import FP8Format
-
+from .formats import FP8Format
 from .fp8_codec import decode_fp8, round_to_output, token_tiles
 
 

@@ -4,7 +4,8 @@ dynamo cannot trace the Python launchers (argument checks, launch planning, the 
 kernel is wrapped as a custom operator: dynamo records one opaque node, Inductor calls it, and a CUDA graph
 captures its launches. Positions and lengths are one-element device tensors, so nothing on the host changes from
 one decode step to the next and a graph replays as recorded. Each operator calls the dispatching function of
-``kernels`` (Triton, or the torch reference), with the same checks as an eager call.
+``kernels`` (Triton, or the torch reference), with the same checks as an eager call. The operator
+``hf_fp8cache::x`` is ``ops.x`` here (and ``torch.ops.hf_fp8cache.x``).
 
 Formats travel by name (``FP8Format.name``), since operators take only tensors and plain values.
 """
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from hf_fp8cache.formats import resolve_format
+from . import dispatch
+from .formats import format_named
 
-from . import decode_attention, dequantize_kv, quantize_append_kv
-
-__all__ = ["quantize_append_kv_at", "dequantize_kv_into", "decode_attention_at"]
+__all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention"]
 
 
 @torch.library.custom_op("hf_fp8cache::quantize_append_kv", mutates_args=("key_cache", "value_cache"))
-def quantize_append_kv_at(
+def quantize_append_kv(
     key: torch.Tensor,
     value: torch.Tensor,
     key_cache: torch.Tensor,
@@ -32,16 +32,18 @@ def quantize_append_kv_at(
     fmt: str,
 ) -> None:
     """``kernels.quantize_append_kv`` at the position held by the one-element tensor ``start``."""
-    quantize_append_kv(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, resolve_format(fmt))
+    dispatch.quantize_append_kv(
+        key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, format_named(fmt)
+    )
 
 
-@quantize_append_kv_at.register_fake
+@quantize_append_kv.register_fake
 def _(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt) -> None:
     return None
 
 
 @torch.library.custom_op("hf_fp8cache::dequantize_kv", mutates_args=("key_out", "value_out"))
-def dequantize_kv_into(
+def dequantize_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     length: int,
@@ -52,16 +54,18 @@ def dequantize_kv_into(
     value_out: torch.Tensor,
 ) -> None:
     """``kernels.dequantize_kv``."""
-    dequantize_kv(key_cache, value_cache, length, key_scale, value_scale, resolve_format(fmt), key_out, value_out)
+    dispatch.dequantize_kv(
+        key_cache, value_cache, length, key_scale, value_scale, format_named(fmt), key_out, value_out
+    )
 
 
-@dequantize_kv_into.register_fake
+@dequantize_kv.register_fake
 def _(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out) -> None:
     return None
 
 
 @torch.library.custom_op("hf_fp8cache::decode_attention", mutates_args=())
-def decode_attention_at(
+def decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -73,12 +77,12 @@ def decode_attention_at(
     sm_scale: float,
 ) -> torch.Tensor:
     """``kernels.decode_attention`` over the first ``kv_length`` (a one-element device tensor) tokens."""
-    return decode_attention(
-        query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, resolve_format(fmt), sm_scale
+    return dispatch.decode_attention(
+        query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, format_named(fmt), sm_scale
     )
 
 
-@decode_attention_at.register_fake
+@decode_attention.register_fake
 def _(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale) -> torch.Tensor:
     B, Hq, Sq, D = query.shape
     return query.new_empty(B, Sq, Hq, D)

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_fp8cache.formats import FP8Format
-
+from .formats import FP8Format
 from .fp8_codec import encode_fp8, token_tiles
 
 

@@ -10,41 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from hf_fp8cache.formats import FP8Format
+from .formats import FP8Format
+from .recent_window import RecentWindow, ring_read
 
 
 def _per_head(scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1, -1, 1, 1)
-
-
-def _ring_spans(first: int, end: int, R: int):
-    """Positions ``[first, end)`` (at most R of them) as contiguous ring slices: ``(slot, offset from first, n)``.
-    The span wraps the ring at most once, so there are at most two."""
-    position = first
-    while position < end:
-        slot = position % R
-        n = min(end - position, R - slot)
-        yield slot, position - first, n
-        position += n
-
-
-def ring_read(ring: torch.Tensor, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions ``[start, end)`` of a ring buffer ``[B, H, R, D]`` (position p at slot ``p % R``), in order,
-    copied into ``out`` ``[B, H, end - start, D]`` (any dtype; a new tensor when not given)."""
-    if out is None:
-        out = ring.new_empty(ring.shape[0], ring.shape[1], end - start, ring.shape[3])
-    for slot, offset, n in _ring_spans(start, end, ring.shape[2]):
-        out[:, :, offset : offset + n] = ring[:, :, slot : slot + n]
-    return out
-
-
-def ring_write(ring: torch.Tensor, states: torch.Tensor, start: int) -> None:
-    """Store ``states`` ``[B, H, S, D]`` (positions ``start ..``) in the ring; only the last R positions stay."""
-    R, S = ring.shape[2], states.shape[2]
-    first = max(start, start + S - R)
-    skipped = first - start
-    for slot, offset, n in _ring_spans(first, start + S, R):
-        ring[:, :, slot : slot + n] = states[:, :, skipped + offset : skipped + offset + n]
 
 
 def encode_fp8_ref(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
@@ -92,7 +63,7 @@ def dequantize_kv_ref(
     value_out.copy_(decode_fp8_ref(value_cache[:, :, :length], fmt) * _per_head(value_scale))
 
 
-def decode_attention_fp8_ref(
+def decode_attention_ref(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -103,7 +74,7 @@ def decode_attention_fp8_ref(
     fmt: FP8Format,
     sm_scale: float,
     out: torch.Tensor | None = None,
-    recent=None,
+    recent: RecentWindow | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
 

@@ -1,6 +1,7 @@
 """Test set-up: the Triton interpreter for CPU kernels, shared models, and the GPU marker.
 
-TRITON_INTERPRET=1 must be set before triton is imported, so it is set here, at collection time. On the GPU
+TRITON_INTERPRET=1 must be set before triton and hf_fp8cache.kernels (which reads it once) are imported, so it is set
+here, at collection time; the ``torch_path`` fixture switches to the torch reference with ``cpu_backend``. On the GPU
 machine (``pytest -m gpu``) set ``HF_FP8CACHE_NO_INTERPRET=1`` to run the compiled kernels instead.
 """
 
@@ -23,9 +24,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def torch_path(monkeypatch):
+def torch_path():
     """Run CPU tensors through the torch reference instead of the (slow) interpreter; both write the same bytes."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from hf_fp8cache.kernels import cpu_backend
+
+    with cpu_backend("torch"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -327,3 +327,93 @@ def test_sliding_window_models_are_refused():
     config.layer_types = ["full_attention", "sliding_attention"]
     with pytest.raises(NotImplementedError, match="sliding_attention"):
         FP8Cache(config)
+
+
+def _roundtrip(x):
+    """What a fresh FP8 cache hands back for x (unit scales)."""
+    cache = FP8Cache()
+    cache.update(x, x, 0)
+    return cache.layers[0].dequantized()[0].clone()
+
+
+@pytest.mark.parametrize(
+    "indices", [(0, 2), [0, 2], torch.tensor([0, 2]), torch.tensor([True, False, True, False])],
+    ids=["tuple", "list", "tensor", "bool-mask"],
+)  # fmt: skip
+def test_batch_select_indices_takes_every_index_form_of_dynamic_cache(indices, torch_path):
+    """A tuple used to index (batch 0, head 2): with 4 KV heads a silently garbled cache of 4 rows."""
+    x = torch.randn(4, 4, 5, 16)
+    ours, dynamic = FP8Cache(), DynamicCache()
+    for cache in (ours, dynamic):
+        cache.update(x, x, 0)
+        cache.batch_select_indices(indices)
+    assert ours.layers[0].keys.shape == dynamic.layers[0].keys.shape == (2, 4, 5, 16)
+    assert torch.equal(dynamic.layers[0].keys, x[[0, 2]])
+    assert torch.equal(ours.layers[0].dequantized()[0], _roundtrip(x[[0, 2]]))
+
+
+def _generate_positions(mask):
+    """The position ids generate gives a left-padded prompt (pads at 1, real tokens from 0)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+@pytest.mark.parametrize("cache_class", ["dynamic", "static"])
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_onthefly_scales_leave_padding_out(tiny_model, cache_class, strategy, torch_path):
+    """With our attention the first prefill's scales come from the unpadded positions only: equal to the rule over
+    the same prompts' valid K, where padded positions with huge K (1000x) used to set them."""
+    from hf_fp8cache import FP8StaticCache
+    from hf_fp8cache.contract import ATTENTION_NAME
+    from hf_fp8cache.scales import ONTHEFLY_HEADROOM
+
+    model = copy.deepcopy(tiny_model)
+    ids, mask = _prompts()
+    pads = (mask == 0)[:, :, None]
+
+    def huge_padded_keys(module, args, out):  # the pad embedding is zero (padding_idx): give its K a value itself
+        return out + 1000.0 * pads if out.shape[1] == ids.shape[1] else out
+
+    model.model.layers[0].self_attn.k_proj.register_forward_hook(huge_padded_keys)
+    probe = DynamicCache()  # the exact K of the prompt, as generate computes it
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=_generate_positions(mask), use_cache=True,
+              **{cache_keyword(model): probe})  # fmt: skip
+    keys = probe.layers[0].keys
+    dims = (0, 2, 3) if strategy == "attn_head" else (0, 1, 2, 3)
+    rule = lambda k: (k.abs().amax(dim=dims).reshape(-1) * (ONTHEFLY_HEADROOM["key"] / 448.0)).float()
+    expected = rule(keys.masked_fill(~mask.bool()[:, None, :, None], 0))
+    assert (rule(keys) / expected).min() > 10  # the pads would set the scale
+
+    model.set_attn_implementation(ATTENTION_NAME)
+    kwargs = {"calculate_kv_scales": True, "strategy": strategy}
+    cache = (FP8Cache(model.config, **kwargs) if cache_class == "dynamic"
+             else FP8StaticCache(model.config, max_cache_len=24, **kwargs))  # fmt: skip
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                   **{cache_keyword(model): cache})  # fmt: skip
+    assert torch.equal(cache.layers[0].key_scale, expected)
+
+
+def test_onthefly_scales_on_the_dequantize_path_warn_that_padding_counts(tiny_model, torch_path):
+    ids, mask = _prompts()
+    cache = FP8Cache(tiny_model.config, calculate_kv_scales=True)
+    with pytest.warns(UserWarning, match="cannot see the padding mask"):
+        tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, pad_token_id=0,
+                            **{cache_keyword(tiny_model): cache})  # fmt: skip
+
+
+def test_one_outlier_setting_the_onthefly_scale_is_reported(torch_path):
+    """vLLM's rule lets one huge value decide a whole tensor's scale; the user hears of it (per head: of the head
+    that holds it)."""
+    import warnings
+
+    key = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary data: no warning
+        FP8Cache(calculate_kv_scales=True).update(key, key, 0)
+        FP8Cache(calculate_kv_scales=True, strategy="attn_head").update(key, key, 0)
+    spiked = key.clone()
+    spiked[0, 1, 3, 5] = 1e6
+    with pytest.warns(UserWarning, match=r"layer 0 keys: 100% of the first prefill's values fall below e4m3fn"):
+        FP8Cache(calculate_kv_scales=True).update(spiked, key, 0)
+    with pytest.warns(UserWarning, match=r"layer 0 keys: 100% of head 1 of the first prefill's values"):
+        FP8Cache(calculate_kv_scales=True, strategy="attn_head").update(spiked, key, 0)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hf_fp8cache.kernels import formats as kernel_formats
 
 from hf_fp8cache.formats import FORMATS, resolve_format
 
@@ -48,3 +49,10 @@ def test_unknown_names_are_rejected_by_name(bad):
 def test_non_fp8_dtype_rejected():
     with pytest.raises(ValueError, match="bfloat16"):
         resolve_format(torch.bfloat16)
+
+
+def test_kernels_know_the_same_formats_by_canonical_name_only():
+    assert FORMATS is kernel_formats.FORMATS  # the library's table is the kernels' one
+    assert all(kernel_formats.format_named(name) is fmt for name, fmt in FORMATS.items())
+    with pytest.raises(ValueError, match="'fp8'.*'e4m3fn', 'e5m2', 'e4m3fnuz', 'e5m2fnuz'"):
+        kernel_formats.format_named("fp8")  # an alias is the library's business (resolve_format)

@@ -1,9 +1,11 @@
 """Kernel exactness: the Triton kernels (interpreter here, compiled on the GPU machine) write exactly the bytes of
 their torch twins in kernels/reference.py, for every format, input dtype, head dim, length and layout."""
 
+import contextlib
+
 import pytest
 import torch
-from hf_fp8cache.kernels import ops, reference
+from hf_fp8cache.kernels import dispatch, ops, recent_window, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,15 +123,15 @@ def test_dequantize_property(B, H, length, spare, D, fmt, dtype, per_head, seed)
 
 
 @pytest.mark.parametrize("start, written", [(3, 5), (30, 2), (32, 0)])  # 32 slots: the last two drop 3 / 5 tokens
-def test_quantize_append_at_a_device_position(start, written, monkeypatch):
+def test_quantize_append_at_a_device_position(start, written):
     g = torch.Generator().manual_seed(start)
     key, value = (torch.randn(2, 3, 5, 16, generator=g).to(DEVICE) for _ in "kv")
     inv = torch.tensor([4.0], device=DEVICE)
     caches = {}
     for path in ("kernel", "reference"):
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernel" else "0")
-        k, v = (torch.full((2, 3, 32, 16), 0x7F, dtype=torch.uint8, device=DEVICE) for _ in "kv")
-        ops.quantize_append_kv_at(key, value, k, v, torch.tensor(start, device=DEVICE), inv, inv, "e4m3fn")
+        with kernels.cpu_backend("torch") if path == "reference" else contextlib.nullcontext():
+            k, v = (torch.full((2, 3, 32, 16), 0x7F, dtype=torch.uint8, device=DEVICE) for _ in "kv")
+            ops.quantize_append_kv(key, value, k, v, torch.tensor(start, device=DEVICE), inv, inv, "e4m3fn")
         caches[path] = k, v
     k, v = caches["kernel"]
     assert torch.equal(k, caches["reference"][0]) and torch.equal(v, caches["reference"][1])
@@ -154,16 +156,16 @@ def test_ring_write_then_read_keeps_the_last_r_positions(R, start, S, seed):
     ring = torch.randn(2, 3, R, 4, generator=g)
     previous = ring.clone()
     states = torch.randn(2, 3, S, 4, generator=g)
-    reference.ring_write(ring, states, start)
+    recent_window.ring_write(ring, states, start)
     expected = previous.clone()  # position p lives at slot p % R; only the last R written positions are kept
     for p in range(max(start, start + S - R), start + S):
         expected[:, :, p % R] = states[:, :, p - start]
     assert torch.equal(ring, expected)
     first = max(start, start + S - R)
-    read = reference.ring_read(ring, first, start + S)
+    read = recent_window.ring_read(ring, first, start + S)
     assert torch.equal(read, states[:, :, first - start :])
     out = torch.zeros(2, 3, start + S - first, 4, dtype=torch.float64)
-    reference.ring_read(ring, first, start + S, out=out)
+    recent_window.ring_read(ring, first, start + S, out=out)
     assert torch.equal(out, states[:, :, first - start :].double())
 
 
@@ -225,3 +227,25 @@ def test_quantize_append_rejects_bad_arguments(change, message):
         kernels.quantize_append_kv(
             key, value, cache, cache.clone(), change.get("start", 0), inv, inv, FORMATS["e4m3fn"]
         )
+
+
+def test_the_cpu_backend_is_read_once_and_switched_explicitly(monkeypatch):
+    cpu = torch.zeros(1)
+    interpreted = kernels.uses_triton(cpu)  # TRITON_INTERPRET as the kernels were imported: 1 here, 0 on the GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if interpreted else "1")
+    assert kernels.uses_triton(cpu) == interpreted  # the environment is not read again
+    with kernels.cpu_backend("torch"):
+        assert not kernels.uses_triton(cpu)
+        if DEVICE == "cuda":
+            assert kernels.uses_triton(cpu.to(DEVICE))
+    with pytest.raises(RuntimeError, match="inside"), kernels.cpu_backend("torch"):
+        raise RuntimeError("inside")
+    assert kernels.uses_triton(cpu) == interpreted  # restored, after an error too
+
+
+def test_cpu_backend_rejects_unknown_names_and_triton_without_the_interpreter(monkeypatch):
+    with pytest.raises(ValueError, match="'cuda'"), kernels.cpu_backend("cuda"):
+        pass
+    monkeypatch.setattr(dispatch, "_INTERPRETER", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"), kernels.cpu_backend("triton"):
+        pass

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from hf_fp8cache.kernels import ops, reference
-from hf_fp8cache.kernels.attention import decode_attention_fp8, program_shape, split_plan
+from hf_fp8cache.kernels import attention, ops, reference
+from hf_fp8cache.kernels.attention import DecodePlan, plan_decode_attention, program_shape, split_plan
 
 from hf_fp8cache import kernels
 from hf_fp8cache.formats import FORMATS
@@ -94,7 +94,7 @@ def _relative_error(out, expected):
 
 
 def _check_kernel(args, **launch):
-    out = decode_attention_fp8(*args, **launch)
+    out = attention.decode_attention(*args, **launch)
     query = args[0]
     assert out.dtype == query.dtype and out.is_contiguous()
     error = _relative_error(out, _oracle(*args))
@@ -133,14 +133,15 @@ def test_lengths(L, Sq, dtype):
 @pytest.mark.parametrize("Sq", [1, 3])
 @pytest.mark.parametrize("variant", ["int_length", "window", "device_length"])
 def test_one_warp_program_shape(Sq, variant):
-    assert program_shape(3 * 6, 16, 64, 132) == (32, 1)
+    plan = plan_decode_attention(3, 6, 4, Sq, 64, 150, 130 if variant == "window" else None, 132)
+    assert (plan.block_m, plan.block_n, plan.num_warps) == (16, 32, 1)
     args = _case(3, 6, 4, Sq, 64, 150, [0, 70, 149], seed=11 + Sq)
     if variant == "window":
         args = _with_window(args, 32, 20, seed=Sq)
     expected = _oracle(*args)
     if variant == "device_length":
         args = (*args[:3], torch.tensor(150, device=DEVICE), *args[4:])
-    assert _relative_error(decode_attention_fp8(*args), expected) < TOLERANCE[args[0].dtype]
+    assert _relative_error(attention.decode_attention(*args), expected) < TOLERANCE[args[0].dtype]
 
 
 def test_large_group_spans_several_row_tiles():
@@ -153,7 +154,7 @@ def test_forced_split_counts_agree(num_splits):
     # 300 keys are 5 blocks of 64: 3 splits of 2 + 2 + 1 blocks, 7 and 1000 are capped at 5
     args = _case(2, 2, 4, 3, 64, 300, [0, 130], dtype=torch.float32, seed=7)
     out = _check_kernel(args, num_splits=num_splits)
-    single = decode_attention_fp8(*args, num_splits=1)
+    single = attention.decode_attention(*args, num_splits=1)
     # only the fp32 summation order differs: interpreter below 1e-6 abs; H200 (fp32 dot) up to ~4e-6 abs on
     # outputs of magnitude ~15, i.e. ~3e-7 relative
     assert ((out - single).abs().max() / single.abs().max()).item() < 2e-6
@@ -173,16 +174,16 @@ def test_rows_that_see_nothing_are_zero_not_nan():
 # fill 2 blocks).
 @pytest.mark.parametrize("L, Sq", [(1, 1), (70, 3), (300, 1), (1000, 2)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_length_read_on_the_device(L, Sq, dtype, monkeypatch):
+def test_length_read_on_the_device(L, Sq, dtype):
     args = list(_case(2, 2, 4, Sq, 64, L, [0, L // 3], dtype=dtype, seed=L, spare=1000 - L))
     expected = _oracle(*args)
     args[3] = torch.tensor(L, device=DEVICE)
-    for run in (decode_attention_fp8, kernels.decode_attention):
+    for run in (attention.decode_attention, kernels.decode_attention):
         assert _relative_error(run(*args), expected) < TOLERANCE[dtype]
-    as_operator = ops.decode_attention_at(*args[:7], args[7].name, args[8])  # what the static cache calls
+    as_operator = ops.decode_attention(*args[:7], args[7].name, args[8])  # what the static cache calls
     assert _relative_error(as_operator, expected) < TOLERANCE[dtype]
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch twin takes the tensor too
-    assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[dtype]
+    with kernels.cpu_backend("torch"):  # the torch twin takes the tensor too
+        assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("bad", ["float", "two_elements", "with_window", "query_past_capacity"])
@@ -214,7 +215,7 @@ def test_exact_recent_window_matches_oracle(slots, window, dtype, num_splits):
     fp8_only = _oracle(*args[:9])
     if window:  # the window changed the answer (rows that see a window position)
         assert _relative_error(out, fp8_only) > 10 * TOLERANCE[dtype]
-    reference_out = reference.decode_attention_fp8_ref(*args)
+    reference_out = reference.decode_attention_ref(*args)
     assert _relative_error(reference_out, _oracle(*args)) < TOLERANCE[dtype]
 
 
@@ -229,7 +230,7 @@ def test_window_holding_every_token_needs_no_fp8(dtype):
 def test_writes_into_out():
     args = _case(2, 2, 4, 1, 64, 40, [0, 5], seed=4)
     out = torch.full((2, 1, 8, 64), float("nan"), dtype=torch.float16, device=DEVICE)
-    assert decode_attention_fp8(*args, out=out) is out
+    assert attention.decode_attention(*args, out=out) is out
     assert _relative_error(out, _oracle(*args)) < TOLERANCE[torch.float16]
 
 
@@ -238,20 +239,20 @@ def test_writes_into_out():
 def test_reference_matches_oracle(fmt, dtype):
     for shape in [(2, 2, 4, 3, 80, 130, [0, 37]), (3, 1, 8, 1, 64, 7, [0, 6, 9]), (1, 2, 1, 3, 256, 64, [2])]:
         args = _case(*shape, fmt=fmt, dtype=dtype, seed=len(shape[-1]))
-        out = reference.decode_attention_fp8_ref(*args)
+        out = reference.decode_attention_ref(*args)
         assert out.dtype == dtype and out.shape == (shape[0], shape[3], shape[1] * shape[2], shape[4])
         error = _relative_error(out, _oracle(*args))
         assert error < TOLERANCE[dtype], error
 
 
-def test_dispatch_picks_the_kernel_and_the_reference(monkeypatch):
+def test_dispatch_picks_the_kernel_and_the_reference():
     args = _case(2, 2, 4, 3, 64, 50, [0, 11], dtype=torch.float32, seed=8)
     expected = _oracle(*args)
     assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[torch.float32]
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if DEVICE == "cpu":
-        assert not kernels.uses_triton(args[0])
-    assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[torch.float32]
+    with kernels.cpu_backend("torch"):
+        if DEVICE == "cpu":
+            assert not kernels.uses_triton(args[0])
+        assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[torch.float32]
 
 
 def test_split_plan_covers_every_block_without_empty_splits():
@@ -280,16 +281,41 @@ def test_program_shape_picks_one_warp_programs_only_with_enough_work():
     assert program_shape(64, 64, 256, 132) == (32, 8)
 
 
+# (B, H, G, Sq, D, kv_length), the exact window's start, the launcher's overrides -> the plan and its slot count
+@pytest.mark.parametrize(
+    "shape, window_start, overrides, expected, slots",
+    [
+        # 8 x 32768 on the H200 (8 KV heads, 4 query heads each): one-warp programs, one wave of 16 splits
+        ((8, 8, 4, 1, 128, 32768), None, {}, DecodePlan(16, 32, 128, 1, 16, 64, False, 1, 4), 16),
+        # 1 x 32768: too few programs for one warp; capped at 32 splits
+        ((1, 8, 4, 1, 128, 32768), None, {}, DecodePlan(16, 64, 128, 1, 32, 16, False, 4, 4), 32),
+        # D = 256: half the keys a step
+        ((4, 8, 4, 1, 256, 4096), None, {}, DecodePlan(16, 32, 256, 1, 32, 4, False, 4, 4), 32),
+        # 16 x 5 = 80 query rows: two row tiles of 64
+        ((1, 2, 16, 5, 64, 90), None, {}, DecodePlan(64, 64, 64, 2, 2, 1, False, 4, 4), 2),
+        # an exact window from 150: the fp8 splits cover [0, 150), the window takes the last slot
+        ((3, 2, 4, 3, 64, 200), 150, {}, DecodePlan(16, 64, 64, 1, 3, 1, True, 4, 4), 4),
+        # a window holding every position: no fp8 split, the window program writes out itself
+        ((2, 2, 4, 3, 64, 7), 0, {}, DecodePlan(16, 64, 64, 1, 0, 1, True, 4, 4), 1),
+        # forced: 3 splits of 5 blocks are 2 + 2 + 1; 32-key blocks and two warps for both launches
+        ((2, 2, 4, 3, 64, 300), None, {"num_splits": 3}, DecodePlan(16, 64, 64, 1, 3, 2, False, 4, 4), 3),
+        ((2, 2, 4, 3, 64, 300), 290, {"block_n": 32, "num_warps": 2}, DecodePlan(16, 32, 64, 1, 10, 1, True, 2, 2), 11),
+    ],
+)  # fmt: skip
+def test_decode_plan(shape, window_start, overrides, expected, slots):
+    plan = plan_decode_attention(*shape, window_start, 132, **overrides)
+    assert plan == expected and plan.slots == slots
+
+
 @pytest.mark.parametrize("name", ["e4m3fnuz", "e5m2fnuz"])
-def test_fnuz_formats_are_rejected(name, monkeypatch):
+def test_fnuz_formats_are_rejected(name):
     args = list(_case(1, 1, 1, 1, 64, 4, [0]))
     args[7] = FORMATS[name]
     with pytest.raises(ValueError, match=name):
-        decode_attention_fp8(*args)
+        attention.decode_attention(*args)
     with pytest.raises(ValueError, match=name):
         kernels.decode_attention(*args)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name), kernels.cpu_backend("torch"):
         kernels.decode_attention(*args)
 
 
@@ -350,12 +376,11 @@ def _bad(change):
      "head_dim_over_256", "out_shape", "out_dtype", "window_too_long", "window_past_end", "window_dtype",
      "window_shape"],
 )  # fmt: skip
-def test_rejects_bad_arguments(change, monkeypatch):
+def test_rejects_bad_arguments(change):
     args, extra = _bad(change)
     with pytest.raises(ValueError):
-        decode_attention_fp8(*args, **extra)
+        attention.decode_attention(*args, **extra)
     with pytest.raises(ValueError):
         kernels.decode_attention(*args, **extra)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path validates too
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError), kernels.cpu_backend("torch"):  # the reference path validates too
         kernels.decode_attention(*args, **extra)

@@ -36,3 +36,26 @@ def test_check_model():
         s.check_model(4, 2)
     with pytest.raises(ValueError, match="for 2 KV heads but the model has 8"):
         s.check_model(3, 8)
+
+
+@pytest.mark.parametrize("bad", [1e-44, 1e-39, 1e38, 1e34])
+def test_scales_whose_arithmetic_overflows_are_refused(bad):
+    """1e-44: 1 / scale is inf in float32 and exact zeros became NaN; 1e38: every K/V became zero and the largest
+    code dequantized to inf."""
+    with pytest.raises(ValueError, match=r"k_scale of layer 0 = .* is outside \[1.18e-38, 5.93e\+33\]"):
+        KVScales([bad], [1.0])
+
+
+@pytest.mark.parametrize("kv_cache_dtype, bad", [("fp8", 1e-6), ("fp8", 1e6), ("fp8_e5m2", 1e-8)])
+def test_a_cache_warns_about_scales_its_format_cannot_use(kv_cache_dtype, bad):
+    """e4m3 with scale 1e-6 stores at most 4.5e-4 (every real K saturates); with 1e6 its smallest step is ~2e3
+    (every real K rounds to zero)."""
+    import warnings
+
+    from hf_fp8cache import FP8Cache
+
+    with pytest.warns(UserWarning, match=r"v_scale of layer 1 .* outside the magnitudes of real K/V"):
+        FP8Cache(kv_cache_dtype=kv_cache_dtype, scales=KVScales([0.05, 0.05], [0.05, bad]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FP8Cache(kv_cache_dtype=kv_cache_dtype, scales=KVScales([0.05, 1e-4], [2.0, 0.05]))  # plausible: silent

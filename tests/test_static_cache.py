@@ -60,12 +60,14 @@ def test_layers_read_the_padding_start_the_first_layer_computed(model):
     finally:
         model.set_attn_implementation("sdpa")
     pads = (left_padded_prompts()[1] == 0).sum(1).to(torch.int32)
-    assert pads.any() and torch.equal(cache.layers[0].kv_start, pads)  # written by the last decode step
-    assert all(layer.first_layer is cache.layers[0] for layer in cache.layers)
-    assert all(layer.kv_start is None for layer in cache.layers[1:])
+    first = cache.layers[0]
+    assert pads.any() and torch.equal(first.row_start, pads)  # written by the last decode step
+    assert [layer.writes_row_start for layer in cache.layers] == [True] + [False] * (len(cache.layers) - 1)
+    assert all(layer.row_start is first.row_start for layer in cache.layers)  # one buffer on the one device
     twin = copy.deepcopy(cache)
-    assert all(layer.first_layer is twin.layers[0] for layer in twin.layers)
-    assert copy.deepcopy(cache.layers[1]).first_layer is cache.layers[0]  # one layer copied alone: no copy of layer 0
+    assert all(layer.row_start is twin.layers[0].row_start for layer in twin.layers)
+    assert twin.layers[0].row_start is not first.row_start
+    assert copy.deepcopy(cache.layers[1]).row_start is first.row_start  # one layer copied alone reads the original's
 
 
 def test_from_pretrained_reads_checkpoint_scales(model, tmp_path):

@@ -1,0 +1,260 @@
+"""What the dynamic (``cache.py``) and the static (``static_cache.py``) FP8 caches share: the layer base with its
+scale handling and read-path choice, the dequantization workspace, the per-step row starts, option resolution.
+
+This module, ``cache.py`` and ``static_cache.py`` are the only ones coupled to transformers' Cache internals.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, attended_positions, kv_start_from_mask
+from .formats import FP8Format, resolve_format
+from .scales import ONTHEFLY_HEADROOM, KVScales, check_scale_range, check_strategy, onthefly_scale, outlier_warning
+
+__all__ = ["FP8LayerBase"]
+
+
+class DequantWorkspace:
+    """One reused K/V buffer per (device, dtype), shared by every layer of one cache. ``static=True`` marks each
+    buffer as a fixed address for torch.compile / CUDA graphs (the static cache asks one size, so it never grows)."""
+
+    def __init__(self, static: bool = False) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._static = static
+
+    def views(
+        self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = math.prod(shape)
+        buffer = self._buffers.get((device, dtype))
+        if buffer is None or buffer.numel() < 2 * n:
+            old = 0 if buffer is None else buffer.numel()
+            buffer = torch.empty(max(2 * n, old + old // 8), dtype=dtype, device=device)
+            self._buffers[(device, dtype)] = buffer
+            if self._static and not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(buffer)
+        return buffer[:n].view(shape), buffer[n : 2 * n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def __deepcopy__(self, memo: dict) -> DequantWorkspace:
+        return DequantWorkspace(self._static)  # a scratch area: a copy of the cache gets its own, empty
+
+
+class RowStarts:
+    """The first attended position of each batch row, computed once per attention mask and device and shared by the
+    layers of a dynamic cache: every layer of one forward gets the same mask object (a new one each forward, so a
+    batch that changes between steps is always seen). An in-place change of the mask is seen through its version."""
+
+    def __init__(self) -> None:
+        self._mask: torch.Tensor | None = None
+        self._version = -1
+        self._starts: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        version = -1 if attention_mask is None else attention_mask._version
+        if attention_mask is not self._mask or version != self._version:
+            self._mask, self._version, self._starts = attention_mask, version, {}
+        starts = self._starts.get((batch, device))
+        if starts is None:
+            starts = self._starts[(batch, device)] = kv_start_from_mask(attention_mask, batch, device)
+        return starts
+
+    def __deepcopy__(self, memo: dict) -> RowStarts:
+        return RowStarts()  # derived state: a copy recomputes it
+
+
+class FP8LayerBase(CacheLayerMixin):
+    """What the dynamic and the static FP8 layer share: settings, first scales, the read path they serve, and the
+    first prefill's write, which waits for the padding mask when on-the-fly scales are computed for our attention.
+
+    Subclasses write with ``_write(key_states, value_states, start, valid)`` and hand attention
+    ``attention_inputs(attention_mask)`` (``contract.py``)."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        fmt: FP8Format,
+        strategy: str,
+        scales: tuple[torch.Tensor, torch.Tensor] | None,
+        calculate_kv_scales: bool,
+        workspace: DequantWorkspace,
+        layer_idx: int,
+        attention_config=None,
+    ) -> None:  # CacheLayerMixin.__init__ is not called: it assigns ``keys``, a property of the dynamic layer
+        self.fmt = fmt
+        self._attention_config = attention_config  # the model config whose attention implementation we serve
+        self.strategy = strategy
+        self.calculate_kv_scales = calculate_kv_scales
+        self.layer_idx = layer_idx
+        self._given_scales = scales
+        self._workspace = workspace
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+        self._scales_pending = False  # on-the-fly scales come from the next prefill
+        self._pending_write: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (K, V, start) awaiting the mask
+
+    def _first_scales(self, key_states: torch.Tensor, unit_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take dtype and device from the first K; return the given scales there (checked against its heads), or
+        unit scales of ``unit_heads`` elements."""
+        if not key_states.is_floating_point() or key_states.element_size() == 1:
+            raise TypeError(f"layer {self.layer_idx}: key_states must be fp16/bf16/fp32, got {key_states.dtype}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        heads = key_states.shape[1]
+        if self._given_scales is None:
+            unit = torch.ones(unit_heads, dtype=torch.float32, device=self.device)
+            return unit, unit.clone()
+        key_scale, value_scale = (s.to(self.device, torch.float32).contiguous() for s in self._given_scales)
+        if key_scale.numel() not in (1, heads):
+            raise ValueError(
+                f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads "
+                f"but key_states has {heads}"
+            )
+        return key_scale, value_scale
+
+    def _onthefly_scales(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's first-prefill rule (``scales.onthefly_scale``) for K and V over the ``valid`` positions (bool
+        ``[B, S]``, None: all), with a warning when an outlier leaves most values below the smallest normal."""
+        scales = []
+        for kind, states in (("key", key_states), ("value", value_states)):
+            scale = onthefly_scale(states, self.fmt, self.strategy, ONTHEFLY_HEADROOM[kind], valid)
+            if not torch.compiler.is_compiling():  # one number read back, once per layer and prefill
+                message = outlier_warning(states, scale, self.fmt, valid, f"layer {self.layer_idx} {kind}s")
+                if message is not None:
+                    warnings.warn(message, stacklevel=5)
+            scales.append(scale)
+        return scales[0], scales[1]
+
+    def _serves_fp8_attention(self) -> bool:
+        return getattr(self._attention_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    # -- the write of each update ------------------------------------------------------------------------------
+    def _write_or_defer(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> bool:
+        """Write K/V at ``start`` now, or -- for a prefill that sets on-the-fly scales while our attention runs --
+        keep them until ``attention_inputs`` brings the padding mask, so padded positions stay out of the scales.
+        Returns whether the write waits. The dequantize path never sees the mask: its scales include any padding
+        (a warning says so for batches of more than one row)."""
+        if self._scales_pending and key_states.shape[2] > 0 and self._serves_fp8_attention():
+            frozen_start = start.clone() if isinstance(start, torch.Tensor) else start  # the caller advances its own
+            self._pending_write = (key_states, value_states, frozen_start)
+            return True
+        if self._scales_pending and key_states.shape[2] > 0 and key_states.shape[0] > 1:
+            warnings.warn(
+                "calculate_kv_scales with a batch of several rows and an attention implementation other than "
+                f"{ATTENTION_NAME!r}: the cache cannot see the padding mask, so the on-the-fly scales include any "
+                f"padded positions. Use attn_implementation={ATTENTION_NAME!r} to leave them out",
+                stacklevel=4,
+            )
+        self._write(key_states, value_states, start, None)
+        return False
+
+    def _finish_pending_write(self, attention_mask: torch.Tensor | None) -> None:
+        """Do the write ``_write_or_defer`` kept back, leaving out positions ``attention_mask`` does not attend."""
+        if self._pending_write is None:
+            return
+        key_states, value_states, start = self._pending_write
+        self._pending_write = None
+        attended = attended_positions(attention_mask)
+        valid = None if attended is None else attended[:, start : start + key_states.shape[2]].to(key_states.device)
+        self._write(key_states, value_states, start, valid)
+
+    def _set_onthefly_scales_from(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None
+    ) -> None:
+        """Set this layer's scales by the on-the-fly rule once (the first prefill after construction or reset)."""
+        if self._scales_pending:
+            self._set_scales(*self._onthefly_scales(key_states, value_states, valid))
+            self._scales_pending = False
+
+    def _tagged(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key`` and ``value`` marked as this layer's, for the FP8 attention (``contract.LAYER_ATTRIBUTE``)."""
+        setattr(key, LAYER_ATTRIBUTE, self)
+        setattr(value, LAYER_ATTRIBUTE, self)
+        return key, value
+
+    def offload(self) -> None:
+        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("the FP8 cache does not support offloading to CPU")
+
+
+def check_full_attention(config) -> None:
+    """Raise for models with sliding-window, chunked or other non-full attention layers (not supported yet)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+            layer_types = ["sliding_attention"]
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            layer_types = ["chunked_attention"]
+        else:
+            layer_types = ["full_attention"]
+    unsupported = sorted(set(layer_types) - {"full_attention"})
+    if unsupported:
+        raise NotImplementedError(
+            f"{type(config).__name__} has {unsupported} layers; the FP8 caches support only full-attention "
+            "layers for now"
+        )
+
+
+def resolve_cache_options(
+    kv_cache_dtype: str | torch.dtype | FP8Format,
+    calculate_kv_scales: bool,
+    strategy: str | None,
+    scales: KVScales | None,
+) -> tuple[FP8Format, str]:
+    """The format and strategy of a cache from its constructor arguments, refusing conflicting ones (and warning
+    about scales the format cannot use, ``scales.check_scale_range``)."""
+    fmt = resolve_format(kv_cache_dtype)
+    if scales is not None and not isinstance(scales, KVScales):
+        raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
+    if scales is not None and calculate_kv_scales:
+        raise ValueError("give either scales or calculate_kv_scales=True, not both")
+    if scales is not None and strategy is not None and strategy != scales.strategy:
+        raise ValueError(f"strategy={strategy!r} conflicts with the scales' strategy {scales.strategy!r}")
+    if scales is not None:
+        check_scale_range(scales, fmt)
+    return fmt, check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
+
+
+def model_layer_count(config, scales: KVScales | None) -> int:
+    """The decoder's number of layers, after refusing layer types we do not support and scales that do not fit."""
+    text_config = config.get_text_config(decoder=True)
+    check_full_attention(text_config)
+    if scales is not None:
+        scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)
+    return text_config.num_hidden_layers
+
+
+def checkpoint_scales(
+    name_or_path, kv_cache_dtype: str | torch.dtype | FP8Format, **loader_options
+) -> tuple[FP8Format, KVScales]:
+    """The storage format and a checkpoint's KV scales for it (``from_pretrained`` of both caches).
+    ``loader_options`` go to ``checkpoint.load_kv_scales`` (``missing``, ``revision``, ``token``, ``cache_dir``,
+    ``local_files_only``). Checkpoint scales are calibrated for e4m3fn; stored as ROCm e4m3fnuz (max 240) they are
+    doubled, as vLLM does."""
+    from .checkpoint import load_kv_scales
+
+    fmt = resolve_format(kv_cache_dtype)
+    scales = load_kv_scales(name_or_path, **loader_options)
+    return fmt, scales.scaled(2.0) if fmt.name == "e4m3fnuz" else scales
+
+
+def layer_scales(scales: KVScales | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One layer's (key, value) scales from ``scales``, or None without scales."""
+    if scales is None:
+        return None
+    if layer_idx >= scales.num_layers:
+        raise ValueError(f"scales cover {scales.num_layers} layers but the model updates layer {layer_idx}")
+    return scales.key[layer_idx], scales.value[layer_idx]

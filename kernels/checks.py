@@ -1,0 +1,140 @@
+"""Argument checks of the kernels, shared by the dispatch (``dispatch.py``) and the Triton launchers.
+
+Each ``check_<kernel>`` takes the kernel's arguments and raises ``ValueError`` naming the bad value; nothing here
+reads a tensor's contents or synchronizes with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import FP8Format
+from .recent_window import RecentWindow
+
+__all__ = ["check_scales", "check_caches", "check_quantize_append_kv", "check_dequantize_kv", "check_decode_attention"]
+
+
+def check_scales(name: str, first: torch.Tensor, second: torch.Tensor, heads: int) -> None:
+    for scale in (first, second):
+        if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() not in (1, heads):
+            raise ValueError(
+                f"{name} must be contiguous float32 with 1 or {heads} elements, got {scale.dtype} {tuple(scale.shape)}"
+            )
+
+
+def check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    for cache in (key_cache, value_cache):
+        if cache.dtype != torch.uint8 or cache.dim() != 4 or not cache.is_contiguous():
+            raise ValueError(
+                f"caches must be contiguous 4-D uint8 views of fp8 buffers, got {cache.dtype} {cache.shape}"
+            )
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key cache {tuple(key_cache.shape)} and value cache {tuple(value_cache.shape)} differ")
+
+
+def check_quantize_append_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    start: int | torch.Tensor,
+    key_inv_scale: torch.Tensor,
+    value_inv_scale: torch.Tensor,
+) -> None:
+    """Validate the arguments of ``quantize_append_kv`` (a start tensor only by its form: it is read on the device)."""
+    if key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
+    check_caches(key_cache, value_cache)
+    B, H, S, D = key.shape
+    if isinstance(start, torch.Tensor):  # read on the device; the kernel writes no position beyond the capacity
+        if start.dtype not in (torch.int32, torch.int64) or start.numel() != 1 or start.device != key_cache.device:
+            raise ValueError(f"a start tensor must be one int32/int64 element on {key_cache.device}, got "
+                             f"{start.dtype} {tuple(start.shape)} on {start.device}")  # fmt: skip
+        known_start = 0
+    else:
+        known_start = start
+    if key_cache.shape[:2] != (B, H) or key_cache.shape[3] != D or not 0 <= known_start <= key_cache.shape[2] - S:
+        raise ValueError(f"cache {tuple(key_cache.shape)} cannot take {tuple(key.shape)} at position {start}")
+    check_scales("inverse scales", key_inv_scale, value_inv_scale, H)
+
+
+def check_dequantize_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: int,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """Validate the arguments of ``dequantize_kv``."""
+    check_caches(key_cache, value_cache)
+    B, H, capacity, D = key_cache.shape
+    if not 0 <= length <= capacity:
+        raise ValueError(f"length {length} is outside the cache capacity {capacity}")
+    for out in (key_out, value_out):
+        if tuple(out.shape) != (B, H, length, D) or not out.is_contiguous():
+            raise ValueError(f"output {tuple(out.shape)} must be contiguous {(B, H, length, D)}")
+    check_scales("scales", key_scale, value_scale, H)
+
+
+def check_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_length: int | torch.Tensor,
+    kv_start: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    out: torch.Tensor | None,
+    recent: RecentWindow | None,
+) -> None:
+    """Validate the arguments of ``decode_attention`` (shared by the dispatch and the Triton launcher)."""
+    if fmt.fnuz:
+        raise ValueError(f"decode attention does not support the {fmt.name} format; use e4m3fn or e5m2")
+    check_caches(key_cache, value_cache)
+    if query.dim() != 4 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"query must be 4-D fp16 / bf16 / fp32 [B, Hq, Sq, D], got {query.dtype} {tuple(query.shape)}")
+    B, Hq, Sq, D = query.shape
+    _, H, capacity, _ = key_cache.shape
+    if key_cache.shape[0] != B or key_cache.shape[3] != D or H == 0 or Hq % H != 0:
+        raise ValueError(
+            f"query {tuple(query.shape)} does not fit the cache {tuple(key_cache.shape)}: "
+            "batch and head dim must match and the query heads must be a multiple of the KV heads"
+        )
+    if D > 256:
+        raise ValueError(f"head dim {D} is larger than the supported 256")
+    if isinstance(kv_length, torch.Tensor):  # read on the device: only its form and the capacity are checked here
+        if kv_length.dtype not in (torch.int32, torch.int64) or kv_length.numel() != 1:
+            raise ValueError(f"a kv_length tensor must be one int32/int64 element, got {kv_length.dtype} "
+                             f"{tuple(kv_length.shape)}")  # fmt: skip
+        if recent is not None:
+            raise ValueError("an exact recent window needs a Python int kv_length")
+        if not 1 <= Sq <= capacity:
+            raise ValueError(f"need 1 <= query length {Sq} <= cache capacity {capacity}")
+    elif not 1 <= Sq <= kv_length <= capacity:
+        raise ValueError(f"need 1 <= query length {Sq} <= kv_length {kv_length} <= cache capacity {capacity}")
+    if kv_start.dtype != torch.int32 or tuple(kv_start.shape) != (B,):
+        raise ValueError(f"kv_start must be int32 of shape ({B},), got {kv_start.dtype} {tuple(kv_start.shape)}")
+    check_scales("scales", key_scale, value_scale, H)
+    if out is not None and (tuple(out.shape) != (B, Sq, Hq, D) or out.dtype != query.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous {query.dtype} {(B, Sq, Hq, D)}, got {out.dtype} {tuple(out.shape)}")
+    if recent is not None:
+        ring = recent.keys
+        if ring.dim() != 4 or ring.shape[:2] != (B, H) or ring.shape[3] != D or ring.shape[2] == 0:
+            raise ValueError(f"recent window buffers must be [{B}, {H}, R, {D}], got {tuple(ring.shape)}")
+        if recent.values.shape != ring.shape or ring.dtype != query.dtype or recent.values.dtype != query.dtype:
+            raise ValueError(f"recent window keys and values must both be {query.dtype} {tuple(ring.shape)}")
+        if ring.stride(3) != 1 or recent.values.stride() != ring.stride():
+            raise ValueError("recent window buffers must have the same strides, contiguous along the head dim")
+        if not 0 <= kv_length - recent.start <= ring.shape[2]:
+            raise ValueError(
+                f"recent window start {recent.start} must be in [{kv_length - ring.shape[2]}, {kv_length}] "
+                f"(kv_length {kv_length}, {ring.shape[2]} slots)"
+            )
+    tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
+    tensors += (kv_length,) if isinstance(kv_length, torch.Tensor) else ()
+    tensors += () if recent is None else tuple(recent[:2])
+    if any(t.device != query.device for t in tensors):
+        raise ValueError("query, caches, kv_start, kv_length, scales and out must be on one device")

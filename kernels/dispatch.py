@@ -1,0 +1,129 @@
+"""Which path runs a kernel: the Triton launcher, or its torch twin in ``reference.py``.
+
+CUDA tensors always run through Triton. CPU tensors run through Triton's interpreter when ``TRITON_INTERPRET=1`` was
+set as ``hf_fp8cache.kernels`` was imported (as the tests do; Triton itself needs it before it is imported), and
+through the torch twin otherwise; ``cpu_backend`` switches that for a block. Both paths write the same bytes.
+
+Each public function validates its arguments once (``checks.py``), then runs one of the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from . import reference
+from .checks import check_decode_attention, check_dequantize_kv, check_quantize_append_kv
+from .formats import FP8Format
+from .recent_window import RecentWindow
+
+__all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton", "cpu_backend"]
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Read once: whether Triton runs under its interpreter in this process, so CPU tensors can take the Triton path.
+_INTERPRETER = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CPU_BACKENDS = ("triton", "torch")
+_cpu_runs_triton = _INTERPRETER
+
+
+def uses_triton(tensor: torch.Tensor) -> bool:
+    """Whether the kernels run through Triton for this tensor: CUDA tensors, or CPU tensors under the interpreter
+    (unless ``cpu_backend("torch")`` says otherwise)."""
+    return _HAS_TRITON and (tensor.is_cuda or _cpu_runs_triton)
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str) -> Iterator[None]:
+    """Run the kernels on CPU tensors through ``"torch"`` (the reference twins) or ``"triton"`` (Triton's
+    interpreter, which needs ``TRITON_INTERPRET=1`` before ``hf_fp8cache`` is imported) inside the block.
+    CUDA tensors run through Triton either way."""
+    global _cpu_runs_triton
+    if name not in _CPU_BACKENDS:
+        raise ValueError(f"unknown cpu backend {name!r}; use one of {', '.join(map(repr, _CPU_BACKENDS))}")
+    if name == "triton" and not _INTERPRETER:
+        raise ValueError(
+            "cpu backend 'triton' needs Triton's interpreter: set TRITON_INTERPRET=1 before importing hf_fp8cache"
+        )
+    previous, _cpu_runs_triton = _cpu_runs_triton, name == "triton"
+    try:
+        yield
+    finally:
+        _cpu_runs_triton = previous
+
+
+def quantize_append_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    start: int | torch.Tensor,
+    key_inv_scale: torch.Tensor,
+    value_inv_scale: torch.Tensor,
+    fmt: FP8Format,
+) -> None:
+    """Quantize K and V ``[B, H, S, D]`` into ``cache[:, :, start:start + S]`` (saturating, round-to-nearest-even).
+
+    ``start`` is an int, or a one-element integer tensor on the cache's device read there (positions from it at or
+    beyond the capacity are then dropped: the caller checks the capacity on the device)."""
+    check_quantize_append_kv(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale)
+    if uses_triton(key):
+        from .quantize import quantize_append_kv as run
+    else:
+        run = reference.quantize_append_kv_ref
+    run(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt)
+
+
+def dequantize_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    length: int,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """Write ``fp8 * scale`` of the first ``length`` cached tokens into contiguous ``key_out`` / ``value_out``."""
+    check_dequantize_kv(key_cache, value_cache, length, key_scale, value_scale, key_out, value_out)
+    if uses_triton(key_cache):
+        from .dequantize import dequantize_kv as run
+    else:
+        run = reference.dequantize_kv_ref
+    run(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    kv_length: int | torch.Tensor,
+    kv_start: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+    fmt: FP8Format,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+    recent: RecentWindow | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
+
+    ``kv_length`` is an int, or a one-element integer tensor on the query's device that the kernel reads there
+    (the static cache's filled length: no host value changes from step to step, as torch.compile and CUDA graphs
+    need).
+
+    Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal,
+    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). With ``recent``, the positions of
+    that window are read exactly from its ring buffers instead of the fp8 cache. Output in the query's dtype,
+    written into ``out`` when given.
+    """
+    if uses_triton(query):
+        from .attention import decode_attention as run  # validates the arguments itself
+    else:
+        check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
+                               recent)  # fmt: skip
+        run = reference.decode_attention_ref
+    return run(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, out, recent)

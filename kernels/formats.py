@@ -1,0 +1,78 @@
+"""The four 8-bit float encodings the kernels read and write, by their canonical names.
+
+Every format is described by its bit layout (exponent and mantissa bits); the bias, the largest finite value and
+the subnormal step are derived from ``torch.finfo`` so nothing is typed twice. Kernels encode and decode with
+integer arithmetic from these numbers (see ``fp8_codec.py``), which is exact on the GPU and under the Triton
+interpreter alike.
+
+The names users pick formats by (vLLM's ``"fp8"``, ``"fp8_e5m2"``, ``"auto"``, torch dtypes) are resolved by the
+library (``hf_fp8cache.formats.resolve_format``); here a format is known by its canonical ``name`` only, as the
+``torch.library`` operators (``ops.py``) pass it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["FP8Format", "FORMATS", "format_named"]
+
+
+@dataclass(frozen=True)
+class FP8Format:
+    """One 8-bit float encoding."""
+
+    name: str
+    dtype: torch.dtype
+    exponent_bits: int
+    mantissa_bits: int
+    fnuz: bool  # True for the ROCm variants: no -0, no inf, NaN is 0x80
+
+    @property
+    def max(self) -> float:
+        return torch.finfo(self.dtype).max  # e4m3fn 448, e5m2 57344, e4m3fnuz 240, e5m2fnuz 57344
+
+    @property
+    def bias(self) -> int:
+        # smallest normal = 2^(1 - bias): e4m3fn 2^-6 -> 7, e5m2 2^-14 -> 15, e4m3fnuz 2^-7 -> 8, e5m2fnuz -> 16
+        return 1 - int(math.log2(torch.finfo(self.dtype).smallest_normal))
+
+    @property
+    def has_inf(self) -> bool:
+        # Only OCP e5m2 keeps IEEE-style infinities (exponent all ones); e4m3fn and the fnuz formats have none.
+        return self.exponent_bits == 5 and not self.fnuz
+
+    @property
+    def subnormal_step(self) -> float:
+        return 2.0 ** (1 - self.bias - self.mantissa_bits)  # e4m3fn 2^-9, e5m2 2^-16
+
+    def codec_constants(self) -> dict[str, object]:
+        """The compile-time constants the Triton codec needs (see fp8_codec.py)."""
+        return {
+            "MANTISSA_BITS": self.mantissa_bits,
+            "BIAS": self.bias,
+            "FMAX": self.max,
+            "SUBNORMAL_STEP": self.subnormal_step,
+            "FNUZ": self.fnuz,
+            "HAS_INF": self.has_inf,
+        }
+
+
+FORMATS: dict[str, FP8Format] = {
+    f.name: f
+    for f in (
+        FP8Format("e4m3fn", torch.float8_e4m3fn, 4, 3, fnuz=False),
+        FP8Format("e5m2", torch.float8_e5m2, 5, 2, fnuz=False),
+        FP8Format("e4m3fnuz", torch.float8_e4m3fnuz, 4, 3, fnuz=True),
+        FP8Format("e5m2fnuz", torch.float8_e5m2fnuz, 5, 2, fnuz=True),
+    )
+}
+
+
+def format_named(name: str) -> FP8Format:
+    """The format whose canonical ``FP8Format.name`` is ``name`` (how operators pass a format)."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown fp8 format {name!r}; use one of {', '.join(map(repr, FORMATS))}")
+    return FORMATS[name]
