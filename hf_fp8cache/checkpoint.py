@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,12 @@ def _text_config(config: dict) -> dict:
 
 
 class _Files:
-    """Where the checkpoint's files come from: a local directory or a Hub repo (downloaded one file at a time)."""
+    """Where the checkpoint's files come from: a local directory or a Hub repo (downloaded one file at a time).
+
+    Every way of not getting a file the checkpoint needs is an error naming the checkpoint (and the revision) and
+    what happened: no such directory, repo id, repository or revision, offline or unreachable without a cached
+    copy, or a shard the index lists but the checkpoint lacks. Optional files are None when absent; offline, an
+    optional file that was never cached is None too and remembered in ``uncached``."""
 
     def __init__(self, name_or_path: str | os.PathLike, revision, token, cache_dir, local_files_only) -> None:
         self.name = str(name_or_path)
@@ -96,29 +102,123 @@ class _Files:
         if self.local is None and (Path(name_or_path).is_absolute() or self.name.startswith(".")):
             raise FileNotFoundError(f"{self.name}: no such checkpoint directory")
         self.hub_kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        self.uncached: list[str] = []
 
-    def get(self, filename: str) -> Path | None:
-        """Local path of ``filename``, or None if the checkpoint has no such file."""
+    def get(self, filename: str, listed: bool = False) -> Path | None:
+        """Local path of ``filename``, or None if the checkpoint has no such file -- an error if it is ``listed`` in
+        the index."""
         if self.local is not None:
             path = self.local / filename
-            return path if path.is_file() else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+            if path.is_file():
+                return path
+            if listed:
+                raise FileNotFoundError(f"{self.local}: {filename} is listed in {_INDEX} but does not exist")
+            return None
+        from huggingface_hub import errors, hf_hub_download
 
         try:
             return Path(hf_hub_download(self.name, filename, **self.hub_kwargs))
-        except EntryNotFoundError:
+        except (
+            errors.LocalEntryNotFoundError
+        ) as error:  # before EntryNotFoundError: its subclass since huggingface_hub 1.0
+            # offline (HF_HUB_OFFLINE / local_files_only) or unreachable, and not in the local cache: the config
+            # tells whether the checkpoint is there at all, so it is required; other optional files count as absent
+            if listed or filename == "config.json":
+                raise self.not_downloaded([filename], error) from error
+            self.uncached.append(filename)
             return None
-        except LocalEntryNotFoundError:
-            # offline (HF_HUB_OFFLINE / local_files_only) and not in the local cache: the config is required,
-            # every other file is optional and counts as absent
-            if filename == "config.json":
-                raise
+        except errors.EntryNotFoundError as error:
+            if listed:
+                raise FileNotFoundError(
+                    f"{self._revision_label()}: {filename} is listed in {_INDEX} but the Hub repository has no such "
+                    "file"
+                ) from error
             return None
+        except errors.HFValidationError as error:
+            raise FileNotFoundError(
+                f"{self.name}: no such local directory, and not a Hub repo id ('name' or 'org/name')"
+            ) from error
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as error:  # GatedRepoError: a subclass
+            raise self._hub_error(error) from error
 
     def json(self, filename: str) -> dict | None:
         path = self.get(filename)
-        return None if path is None else json.loads(path.read_text())
+        return None if path is None else _read_json(path)
+
+    def _revision_label(self) -> str:
+        revision = self.hub_kwargs["revision"]
+        return self.name if revision is None else f"{self.name} (revision {revision!r})"
+
+    def _hub_error(self, error: OSError) -> OSError:
+        """What the Hub's repository or revision error means for this checkpoint."""
+        from huggingface_hub import constants
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        if isinstance(error, GatedRepoError):
+            return PermissionError(
+                f"{self.name}: the Hub repository is gated; accept its conditions at {constants.ENDPOINT}/{self.name} "
+                "and log in (`hf auth login`) or pass token="
+            )
+        if isinstance(error, RepositoryNotFoundError):
+            return FileNotFoundError(
+                f"{self.name}: no such local directory, and no such repository on the Hub ({constants.ENDPOINT}); "
+                "check the id, and for a private repository log in (`hf auth login`) or pass token="
+            )
+        return FileNotFoundError(
+            f"{self.name}: the Hub repository has no revision {self.hub_kwargs['revision']!r}; pass an existing "
+            "branch, tag or commit"
+        )
+
+    def not_downloaded(self, filenames: list[str], error: Exception | None = None) -> FileNotFoundError:
+        """The error for Hub files that are neither in the local cache nor downloadable (offline or unreachable)."""
+        from huggingface_hub import constants
+
+        cache = self.hub_kwargs["cache_dir"] or constants.HF_HUB_CACHE
+        files, verb = ", ".join(filenames), "is" if len(filenames) == 1 else "are"
+        if self.hub_kwargs["local_files_only"] or constants.HF_HUB_OFFLINE:
+            return FileNotFoundError(
+                f"{self._revision_label()}: {files} {verb} not in the local Hugging Face cache ({cache}) and offline "
+                "mode (HF_HUB_OFFLINE=1 or local_files_only=True) forbids downloading; download the checkpoint once "
+                "online (it is then cached), or pass a local directory"
+            )
+        cause = error.__cause__ if error is not None and error.__cause__ is not None else error
+        return FileNotFoundError(
+            f"{self._revision_label()}: could not download {files} from the Hub ({constants.ENDPOINT}: "
+            f"{type(cause).__name__}: {cause}) and no copy {verb} in the local cache ({cache}); check the network, "
+            "or pass a local directory"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; anything else is a ValueError naming the file (the decoding error as cause)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({error}); the file is corrupt or truncated") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _read_index(path: Path) -> dict:
+    """A safetensors index (``weight_map``: tensor name -> shard file), checked."""
+    index = _read_json(path)
+    weight_map = index.setdefault("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ValueError(f"{path}: 'weight_map' must map tensor names to shard file names, got {weight_map!r:.80}")
+    return index
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    """safetensors' lazy reader of ``path``; a file it cannot read is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            yield reader
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); it is truncated or corrupt") from error
 
 
 def _scheme(config: dict, modelopt: dict | None, source: str) -> tuple[str | None, str | None]:
@@ -155,24 +255,27 @@ def _scheme(config: dict, modelopt: dict | None, source: str) -> tuple[str | Non
 
 def _scale_shards(files: _Files) -> list[Path]:
     """The safetensors files that may hold scale tensors: from the index when there is one, else the single file."""
-    index = files.json(_INDEX)
-    if index is not None:
-        weight_map: dict[str, str] = index.get("weight_map", {})
+    index_path = files.get(_INDEX)
+    if index_path is not None:
+        weight_map = _read_index(index_path)["weight_map"]
         wanted = sorted({shard for name, shard in weight_map.items() if _NAME.match(name)})
-        return [p for p in (files.get(shard) for shard in wanted) if p is not None]
+        return [files.get(shard, listed=True) for shard in wanted]
     single = files.get(_SINGLE)
     if single is not None:
         return [single]
     scales_only = files.get(KV_SCALES_FILE)
-    return [scales_only] if scales_only is not None else []
+    if scales_only is not None:
+        return [scales_only]
+    unknown = [name for name in (_INDEX, _SINGLE, KV_SCALES_FILE) if name in files.uncached]
+    if unknown:  # offline and never cached: they may hold the scales
+        raise files.not_downloaded(unknown)
+    return []
 
 
 def read_checkpoint_scales(
     name_or_path: str | os.PathLike, revision=None, token=None, cache_dir=None, local_files_only: bool = False
 ) -> CheckpointScales:
     """Find and read the KV scale tensors of a checkpoint (directory or Hub id) without reading its weights."""
-    from safetensors import safe_open
-
     files = _Files(name_or_path, revision, token, cache_dir, local_files_only)
     config = files.json("config.json") or {}
     producer, strategy = _scheme(config, files.json(_MODELOPT), files.name)
@@ -181,7 +284,7 @@ def read_checkpoint_scales(
                              text.get("num_hidden_layers"), text.get("num_key_value_heads"))  # fmt: skip
     by_prefix: dict[str, dict[str, dict[int, tuple[str, torch.Tensor]]]] = {}
     for shard in _scale_shards(files):
-        with safe_open(str(shard), framework="pt") as reader:
+        with _open_safetensors(shard) as reader:
             for name in reader.keys():
                 match = _NAME.match(name)
                 if match:
@@ -306,7 +409,7 @@ def save_kv_scales(scales: KVScales, directory: str | os.PathLike, prefix: str =
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {"num_hidden_layers": scales.num_layers}
+    config = _read_json(config_path) if config_path.is_file() else {"num_hidden_layers": scales.num_layers}
     text = _text_config(config)
     if text.get("num_hidden_layers") not in (None, scales.num_layers):
         raise ValueError(f"scales are for {scales.num_layers} layers but {config_path} has {text['num_hidden_layers']}")
@@ -342,16 +445,14 @@ def save_kv_scales(scales: KVScales, directory: str | os.PathLike, prefix: str =
 
 
 def _update_index(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors import safe_open
-
     index_path = directory / _INDEX
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
+        index = _read_index(index_path)
     else:
         index = {"metadata": {}, "weight_map": {}}
         single = directory / _SINGLE
         if single.is_file():
-            with safe_open(str(single), framework="pt") as reader:
+            with _open_safetensors(single) as reader:
                 index["weight_map"] = {name: _SINGLE for name in reader.keys()}
     elsewhere = sorted(n for n, shard in index["weight_map"].items() if _NAME.match(n) and shard != KV_SCALES_FILE)
     if elsewhere:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -216,3 +217,59 @@ def test_written_checkpoint_parses_as_compressed_tensors_and_still_loads(tmp_pat
     ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "filename, text, problem",
+    [("config.json", '{"num_hidden_layers": 4,', r"not valid JSON \(Expecting property name"),
+     ("model.safetensors.index.json", '{"weight_map": {', r"not valid JSON \(Expecting property name"),
+     ("hf_quant_config.json", "", r"not valid JSON \(Expecting value: line 1 column 1"),
+     ("config.json", "[4]", "expected a JSON object, got a JSON list"),
+     ("model.safetensors.index.json", '{"weight_map": ["a"]}', "'weight_map' must map tensor names to shard file")],
+)  # fmt: skip
+def test_malformed_json_names_the_file(tmp_path, filename, text, problem):
+    write_checkpoint(tmp_path, shards=2, layout="modelopt")
+    (tmp_path / filename).write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / filename))}: {problem}") as caught:
+        load_kv_scales(tmp_path)
+    assert isinstance(caught.value.__cause__, json.JSONDecodeError) == problem.startswith("not valid JSON")
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -1])  # empty, shorter than the header length, mid-header, last byte cut
+def test_truncated_scale_shard_names_the_file(tmp_path, keep):
+    from safetensors import SafetensorError
+
+    write_checkpoint(tmp_path, shards=2)
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:keep])
+    problem = "not a readable safetensors file .*; it is truncated or corrupt"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(shard))}: {problem}$") as caught:
+        load_kv_scales(tmp_path)
+    assert isinstance(caught.value.__cause__, SafetensorError)
+
+
+def test_shard_listed_in_the_index_but_missing_is_named(tmp_path):
+    write_checkpoint(tmp_path, shards=2)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"^{re.escape(str(tmp_path))}: model-00002-of-00002.safetensors is listed in "
+        r"model\.safetensors\.index\.json but does not exist$",
+    ):
+        load_kv_scales(tmp_path)
+
+
+def test_saving_into_a_directory_with_malformed_files_names_them(tmp_path):
+    scales = KVScales([0.5, 0.25], [0.125, 2.0])
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config' / 'config.json'))}: not valid JSON"):
+        save_kv_scales(scales, tmp_path / "config")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "model.safetensors.index.json").write_text('{"weight_map": 1}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json: 'weight_map' must map tensor names"):
+        save_kv_scales(scales, tmp_path / "index")
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "model.safetensors").write_bytes(b"\x10")
+    with pytest.raises(ValueError, match=r"single/model\.safetensors: not a readable safetensors file"):
+        save_kv_scales(scales, tmp_path / "single")
