@@ -6,19 +6,104 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from .calibration import OBSERVERS
 from .formats import resolve_format
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, resolve_dtype
 from .scales import STRATEGIES
 
 __all__ = ["main"]
 
 DEFAULT_PROMPT = "Explain in two sentences why storing a transformer's KV cache in 8 bits saves memory."
+# What checking the arguments raises for bad ones (bad values, missing files or checkpoints, unsupported models):
+# reported on one line, exit status 2. Errors while the command runs after its checks keep their traceback.
+_USAGE_ERRORS = (ValueError, TypeError, OSError, NotImplementedError)
+# the local dataset files calibration reads (``calibration._texts``)
+_DATASET_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
+
+
+def _at_least(args, **minimums: int) -> None:
+    """Each named integer option is at least its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _check_device(args) -> None:
+    """``--device`` names a device this machine has, and ``--dtype`` a dtype."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: no CUDA GPU is available to torch here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    resolve_dtype(args.dtype, device)
+
+
+def _check_model_path(name: str) -> None:
+    """The embedded default model is installed; a model given as a path exists (a Hub id: ``_model_config``)."""
+    from .models import embedded_model_path
+
+    if name == DEFAULT_MODEL:
+        embedded_model_path()
+    elif (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
+        raise FileNotFoundError(f"model {name}: no such directory")
+
+
+def _model_config(name: str):
+    """The config of model ``name`` (the embedded default, a Hub id or a local dir), without its weights: the model
+    exists and is checked before the long load (reading the embedded GGUF's config takes a few seconds)."""
+    from transformers import AutoConfig
+
+    from .models import embedded_model_path
+
+    if name == DEFAULT_MODEL:
+        gguf = embedded_model_path()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as error:
+        raise OSError(f"model {name!r}: {error}") from error
+
+
+def _check_caches_fit(name: str, cache_options: list[dict]) -> None:
+    """FP8 caches with these options fit model ``name`` (its layer types; its layers and heads for checkpoint
+    scales), from its config. The embedded default fits any cache without scales: its config is then not read."""
+    from .cache import QuantizedFP8Cache
+
+    if name == DEFAULT_MODEL and all(options.get("scales") is None for options in cache_options):
+        return
+    config = _model_config(name)
+    for options in cache_options:
+        QuantizedFP8Cache(config, **options)
+
+
+def _check_output(path: str | None, directory: bool) -> None:
+    """``--output`` can be written: a directory (created if missing) or a file in an existing directory."""
+    if path is None:
+        return
+    target = Path(path)
+    if directory:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"--output {path} exists and is not a directory")
+        parent = next(p for p in (target, *target.parents) if p.exists())
+    else:
+        if target.is_dir():
+            raise ValueError(f"--output {path} is a directory; name the file to write")
+        parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--output {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--output {path}: {parent} is not writable")
 
 
 def _add_generate(subparsers) -> None:
@@ -35,27 +120,36 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--no-compare", action="store_true", help="skip the bf16/DynamicCache run used for comparison")
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_generate, check=_check_generate)
 
 
-def _make_cache(args, config):
+def _check_generate(args) -> dict:
+    """Every argument, before the model is loaded; returns the cache's options (a checkpoint's scales read once)."""
     from .cache import QuantizedFP8Cache
 
-    common = dict(kv_cache_dtype=args.kv_cache_dtype, residual_length=args.residual_length)
-    if args.scales == "unit":
-        return QuantizedFP8Cache(config, strategy=args.strategy, **common)
-    if args.scales == "dynamic":
-        return QuantizedFP8Cache(config, strategy=args.strategy, calculate_kv_scales=True, **common)
-    return QuantizedFP8Cache.from_pretrained(args.scales, config=config, **common)
+    _at_least(args, max_new_tokens=1, residual_length=0)
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    _check_device(args)
+    _check_model_path(args.model)
+    options = dict(kv_cache_dtype=args.kv_cache_dtype, residual_length=args.residual_length)
+    if args.scales in ("unit", "dynamic"):
+        options.update(strategy=args.strategy, calculate_kv_scales=args.scales == "dynamic")
+        QuantizedFP8Cache(**options)  # the format and strategy
+    else:
+        checkpoint = QuantizedFP8Cache.from_pretrained(args.scales, **options)
+        options.update(kv_cache_dtype=checkpoint.format, scales=checkpoint.scales)
+    _check_caches_fit(args.model, [options])
+    return options
 
 
-def _generate(args) -> int:
+def _generate(args, cache_options: dict) -> int:
     from transformers import DynamicCache
 
+    from .cache import QuantizedFP8Cache
     from .integration import cache_keyword
     from .models import load_model_and_tokenizer
 
-    resolve_format(args.kv_cache_dtype)  # fail early, naming the value
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     if tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
@@ -71,7 +165,7 @@ def _generate(args) -> int:
     keyword = cache_keyword(model)
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
-    cache = _make_cache(args, model.config)
+    cache = QuantizedFP8Cache(model.config, **cache_options)
     start = time.perf_counter()
     out = model.generate(**inputs, **generate, **{keyword: cache})
     seconds = time.perf_counter() - start
@@ -100,7 +194,7 @@ def _add_inspect(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="show the KV cache scheme and per-layer scales of a checkpoint")
     p.add_argument("checkpoint", help="local directory or Hub repo id")
     p.add_argument("--revision", default=None)
-    p.set_defaults(func=_inspect)
+    p.set_defaults(func=_inspect, check=_check_inspect)
 
 
 def _describe(tensor: torch.Tensor | None, low: float = 0.0, high: float = float("inf")) -> str:
@@ -116,10 +210,16 @@ def _describe(tensor: torch.Tensor | None, low: float = 0.0, high: float = float
     return text
 
 
-def _inspect(args) -> int:
-    from .checkpoint import SANE_Q_SCALE, read_checkpoint_scales, to_kv_scales
+def _check_inspect(args):
+    """The checkpoint exists and its files read: what ``_inspect`` shows."""
+    from .checkpoint import read_checkpoint_scales
 
-    found = read_checkpoint_scales(args.checkpoint, revision=args.revision)
+    return read_checkpoint_scales(args.checkpoint, revision=args.revision)
+
+
+def _inspect(args, found) -> int:
+    from .checkpoint import SANE_Q_SCALE, to_kv_scales
+
     layers = found.num_layers or 1 + max(i for kind in found.tensors.values() for i in kind)
     print(f"{found.source}: {found.producer}, strategy {found.strategy}, {layers} layers, "
           f"{found.num_kv_heads} KV heads")  # fmt: skip
@@ -158,10 +258,42 @@ def _add_calibrate(subparsers) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--scales-only", action="store_true", help="write only config.json and the scales, not the model")
     p.add_argument("--output", required=True, help="directory to write (compressed-tensors layout)")
-    p.set_defaults(func=_calibrate)
+    p.set_defaults(func=_calibrate, check=_check_calibrate)
 
 
-def _calibrate(args) -> int:
+def _check_dataset(dataset: str | None) -> None:
+    """A local dataset file exists and has a type calibration reads; anything else needs ``datasets``."""
+    if dataset is None:
+        return
+    path = Path(dataset)
+    if path.is_file() and path.suffix not in _DATASET_SUFFIXES:
+        raise ValueError(
+            f"--dataset {dataset}: unsupported file type {path.suffix!r}; use {', '.join(_DATASET_SUFFIXES)}"
+        )
+    if not path.exists() and (path.suffix in _DATASET_SUFFIXES or path.is_absolute() or dataset.startswith(".")):
+        raise FileNotFoundError(f"--dataset {dataset}: no such file")
+    if path.suffix != ".txt":
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise ValueError(
+                f"--dataset {dataset} needs the datasets package (pip install datasets), or give a .txt file"
+            )
+
+
+def _check_calibrate(args) -> None:
+    """Every argument, before the model is loaded."""
+    _at_least(args, num_samples=1, max_seq_len=2, batch_size=1)
+    resolve_format(args.kv_cache_dtype)
+    _check_device(args)
+    _check_dataset(args.dataset)
+    _check_output(args.output, directory=True)
+    _check_model_path(args.model)
+    if args.model != DEFAULT_MODEL:  # calibration works on any decoder: only that the model exists is checked
+        _model_config(args.model)
+
+
+def _calibrate(args, _checked) -> int:
     from .calibration import calibrate
     from .models import load_model_and_tokenizer
 
@@ -205,7 +337,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output", default=None, help="write the rows as JSON here")
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=_eval, check=_check_eval)
 
 
 def _factory(config, **kwargs):
@@ -214,19 +346,39 @@ def _factory(config, **kwargs):
     return functools.partial(QuantizedFP8Cache, config, **kwargs)
 
 
-def _eval(args) -> int:
-    import json
-
+def _check_eval(args) -> tuple[list, list[int], dict]:
+    """Every argument, before the model is loaded; returns the formats, the exact windows and, with ``--scales``,
+    the checkpoint's scales for each format (read once, checked against the model)."""
     from .cache import QuantizedFP8Cache
-    from .calibration import observe
-    from .evaluation import evaluate_configurations, evaluation_ids, format_table
-    from .models import load_model_and_tokenizer
 
+    _at_least(args, sequences=1, seq_len=2, prefix=1, step=1, calibration_samples=1, calibration_seq_len=2)
+    if args.prefix >= args.seq_len:
+        raise ValueError(f"--prefix ({args.prefix}) must be shorter than --seq-len ({args.seq_len})")
     formats = [resolve_format(f) for f in args.formats.split(",")]
     try:
         residual_lengths = [int(r) for r in args.residual_lengths.split(",")]
     except ValueError:
-        raise SystemExit(f"--residual-lengths must be comma-separated ints, got {args.residual_lengths!r}") from None
+        raise ValueError(f"--residual-lengths must be comma-separated ints, got {args.residual_lengths!r}") from None
+    if min(residual_lengths) < 0:
+        raise ValueError(f"--residual-lengths must be >= 0, got {args.residual_lengths!r}")
+    _check_device(args)
+    _check_output(args.output, directory=False)
+    _check_model_path(args.model)
+    checkpoint = {}
+    if args.scales:
+        checkpoint = {f: QuantizedFP8Cache.from_pretrained(args.scales, kv_cache_dtype=f).scales for f in formats}
+    _check_caches_fit(args.model, [dict(kv_cache_dtype=f, scales=checkpoint.get(f)) for f in formats])
+    return formats, residual_lengths, checkpoint
+
+
+def _eval(args, checked: tuple[list, list[int], dict]) -> int:
+    import json
+
+    from .calibration import observe
+    from .evaluation import evaluate_configurations, evaluation_ids, format_table
+    from .models import load_model_and_tokenizer
+
+    formats, residual_lengths, checkpoint = checked
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = evaluation_ids(tokenizer, args.sequences, args.seq_len).to(args.device)
     observation = observe(model, tokenizer, None, args.calibration_samples, args.calibration_seq_len)
@@ -245,9 +397,7 @@ def _eval(args) -> int:
                     model.config, scales=scales, **kw
                 )
         if args.scales:
-            configurations[f"{fmt.name} checkpoint{window}"] = functools.partial(
-                QuantizedFP8Cache.from_pretrained, args.scales, config=model.config, **kw
-            )
+            configurations[f"{fmt.name} checkpoint{window}"] = _factory(model.config, scales=checkpoint[fmt], **kw)
     rows = evaluate_configurations(model, ids, args.prefix, configurations, args.step)
     print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, then "
           f"{args.step} at a time; against a {model.dtype} DynamicCache")  # fmt: skip
@@ -259,8 +409,8 @@ def _eval(args) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    # its options belong to hf_fp8cache.benchmark (``hf-fp8cache bench --help`` lists them)
-    subparsers.add_parser("bench", add_help=False, help="decode benchmarks: step time, KV memory, attention kernel")
+    # its modes and options belong to hf_fp8cache.bench (``hf-fp8cache bench --help`` lists them)
+    subparsers.add_parser("bench", add_help=False, help="decode benchmarks: generate speed, KV and peak memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,13 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(subparsers)
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
-        from .benchmark import main as bench_main
+        from .bench import main as bench_main  # imported here only: the library never imports its benchmarks
 
         bench_main(extra)
         return 0
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        checked = args.check(args)  # every argument, before any model is loaded
+    except _USAGE_ERRORS as error:
+        message = " ".join(str(error).split())  # one line, whatever the message
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    return args.func(args, checked)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The hf-fp8cache command on the embedded model (fully offline)."""
 
-import json
 import re
+import subprocess
+import sys
 
 import pytest
-from helpers import write_checkpoint
+from helpers import tiny_llama, write_checkpoint
 
 from hf_fp8cache import KVScales
-from hf_fp8cache.benchmark import available_caches
 from hf_fp8cache.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -26,9 +26,107 @@ def test_generate_on_embedded_model_reports_half_the_kv_bytes(capsys, torch_path
     assert "generated tokens identical" in out
 
 
-def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="'fp6'"):
-        main(["generate", "--kv-cache-dtype", "fp6"])
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: every argument must be checked before."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("hf_fp8cache.models.load_model_and_tokenizer", load)
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """Run the command expecting a usage error: exit status 2, one line on stderr; returns its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("hf-fp8cache: error: "), err
+    return err.strip().removeprefix("hf-fp8cache: error: ")
+
+
+_OUT = ["--output", "{tmp}/out"]
+BAD_ARGUMENTS = [
+    (["generate", "--kv-cache-dtype", "fp6"], r"^unknown kv_cache_dtype 'fp6'; use one of 'auto', 'fp8'"),
+    (["generate", "--max-new-tokens", "0"], r"^--max-new-tokens must be >= 1, got 0$"),
+    (["generate", "--residual-length", "-1"], r"^--residual-length must be >= 0, got -1$"),
+    (["generate", "--prompt", " "], r"^--prompt is empty$"),
+    (["generate", "--device", "gpu"], r"^--device 'gpu' is not a torch device; use cpu, cuda or cuda:N$"),
+    (["generate", "--device", "cuda:99"], r"^--device 'cuda:99': (no CUDA GPU is available|this machine has \d)"),
+    (["generate", "--dtype", "fp64"], r"^unknown dtype 'fp64'; use auto, bf16"),
+    (["generate", "--strategy", "attn_head", "--scales", "{tmp}/missing"], r"/missing: no such checkpoint directory$"),
+    (["generate", "--scales", "{tmp}/no-scales"], r"/no-scales: no KV cache scales found; looked for"),
+    (["generate", "--scales", "{tmp}/bad-json"], r"/bad-json/config\.json: not valid JSON \(Expecting"),
+    (["generate", "--model", "./no-such-model"], r"^model ./no-such-model: no such directory$"),
+    (["inspect", "{tmp}/missing"], r"/missing: no such checkpoint directory$"),
+    (["inspect", "{tmp}/no-scales"], r"/no-scales: no KV cache scales found"),
+    (["inspect", "{tmp}/bad-json"], r"/bad-json/config\.json: not valid JSON"),
+    (["calibrate", "--num-samples", "0", *_OUT], r"^--num-samples must be >= 1, got 0$"),
+    (["calibrate", "--max-seq-len", "1", *_OUT], r"^--max-seq-len must be >= 2, got 1$"),
+    (["calibrate", "--batch-size", "0", *_OUT], r"^--batch-size must be >= 1, got 0$"),
+    (["calibrate", "--kv-cache-dtype", "int8", *_OUT], r"^unknown kv_cache_dtype 'int8'"),
+    (["calibrate", "--dataset", "{tmp}/missing.txt", *_OUT], r"^--dataset .*/missing\.txt: no such file$"),
+    (["calibrate", "--dataset", "{tmp}/notes.md", *_OUT], r"unsupported file type '\.md'; use \.txt, \.json"),
+    (["calibrate", "--output", "{tmp}/notes.md"], r"^--output .*/notes\.md exists and is not a directory$"),
+    (["calibrate", "--output", "{tmp}/notes.md/out"], r"^--output .*/notes\.md/out: .*/notes\.md is not a directory$"),
+    (["calibrate", "/no/such/model", *_OUT], r"^model /no/such/model: no such directory$"),
+    (["eval", "--formats", "fp8,fp6"], r"^unknown kv_cache_dtype 'fp6'"),
+    (["eval", "--residual-lengths", "0,x"], r"^--residual-lengths must be comma-separated ints, got '0,x'$"),
+    (["eval", "--residual-lengths", "8,-1"], r"^--residual-lengths must be >= 0, got '8,-1'$"),
+    (["eval", "--seq-len", "64", "--prefix", "64"], r"^--prefix \(64\) must be shorter than --seq-len \(64\)$"),
+    (["eval", "--step", "0"], r"^--step must be >= 1, got 0$"),
+    (["eval", "--calibration-seq-len", "1"], r"^--calibration-seq-len must be >= 2, got 1$"),
+    (["eval", "--output", "{tmp}"], r"^--output .* is a directory; name the file to write$"),
+    (
+        ["eval", "--output", "{tmp}/missing/rows.json"],
+        r"^--output .*/missing/rows\.json: .*/missing is not a directory$",
+    ),
+    (["eval", "--scales", "{tmp}/no-scales"], r"/no-scales: no KV cache scales found"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_bad_arguments_are_one_line_before_any_model_load(tmp_path, capsys, no_model_load, argv, message):
+    write_checkpoint(tmp_path / "no-scales", layout="none")
+    write_checkpoint(tmp_path / "bad-json")
+    (tmp_path / "bad-json" / "config.json").write_text('{"num_hidden_layers": 4,')
+    (tmp_path / "notes.md").write_text("# notes")
+    assert re.search(message, _usage_error(capsys, [a.format(tmp=tmp_path) for a in argv]))
+
+
+def test_unwritable_output_is_refused(tmp_path, capsys, no_model_load, monkeypatch):
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # the tests run as root, who may write anywhere
+    message = _usage_error(capsys, ["calibrate", "--output", str(tmp_path / "out")])
+    assert message == f"--output {tmp_path / 'out'}: {tmp_path} is not writable"
+
+
+def test_checkpoint_for_another_model_is_refused_before_loading(tmp_path, capsys, no_model_load):
+    write_checkpoint(tmp_path / "ckpt", layers=4, kv_heads=3)  # the embedded SmolLM2 has 30 layers, 3 KV heads
+    assert _usage_error(capsys, ["generate", "--scales", str(tmp_path / "ckpt")]) == (
+        "scales are for 4 layers but the model has 30"
+    )
+    tiny_llama(layers=3, kv_heads=3).config.save_pretrained(tmp_path / "model")  # a config is all it reads
+    model, ckpt = str(tmp_path / "model"), str(tmp_path / "ckpt")
+    for command in (["generate", "--model", model, "--scales", ckpt], ["eval", model, "--scales", ckpt]):
+        assert _usage_error(capsys, command) == "scales are for 4 layers but the model has 3"
+
+
+def test_good_arguments_reach_the_model_load_and_its_errors_keep_their_traceback(monkeypatch):
+    def load(*args, **kwargs):
+        raise RuntimeError("loading the model")
+
+    monkeypatch.setattr("hf_fp8cache.models.load_model_and_tokenizer", load)
+    with pytest.raises(RuntimeError, match="loading the model"):
+        main(["generate", "--scales", "dynamic", "--strategy", "attn_head", "--no-compare"])
+
+
+def test_command_line_prints_one_line_and_exits_2():
+    command = [sys.executable, "-m", "hf_fp8cache.cli", "generate", "--kv-cache-dtype", "fp6"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith("hf-fp8cache: error: unknown kv_cache_dtype 'fp6'; use one of")
+    assert len(done.stderr.splitlines()) == 1 and done.stdout == ""
 
 
 @pytest.mark.slow
@@ -43,8 +141,6 @@ def test_generate_with_checkpoint_scales(tmp_path, capsys, torch_path):
     assert match, out
     # 30 layers x K and V x 3 heads x 64: one byte a token, plus 4 exact tokens in fp32 (CPU), plus 3 scales a tensor
     assert int(match[2].replace(",", "")) == int(match[1]) * 30 * 2 * 3 * 64 + 30 * 2 * 3 * 64 * 4 * 4 + 30 * 2 * 3 * 4
-    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
-        main(["generate", "--scales", str(tmp_path / "missing")])
 
 
 def test_inspect_prints_scheme_table_and_verdict(tmp_path, capsys):
@@ -103,18 +199,3 @@ def test_calibrate_then_eval_on_local_data(tmp_path, capsys, torch_path):
     # unit, 2 on-the-fly, 4 calibrated, checkpoint; then the same with an exact window of 8 tokens
     assert len(rows) == 16 and rows[7].startswith("e4m3fn checkpoint ")
     assert rows[8].startswith("e4m3fn unit +8 exact ") and rows[15].startswith("e4m3fn checkpoint +8 exact ")
-
-
-def test_bench_passes_its_options_through(tmp_path, capsys, torch_path):
-    assert main(["bench", "--model-shape", "tiny", "--device", "cpu", "--cases", "1x16", "--steps", "1",
-                 "--warmup", "0", "--out-dir", str(tmp_path)]) == 0  # fmt: skip
-    rows = json.loads((tmp_path / "decode_benchmark.json").read_text())
-    kinds = [r["cache"] for r in rows]
-    assert kinds[:3] == ["dynamic", "fp8", "fp8+attn"] and kinds == list(available_caches())
-    # 17 tokens x 2 layers x (K, V) x 2 KV heads x d=16 = 2176 FP8 bytes + 16 of scales, over 4352 bf16 bytes
-    assert rows[1]["kv_ratio_vs_dynamic"] == pytest.approx((2176 + 16) / 4352)
-    if "hf-quantized-fp8" in kinds:  # transformers >= 5.21: its fp8 cache holds the same bytes, per-tensor scales
-        assert rows[3]["kv_ratio_vs_dynamic"] == pytest.approx((2176 + 16) / 4352)
-    assert "1x16" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["generate", "--no-such-option"])
