@@ -11,8 +11,8 @@ from helpers import fake_quant_cache, tiny_llama
 from transformers import DynamicCache
 
 from hf_fp8cache import FP8Cache, FP8StaticCache
-from hf_fp8cache.attention import ATTENTION_NAME
-from hf_fp8cache.benchmark import build_model
+from hf_fp8cache.bench.common import build_model
+from hf_fp8cache.contract import ATTENTION_NAME
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning")]

@@ -173,3 +173,15 @@ def test_only_the_cli_imports_the_benchmarks_and_only_lazily():
 def test_no_module_level_import_cycles():
     cycles = _cycles(_module_level_graph(FILES, IMPORTS))
     assert not cycles, "module-level import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_benchmark_modules_share_only_common_and_no_private_names():
+    """The wing's modules once imported each other's private helpers in a circle; now each imports common alone."""
+    wrong = []
+    for path in sorted((ROOT / "hf_fp8cache" / "bench").glob("*.py")):
+        for node, _ in _import_nodes(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module not in (None, "common"):
+                wrong.append(f"{path.name} imports .{node.module}")
+            names = [alias.name for alias in node.names if alias.name.startswith("_")]
+            wrong += [f"{path.name} imports the private {name}" for name in names]
+    assert not wrong, "; ".join(wrong)

@@ -16,6 +16,8 @@ launch overhead (which eager decode adds on top, for every variant).
 Bandwidth counts the K and V bytes each variant must read (FP8: 1 byte an element, bf16: 2), against the copy
 ceiling measured in the same run (a large device-to-device copy, bytes read + written). Also checks the FP8
 kernel against SDPA over the dequantized values (relative error). Writes ``attention_benchmark.{json,csv,png}``.
+
+``--sweep`` instead times the FP8 kernel over a grid of its launch parameters (a tuning aid; prints only).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from typing import Any
 
 import torch
 
-from .benchmark import write_rows
-from .formats import resolve_format
-from .kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv
+from ..formats import resolve_format
+from ..kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv
+from .common import cases_argument, cases_text, copy_ceiling_tb_s, environment, plot_bars, sdpa_backend, write_rows
 
-__all__ = ["run_attention_benchmark"]
+__all__ = ["DEFAULT_CASES", "SWEEP_CASES", "run_attention_benchmark", "run_tuning_sweep", "print_table", "save_rows",
+           "add_arguments", "run"]  # fmt: skip
 
 DEFAULT_CASES = ((1, 4096), (1, 32768), (8, 8192), (8, 32768), (32, 8192))
+SWEEP_CASES = ((8, 32768), (1, 32768))
 _WINDOW = 16  # exact recent tokens of the fp8+exact variant
 
 
@@ -43,12 +47,12 @@ def _time(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> None:
+def run_tuning_sweep(cases=SWEEP_CASES, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> None:
     """Time the FP8 decode kernel over a grid of (keys a step, warps), pipeline stages and split counts; None is the
     kernel's own choice (``program_shape``, ``split_plan``)."""
     import itertools
 
-    from .kernels.attention import decode_attention_fp8
+    from ..kernels.attention import decode_attention as launch
 
     fmt = resolve_format("fp8")
     for B, L in cases:
@@ -58,7 +62,7 @@ def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: 
         results = []
         shapes = ((None, None), (32, 1), (64, 1), (32, 2), (64, 2), (32, 4), (64, 4), (128, 8))
         for (block_n, warps), stages, splits in itertools.product(shapes, (None, 2, 3, 4), (None, 8, 16, 32, 64)):
-            fn = functools.partial(decode_attention_fp8, q, kb, vb, L, start, scale, scale, fmt, head_dim**-0.5,
+            fn = functools.partial(launch, q, kb, vb, L, start, scale, scale, fmt, head_dim**-0.5,
                                    num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)  # fmt: skip
             try:
                 us = _time(fn) * 1e3
@@ -74,38 +78,30 @@ def run_tuning_sweep(cases=((8, 32768), (1, 32768)), heads: int = 32, kv_heads: 
         print("    default:", next(r for r in results if r[1:] == (None, None, None, None)) if results else "-")
 
 
-def _copy_ceiling_tb_s() -> float:
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    import triton.testing
+def _sdpa(backend: str):
+    """SDPA over bf16 K/V (GQA) pinned to one backend: ``sdpa-flash`` pins ``flash``, and so on."""
 
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() / ms / 1e9
-
-
-def _sdpa(backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
-
-    def run(q, k, v):
-        with sdpa_kernel(backends[backend]):
+    def attend(q, k, v):
+        with sdpa_backend(backend.removeprefix("sdpa-")):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    return run
+    return attend
 
 
 def run_attention_benchmark(
     cases=DEFAULT_CASES, heads: int = 32, kv_heads: int = 8, head_dim: int = 128, out_dir: str | Path = "results"
 ) -> list[dict[str, Any]]:
     """Time every variant at every (B, L); print the table, write JSON and PNG, return the rows."""
-    ceiling = _copy_ceiling_tb_s()
+    if not torch.cuda.is_available():
+        raise RuntimeError("the attention benchmark replays CUDA graphs and needs a CUDA GPU")
+    ceiling = copy_ceiling_tb_s()
+    env = {key: value for key, value in environment(torch.device("cuda")).items() if key != "gpu"}
     rows: list[dict[str, Any]] = []
     for B, L in cases:
-        rows += _bench_case(B, L, heads, kv_heads, head_dim, ceiling)
+        rows += [{**row, **env} for row in _bench_case(B, L, heads, kv_heads, head_dim, ceiling)]
         torch.cuda.empty_cache()
-    _report(rows, Path(out_dir))
+    print_table(rows)
+    save_rows(rows, Path(out_dir))
     return rows
 
 
@@ -152,7 +148,8 @@ def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceilin
     return rows
 
 
-def _report(rows: list[dict[str, Any]], out_dir: Path) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """One line per case: each variant's us (TB/s, % of the copy ceiling), the best bf16 SDPA over fp8, fp8's error."""
     ceiling = rows[0]["ceiling_tb_s"]
     print(f"decode attention, {rows[0]['gpu']}, copy ceiling {ceiling:.2f} TB/s; times in us (TB/s, % of ceiling)")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -166,18 +163,31 @@ def _report(rows: list[dict[str, Any]], out_dir: Path) -> None:
         print(
             f"{case:>9} " + " ".join(f"{c:>24}" for c in cells) + f" {speedup:>16} {by['fp8']['fp8_rel_error']:12.2e}"
         )
-    plt = write_rows(rows, out_dir, "attention_benchmark")
-    if plt is None:
-        return
+
+
+def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """Write ``attention_benchmark.json``, ``.csv`` and (with matplotlib) ``.png`` (log-scale us) under ``out_dir``."""
+    write_rows(rows, out_dir, "attention_benchmark")
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(variants)
-    for j, variant in enumerate(variants):
-        values = [next((r["us"] for r in rows if r["case"] == c and r["variant"] == variant), 0) for c in cases]
-        ax.bar([i + j * width for i in range(len(cases))], values, width=width, label=variant)
-    ax.set(xticks=[i + 0.4 - width / 2 for i in range(len(cases))], xticklabels=cases, ylabel="us", yscale="log",
-           title=f"decode attention (32 q / 8 kv heads, d=128), {rows[0]['gpu']}")  # fmt: skip
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "attention_benchmark.png", dpi=120)
-    plt.close(fig)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["case"], r["variant"]): r["us"] for r in rows}
+    series = {variant: [by.get((case, variant)) for case in cases] for variant in variants}
+    title = f"decode attention (32 q / 8 kv heads, d=128), {rows[0]['gpu']}: us"
+    plot_bars(Path(out_dir) / "attention_benchmark.png", cases, [("us", series)], title, log=True)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--cases",
+        type=cases_argument,
+        default=None,
+        help=f"default {cases_text(DEFAULT_CASES)}; with --sweep {cases_text(SWEEP_CASES)}",
+    )
+    parser.add_argument("--sweep", action="store_true", help="tuning sweep of the FP8 decode kernel instead")
+    parser.add_argument("--out-dir", default="results")
+
+
+def run(args) -> list[dict[str, Any]] | None:
+    if args.sweep:
+        return run_tuning_sweep(args.cases or SWEEP_CASES)
+    return run_attention_benchmark(args.cases or DEFAULT_CASES, out_dir=args.out_dir)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hf_fp8cache.benchmark_compiled import print_table, run_compiled_benchmark, save_rows
+from hf_fp8cache.bench.compiled import print_table, run_compiled_benchmark, save_rows
 
 
 def test_bad_settings_and_no_gpu_are_refused_by_name(tmp_path):

@@ -16,12 +16,11 @@ Per (B, L, cache): the median synced GPU ms and wall ms, the pipelined GPU ms, t
 
 Floors: the bytes a decode step must read at least -- every weight once plus the filled K/V (bf16: 2 bytes an
 element, FP8: 1) -- over the copy bandwidth measured in the same run (a large device-to-device copy). Prints a
-table with the ratios; writes ``compiled_benchmark.{json,csv,png}``. GPU: ``hf-fp8cache bench --compiled``.
+table with the ratios; writes ``compiled_benchmark.{json,csv,png}``. GPU: ``hf-fp8cache bench compiled``.
 """
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from pathlib import Path
@@ -29,15 +28,26 @@ from typing import Any
 
 import torch
 
-from .attention import ATTENTION_NAME
-from .benchmark import PREFILL_CHUNK, _environment, build_model, print_aligned, write_rows
-from .benchmark_attention import _copy_ceiling_tb_s
-from .integration import cache_keyword
-from .static_cache import FP8StaticCache
+from ..attention import ATTENTION_NAME
+from ..integration import cache_keyword
+from ..static_cache import FP8StaticCache
+from .common import (
+    MODEL_SHAPES,
+    build_model,
+    cases_argument,
+    copy_ceiling_tb_s,
+    environment,
+    free_memory,
+    parameter_bytes,
+    plot_bars,
+    print_aligned,
+    write_rows,
+)
 
-__all__ = ["run_compiled_benchmark"]
+__all__ = ["KINDS", "run_compiled_benchmark", "print_table", "save_rows", "add_arguments", "run"]
 
 KINDS = ("bf16-static", "fp8-static")
+PREFILL_CHUNK = 2048
 
 
 def _new_cache(kind: str, config, max_cache_len: int):
@@ -88,8 +98,7 @@ def _run_one(model, kind: str, prompt: torch.Tensor, tokens: torch.Tensor, warmu
            "recompiles": max(counters["stats"]["unique_graphs"] - 1, 0)}  # fmt: skip
     del cache, forward
     torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory(torch.device("cuda"))
     return row
 
 
@@ -106,11 +115,11 @@ def run_compiled_benchmark(
     if not torch.cuda.is_available():
         raise RuntimeError("the compiled benchmark runs CUDA graphs and needs a CUDA GPU")
     device = torch.device("cuda")
-    ceiling = _copy_ceiling_tb_s()
+    ceiling = copy_ceiling_tb_s()
     model = build_model(model_shape, device, torch.bfloat16)
     config = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    env = {"model_shape": model_shape, "steps": steps, "warmup": warmup, "copy_tb_s": ceiling, **_environment(device)}
+    weight_bytes = parameter_bytes(model)
+    env = {"model_shape": model_shape, "steps": steps, "warmup": warmup, "copy_tb_s": ceiling, **environment(device)}
     generator = torch.Generator().manual_seed(0)
     rows: list[dict[str, Any]] = []
     for B, L in cases:
@@ -126,7 +135,7 @@ def run_compiled_benchmark(
                          "pipelined_vs_floor": row["pipelined_ms"] / floor_ms, **env})  # fmt: skip
     model.set_attn_implementation("sdpa")
     del model
-    torch.cuda.empty_cache()
+    free_memory(device)
     print_table(rows)
     save_rows(rows, Path(out_dir))
     return rows
@@ -159,21 +168,22 @@ def _both(row: dict[str, Any], synced: str, pipelined: str) -> str:
 
 def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
     """Write ``compiled_benchmark.json``, ``.csv`` and (with matplotlib) ``.png`` under ``out_dir``."""
-    plt = write_rows(rows, out_dir, "compiled_benchmark")
-    if plt is None:
-        return
+    write_rows(rows, out_dir, "compiled_benchmark")
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.14
-    bars = [(kind, key) for kind in KINDS for key in ("gpu_ms_median", "pipelined_ms", "floor_ms")]
     names = {"gpu_ms_median": "synced", "pipelined_ms": "pipelined", "floor_ms": "floor"}
-    for j, (kind, key) in enumerate(bars):
-        values = [next(r for r in rows if r["case"] == case and r["cache"] == kind)[key] for case in cases]
-        offsets = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(cases))]
-        ax.bar(offsets, values, width=width, label=f"{kind} {names[key]}")
-    ax.set(xticks=range(len(cases)), xticklabels=cases, xlabel="B x L", ylabel="GPU ms per decode step")
-    ax.legend()
-    fig.suptitle(f"compiled decode: StaticCache bf16 vs FP8StaticCache ({rows[0]['gpu']})")
-    fig.tight_layout()
-    fig.savefig(out_dir / "compiled_benchmark.png", dpi=120)
-    plt.close(fig)
+    series = {f"{kind} {name}": [next(r for r in rows if r["case"] == case and r["cache"] == kind)[key]
+                                 for case in cases] for kind in KINDS for key, name in names.items()}  # fmt: skip
+    title = f"compiled decode: StaticCache bf16 vs FP8StaticCache ({rows[0]['gpu']})"
+    plot_bars(Path(out_dir) / "compiled_benchmark.png", cases, [("GPU ms per decode step", series)], title)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--cases", type=cases_argument, default=((1, 4096), (8, 32768)), help="e.g. 1x4096,8x32768")
+    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out-dir", default="results")
+
+
+def run(args) -> list[dict[str, Any]]:
+    return run_compiled_benchmark(args.cases, args.model_shape, args.steps, args.warmup, args.out_dir)

@@ -1,0 +1,389 @@
+"""Decode speed through ``model.generate``, the way users call it, with each cache (``hf-fp8cache bench``'s default).
+
+Model: a random-weight Llama -- the ``llama-3.1-8b`` shape in bf16 on the GPU, ``tiny`` in fp32 for CPU smoke
+runs -- with SDPA unless a configuration switches to our attention (``model.set_attn_implementation``). Prompt:
+random ids ``[B, L]``; greedy, ``min_new_tokens = max_new_tokens`` (no early stop).
+
+Per token: ``(t(generate N+1 tokens) - t(generate 1 token)) / N`` (N = 64 by default): the prefill and generate's
+set-up cancel, the N decode steps remain with everything generate does around each forward. Each configuration
+first generates N+1 and then 1 token untimed (Triton kernels and torch.compile compile there), then ``repeats``
+timed pairs; a row gives the median of the pairs' per-token times, tokens/s = B / that time, and the median 1-token
+time as the time to first token. ``torch.cuda.synchronize`` before and after every timed call.
+
+Configurations (``CONFIGURATIONS``):
+
+- ``dynamic``: ``DynamicCache`` + SDPA (generate's default; every ratio is to this row of the same run);
+- ``static``: transformers' static cache, made and compiled by generate (``cache_implementation="static"``);
+- ``hf-quantized-fp8``: transformers' ``QuantizedCache(backend="fp8")`` + SDPA (transformers >= 5.21; older
+  versions give a ``skipped: ...`` row);
+- ``fp8``: ``FP8Cache`` dequantized for the model's SDPA;
+- ``fp8+attn``: ``FP8Cache`` + our attention reading FP8 (``attn_implementation="hf_fp8cache"``);
+- ``fp8+attn+exact16``: the same with ``residual_length=16`` (the 16 most recent tokens also kept exact);
+- ``fp8-static+attn``: ``FP8StaticCache(config, max_cache_len=L+N+1)`` + our attention, compiled by generate
+  (every layer is compileable); one cache for the configuration's calls, ``reset()`` before each, as a user
+  keeps it (a new cache object would recompile).
+
+Memory: ``peak_bytes`` is ``max_memory_allocated`` during the first timed (N+1)-token call minus what was
+allocated before the configuration's first call (the weights): a static cache kept from an earlier call counts as
+much as one made inside the call (CUDA only). ``kv_bytes``: bytes holding the cache's L+N tokens after that call
+(ours: ``nbytes``; static caches: all they allocate); ``kv_allocated_bytes``: with spare capacity. Running out of
+memory in one configuration gives an ``OOM`` row and the run goes on. Prints a table; writes
+``generate_benchmark.{json,csv}`` after every case and ``.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+from ..attention import ATTENTION_NAME
+from ..cache import FP8Cache
+from ..integration import cache_keyword
+from ..static_cache import FP8StaticCache
+from .common import (
+    MODEL_SHAPES,
+    SDPA_BACKENDS,
+    build_model,
+    cases_argument,
+    cases_text,
+    environment,
+    free_memory,
+    plot_bars,
+    print_aligned,
+    sdpa_backend,
+    sync,
+    write_rows,
+)
+
+__all__ = [
+    "CONFIGURATIONS",
+    "Configuration",
+    "GPU_CASES",
+    "CPU_CASES",
+    "kv_nbytes",
+    "run_generate_benchmark",
+    "add_arguments",
+    "run",
+]
+
+GPU_CASES = ((1, 4096), (1, 32768), (8, 16384), (8, 32768))
+CPU_CASES = ((1, 64), (2, 32))
+STEM = "generate_benchmark"
+RECENT_EXACT = 16  # residual_length of the fp8+attn+exact16 configuration
+
+
+def _hf_fp8_missing() -> str | None:
+    from transformers import cache_utils
+
+    if hasattr(cache_utils, "Fp8QuantizedLayer"):
+        return None
+    return f"transformers {transformers.__version__} has no QuantizedCache fp8 backend (5.21+)"
+
+
+def _hf_fp8_cache(config, max_cache_len: int):
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend="fp8", config=config)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One way of generating: the attention implementation, the cache handed to generate (``make_cache(config,
+    max_cache_len)``; None lets generate make its own from ``generate_kwargs``), and whether one cache serves all
+    of the configuration's calls."""
+
+    name: str
+    description: str
+    attention: str
+    make_cache: Callable[[Any, int], Any] | None
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    reuse_cache: bool = False
+    missing: Callable[[], str | None] = lambda: None  # why this environment cannot run it, or None
+
+
+CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
+    Configuration("dynamic", "DynamicCache + SDPA", "sdpa", lambda config, _: DynamicCache(config=config)),
+    Configuration("static", "transformers static cache + SDPA, compiled by generate", "sdpa", None,
+                  {"cache_implementation": "static"}),
+    Configuration("hf-quantized-fp8", "transformers QuantizedCache(backend='fp8') + SDPA", "sdpa", _hf_fp8_cache,
+                  missing=_hf_fp8_missing),
+    Configuration("fp8", "FP8Cache dequantized for SDPA", "sdpa", lambda config, _: FP8Cache(config)),
+    Configuration("fp8+attn", "FP8Cache + hf_fp8cache attention", ATTENTION_NAME, lambda config, _: FP8Cache(config)),
+    Configuration(f"fp8+attn+exact{RECENT_EXACT}", f"FP8Cache(residual_length={RECENT_EXACT}) + hf_fp8cache attention",
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, residual_length=RECENT_EXACT)),
+    Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
+                  lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
+)}  # fmt: skip
+# (row key, table label, divisor, decimals); the table gives each with its ratio to the dynamic row
+COLUMNS = (("ms_per_token", "ms/token", 1, 3), ("tokens_per_s", "tok/s", 1, 1), ("ttft_ms", "TTFT ms", 1, 1),
+           ("kv_bytes", "KV MiB", 2**20, 1), ("peak_bytes", "peak MiB", 2**20, 1))  # fmt: skip
+RATIO_KEYS = {"ms_per_token": "ms_per_token_vs_dynamic", "tokens_per_s": "tokens_per_s_vs_dynamic",
+              "ttft_ms": "ttft_vs_dynamic", "kv_bytes": "kv_bytes_vs_dynamic",
+              "peak_bytes": "peak_vs_dynamic"}  # fmt: skip
+
+
+def kv_nbytes(cache) -> tuple[int, int]:
+    """(bytes holding the cached tokens, bytes allocated) of a cache after generate. Ours report both; an
+    ``FP8StaticCache`` and transformers' caches hold what they allocate (transformers' fp8 layers: the fp8 codes
+    and a 4-byte scale per tensor; the others: their K and V tensors)."""
+    if isinstance(cache, FP8Cache):
+        return cache.nbytes, cache.allocated_nbytes
+    if isinstance(cache, FP8StaticCache):
+        return cache.allocated_nbytes, cache.allocated_nbytes
+    total = 0
+    for layer in cache.layers:
+        quantized = getattr(layer, "_quantized_keys", None)
+        if quantized is not None:  # (fp8 codes, scale) pairs
+            total += sum(t.nbytes for pair in (quantized, layer._quantized_values) for t in pair)
+        else:
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total, total
+
+
+def _forget_generate_state(model) -> None:
+    """Drop what generate keeps on the model between calls -- its compiled forward and the length of the last static
+    cache it made (which would size the next one) -- so every configuration starts as a new session does."""
+    compiled = model.__dict__.pop("_compiled_call", None) is not None
+    for name in ("_last_compile_config", "_previous_max_cache_length", "_cache"):
+        model.__dict__.pop(name, None)
+    if compiled:
+        torch._dynamo.reset()
+
+
+def _timed_generate(model, inputs: dict[str, torch.Tensor], new_tokens: int, cache, extra: dict[str, Any]):
+    """Seconds of one greedy generate of exactly ``new_tokens`` tokens, and the cache it leaves."""
+    keyword = cache_keyword(model)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, **extra)  # fmt: skip
+    if cache is not None:
+        kwargs[keyword] = cache
+    device = inputs["input_ids"].device
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(**inputs, **kwargs)
+    sync(device)
+    seconds = time.perf_counter() - start
+    expected = inputs["input_ids"].shape[1] + new_tokens
+    if out.sequences.shape[1] != expected:
+        raise RuntimeError(f"generate returned {out.sequences.shape[1]} positions, expected {expected}")
+    return seconds, getattr(out, keyword)
+
+
+def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor], new_tokens: int,
+             repeats: int) -> dict[str, Any]:  # fmt: skip
+    """Warm-up, then ``repeats`` timed (N+1, 1)-token pairs with one configuration; the row's measured fields."""
+    device = inputs["input_ids"].device
+    cuda = device.type == "cuda"
+    model.set_attn_implementation(configuration.attention)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    max_cache_len = inputs["input_ids"].shape[1] + new_tokens + 1
+    make = configuration.make_cache
+    shared = make(model.config, max_cache_len) if configuration.reuse_cache else None
+
+    def call(tokens: int):
+        if shared is not None:
+            shared.reset()
+            cache = shared
+        else:
+            cache = None if make is None else make(model.config, max_cache_len)
+        return _timed_generate(model, inputs, tokens, cache, configuration.generate_kwargs)
+
+    call(new_tokens + 1)  # warm-up, the longer call first: a static cache generate makes keeps the longer length
+    call(1)
+    compiled = "_compiled_call" in model.__dict__
+    long_s, short_s = [], []
+    for repeat in range(repeats):
+        if cuda and repeat == 0:
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, cache = call(new_tokens + 1)
+        if repeat == 0:
+            peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+            kv, allocated = kv_nbytes(cache)
+        del cache
+        long_s.append(seconds)
+        short_s.append(call(1)[0])
+    per_token = statistics.median((long - short) / new_tokens for long, short in zip(long_s, short_s))
+    B = inputs["input_ids"].shape[0]
+    return {"ms_per_token": per_token * 1e3, "tokens_per_s": B / per_token if per_token > 0 else None,
+            "ttft_ms": statistics.median(short_s) * 1e3, "generate_ms": statistics.median(long_s) * 1e3,
+            "peak_bytes": peak, "kv_bytes": kv, "kv_allocated_bytes": allocated, "compiled": compiled}  # fmt: skip
+
+
+def _unmeasured(status: str) -> dict[str, Any]:
+    return {"ms_per_token": None, "tokens_per_s": None, "ttft_ms": None, "generate_ms": None, "peak_bytes": None,
+            "kv_bytes": None, "kv_allocated_bytes": None, "compiled": None, "status": status}  # fmt: skip
+
+
+def _run_configuration(model, configuration: Configuration, inputs, new_tokens: int, repeats: int,
+                       backend: str | None) -> dict[str, Any]:  # fmt: skip
+    missing = configuration.missing()
+    if missing:
+        return _unmeasured(f"skipped: {missing}")
+    device = inputs["input_ids"].device
+    _forget_generate_state(model)
+    free_memory(device)
+    try:
+        with torch.no_grad(), sdpa_backend(backend):
+            measured = {**_measure(model, configuration, inputs, new_tokens, repeats), "status": "ok"}
+    except torch.cuda.OutOfMemoryError:
+        measured = _unmeasured("OOM")
+    finally:
+        model.set_attn_implementation("sdpa")
+        _forget_generate_state(model)
+        free_memory(device)
+    return measured
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each metric of a case's rows over the same case's dynamic row (None where either is missing or zero)."""
+    dynamic = next((r for r in rows if r["config"] == "dynamic"), None)
+    for row in rows:
+        for key, ratio in RATIO_KEYS.items():
+            base = dynamic and dynamic[key]
+            row[ratio] = row[key] / base if base and row[key] is not None else None
+
+
+def _defaults(device, model_shape, cases, dtype):
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    model_shape = model_shape or ("llama-3.1-8b" if cuda else "tiny")
+    cases = tuple(cases) if cases is not None else (GPU_CASES if cuda else CPU_CASES)
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    return dev, model_shape, cases, dtype
+
+
+def _check(cases, new_tokens: int, repeats: int, configs: Sequence[str], model_shape: str) -> None:
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not cases or any(len(case) != 2 or min(case) < 1 for case in cases):
+        raise ValueError(f"cases must be (batch, prompt tokens) pairs, each >= 1, got {cases!r}")
+    unknown = [name for name in configs if name not in CONFIGURATIONS]
+    if unknown or not configs:
+        raise ValueError(f"configs must be among {list(CONFIGURATIONS)}, got {list(configs)!r}")
+    if model_shape not in MODEL_SHAPES:
+        raise ValueError(f"model_shape must be one of {sorted(MODEL_SHAPES)}, got {model_shape!r}")
+
+
+def run_generate_benchmark(
+    cases: Sequence[tuple[int, int]] | None = None,
+    model_shape: str | None = None,
+    new_tokens: int = 64,
+    repeats: int = 1,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    configs: Sequence[str] | None = None,
+    out_dir: str | Path = "results",
+    sdpa: str | None = None,
+) -> list[dict[str, Any]]:
+    """Time ``model.generate`` with each configuration at every ``(B, L)``; print, save and return the rows.
+
+    None picks the device's defaults: CUDA when available, the 8B shape in bf16 over ``GPU_CASES`` there, the tiny
+    shape in fp32 over ``CPU_CASES`` on CPU; every configuration."""
+    dev, model_shape, cases, dtype = _defaults(device, model_shape, cases, dtype)
+    configs = list(CONFIGURATIONS) if configs is None else list(configs)
+    _check(cases, new_tokens, repeats, configs, model_shape)
+    if sdpa is not None and sdpa not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa must be one of {SDPA_BACKENDS} or None, got {sdpa!r}")
+    model = build_model(model_shape, dev, dtype)
+    env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
+           "repeats": repeats, "sdpa_backend": sdpa or "default", **environment(dev)}  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for B, L in cases:
+        ids = torch.randint(3, model.config.vocab_size, (B, L), generator=generator).to(dev)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        case_rows = []
+        for name in configs:
+            configuration = CONFIGURATIONS[name]
+            measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa)
+            case_rows.append({"case": f"{B}x{L}", "B": B, "L": L, "config": name,
+                              "description": configuration.description, **measured})  # fmt: skip
+        _add_ratios(case_rows)
+        rows += [{**row, **env} for row in case_rows]
+        write_rows(rows, out_dir, STEM)  # after every case: a long run that dies keeps what it measured
+        del inputs, ids
+    del model
+    free_memory(dev)
+    print_table(rows)
+    save_plot(rows, Path(out_dir))
+    return rows
+
+
+def _cell(value, divisor: float, digits: int) -> str:
+    return "-" if value is None else f"{value / divisor:.{digits}f}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The run's conditions, then one line per case and configuration: each metric and its ratio to dynamic."""
+    first = rows[0]
+    print(f"model.generate, greedy, {first['new_tokens']} new tokens; per token = (t(N+1 tokens) - t(1 token)) / N, "
+          f"median of {first['repeats']} | {first['model_shape']} {first['dtype']} | sdpa {first['sdpa_backend']} | "
+          f"{first['gpu']} | torch {first['torch']} | transformers {first['transformers']} | triton "
+          f"{first['triton']} | {first['git_sha']}")  # fmt: skip
+    head = ["case", "config"]
+    for _, label, _, _ in COLUMNS:
+        head += [label, "/dyn"]
+    lines = [[*head, "compiled", "status"]]
+    for row in rows:
+        line = [row["case"], row["config"]]
+        for key, _, divisor, digits in COLUMNS:
+            line += [_cell(row[key], divisor, digits), _cell(row[RATIO_KEYS[key]], 1, 3)]
+        compiled = "-" if row["compiled"] is None else "yes" if row["compiled"] else "no"
+        lines.append([*line, compiled, row["status"]])
+    print_aligned(lines)
+
+
+def save_plot(rows: list[dict[str, Any]], out_dir: Path) -> bool:
+    """``generate_benchmark.png``: ms per token, KV MiB and (CUDA) peak MiB per case, a bar per configuration."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by = {(r["case"], r["config"]): r for r in rows}
+    panels = []
+    for key, label, divisor, _ in (COLUMNS[0], COLUMNS[3], COLUMNS[4]):
+        if any(r[key] is not None for r in rows):
+            series = {c: [None if by[case, c][key] is None else by[case, c][key] / divisor for case in cases]
+                      for c in configs}  # fmt: skip
+            panels.append((label, {c: values for c, values in series.items() if any(v is not None for v in values)}))
+    if not panels:
+        return False
+    first = rows[0]
+    title = f"model.generate per cache ({first['model_shape']}, {first['dtype']}, {first['gpu']})"
+    return plot_bars(out_dir / f"{STEM}.png", cases, panels, title)
+
+
+def add_arguments(parser) -> None:
+    default = f"GPU {cases_text(GPU_CASES)}, CPU {cases_text(CPU_CASES)}"
+    parser.add_argument("--cases", type=cases_argument, default=None, help=f"batch x prompt tokens (default {default})")
+    parser.add_argument(
+        "--model-shape", choices=sorted(MODEL_SHAPES), default=None, help="default llama-3.1-8b on GPU, tiny on CPU"
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="N: per token = (t(N+1) - t(1)) / N")
+    parser.add_argument("--repeats", type=int, default=1, help="timed (N+1, 1) pairs; the median is reported")
+    parser.add_argument("--configs", default=None, help=f"comma list among {','.join(CONFIGURATIONS)} (default all)")
+    parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="default bfloat16 on GPU, float32 on CPU",
+    )
+    parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=None, help="pin torch SDPA to one backend")
+    parser.add_argument("--out-dir", default="results")  # fmt: skip
+
+
+def run(args) -> list[dict[str, Any]]:
+    return run_generate_benchmark(
+        args.cases, args.model_shape, args.new_tokens, args.repeats, args.device,
+        getattr(torch, args.dtype) if args.dtype else None,
+        args.configs.split(",") if args.configs else None, args.out_dir, args.sdpa_backend,
+    )  # fmt: skip

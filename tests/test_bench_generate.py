@@ -1,0 +1,168 @@
+"""The default benchmark, ``model.generate`` per cache, on the tiny shape on CPU: every configuration gives a row
+whose numbers agree with each other and with the same run's DynamicCache row (the timings themselves are the GPU
+machine's business; CPU times here only have to be positive)."""
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+
+import pytest
+import torch
+from hf_fp8cache.kernels import cpu_backend
+
+from hf_fp8cache.bench import generate
+from hf_fp8cache.bench.generate import CONFIGURATIONS, run_generate_benchmark
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+B, L, N = 2, 24, 6
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16  # the tiny shape
+SCALE_BYTES = LAYERS * 2 * 4  # one fp32 scale per layer for K and for V
+
+
+def _kv_bytes(tokens: int, itemsize: int) -> int:
+    return LAYERS * 2 * B * KV_HEADS * tokens * HEAD_DIM * itemsize
+
+
+@contextlib.contextmanager
+def _quick_cpu():
+    """One thread (the test machine's cores are shared: more threads made a tiny decode step 50x slower) and the
+    torch reference for the kernels on CPU tensors (the interpreter writes the same bytes, slowly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with cpu_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("generate")
+    printed = io.StringIO()
+    with _quick_cpu(), contextlib.redirect_stdout(printed):
+        rows = run_generate_benchmark(cases=((B, L),), model_shape="tiny", new_tokens=N, repeats=3, device="cpu",
+                                      dtype=torch.bfloat16, out_dir=out)  # fmt: skip
+    return {row["config"]: row for row in rows}, rows, out, printed.getvalue()
+
+
+def test_every_configuration_gives_a_row_with_positive_consistent_times(run):
+    by, rows, _, _ = run
+    assert list(by) == list(CONFIGURATIONS)
+    for row in rows:
+        if row["config"] == "hf-quantized-fp8" and generate._hf_fp8_missing():  # transformers < 5.21
+            assert row["status"].startswith("skipped: transformers ") and row["ms_per_token"] is None
+            continue
+        assert row["status"] == "ok", row
+        assert row["ms_per_token"] > 0 and row["ttft_ms"] > 0
+        assert row["tokens_per_s"] == pytest.approx(B / (row["ms_per_token"] / 1e3))
+        assert row["compiled"] is False  # generate compiles on CUDA only
+        assert row["peak_bytes"] is None  # CUDA only
+        assert (row["case"], row["B"], row["L"], row["new_tokens"], row["repeats"]) == (f"{B}x{L}", B, L, N, 3)
+        assert row["dtype"] == "bfloat16" and row["gpu"] == "cpu" and row["git_sha"]
+
+
+def test_kv_bytes_of_each_cache(run):
+    by, _, _, _ = run
+    tokens = L + N  # the prompt and every generated token but the last
+    dynamic = _kv_bytes(tokens, 2)  # bf16
+    assert by["dynamic"]["kv_bytes"] == by["dynamic"]["kv_allocated_bytes"] == dynamic
+    # FP8: half of DynamicCache's bytes plus the scales; allocated in 256-token steps of capacity (the amortized spare)
+    for name in ("fp8", "fp8+attn"):
+        assert by[name]["kv_bytes"] == dynamic // 2 + SCALE_BYTES
+        assert by[name]["kv_allocated_bytes"] == _kv_bytes(256, 1) + SCALE_BYTES
+    ring = _kv_bytes(generate.RECENT_EXACT, 2)  # the 16 most recent tokens also in bf16
+    assert by["fp8+attn+exact16"]["kv_bytes"] == dynamic // 2 + SCALE_BYTES + ring
+    # static caches hold what they allocate: ours max_cache_len = L + N + 1 tokens, transformers' as generate sizes it
+    assert by["fp8-static+attn"]["kv_bytes"] == by["fp8-static+attn"]["kv_allocated_bytes"]
+    assert by["fp8-static+attn"]["kv_bytes"] == _kv_bytes(tokens + 1, 1) + SCALE_BYTES
+    assert by["static"]["kv_bytes"] in (dynamic, _kv_bytes(tokens + 1, 2))
+    if by["hf-quantized-fp8"]["status"] == "ok":  # transformers' fp8 layers: the codes and a 4-byte scale a tensor
+        assert by["hf-quantized-fp8"]["kv_bytes"] == dynamic // 2 + SCALE_BYTES
+
+
+def test_ratios_are_to_the_same_runs_dynamic_row(run):
+    by, rows, _, _ = run
+    dynamic = by["dynamic"]
+    for row in rows:
+        if row["status"] != "ok":
+            assert row["ms_per_token_vs_dynamic"] is None and row["kv_bytes_vs_dynamic"] is None
+            continue
+        assert row["ms_per_token_vs_dynamic"] == pytest.approx(row["ms_per_token"] / dynamic["ms_per_token"])
+        assert row["tokens_per_s_vs_dynamic"] == pytest.approx(row["tokens_per_s"] / dynamic["tokens_per_s"])
+        assert row["ttft_vs_dynamic"] == pytest.approx(row["ttft_ms"] / dynamic["ttft_ms"])
+        assert row["kv_bytes_vs_dynamic"] == pytest.approx(row["kv_bytes"] / dynamic["kv_bytes"])
+        assert row["peak_vs_dynamic"] is None
+    assert dynamic["ms_per_token_vs_dynamic"] == dynamic["kv_bytes_vs_dynamic"] == 1.0
+    assert by["fp8"]["kv_bytes_vs_dynamic"] == pytest.approx(0.5 + SCALE_BYTES / _kv_bytes(L + N, 2))
+
+
+def test_rows_are_printed_and_written(run):
+    by, rows, out, printed = run
+    assert f"{N} new tokens" in printed and "tiny bfloat16" in printed
+    line = next(line.split() for line in printed.splitlines() if line.split()[:2] == [f"{B}x{L}", "fp8"])
+    assert line[9] == f"{by['fp8']['kv_bytes_vs_dynamic']:.3f}"  # KV MiB /dyn, the 10th cell
+    assert line[-2:] == ["no", "ok"]
+    assert json.loads((out / "generate_benchmark.json").read_text()) == rows
+    csv_lines = (out / "generate_benchmark.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("case,B,L,config,description,ms_per_token,tokens_per_s") and len(csv_lines) == 8
+    assert (out / "generate_benchmark.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_per_token_time_is_the_difference_of_two_generates_over_n(tmp_path, monkeypatch):
+    # a clock where every generate costs 10 ms plus 2 ms a token after the first (3 ms with FP8)
+    real = generate._timed_generate
+
+    def timed(model, inputs, new_tokens, cache, extra):
+        _, cache = real(model, inputs, new_tokens, cache, extra)
+        per_token = 0.003 if isinstance(cache, generate.FP8Cache) else 0.002
+        return 0.010 + per_token * (new_tokens - 1), cache
+
+    monkeypatch.setattr(generate, "_timed_generate", timed)
+    with _quick_cpu():
+        rows = run_generate_benchmark(cases=((4, 8),), model_shape="tiny", new_tokens=5, repeats=2, device="cpu",
+                                      configs=["dynamic", "fp8"], out_dir=tmp_path)  # fmt: skip
+    dynamic, fp8 = rows
+    assert (dynamic["ms_per_token"], dynamic["ttft_ms"], dynamic["generate_ms"]) == pytest.approx((2.0, 10.0, 20.0))
+    assert dynamic["tokens_per_s"] == pytest.approx(4 / 0.002)  # B / per-token time
+    assert (fp8["ms_per_token"], fp8["ms_per_token_vs_dynamic"]) == pytest.approx((3.0, 1.5))
+    assert fp8["tokens_per_s_vs_dynamic"] == pytest.approx(2 / 3) and fp8["ttft_vs_dynamic"] == pytest.approx(1.0)
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def no_memory(config, max_cache_len):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    patched = {**CONFIGURATIONS, "fp8": dataclasses.replace(CONFIGURATIONS["fp8"], make_cache=no_memory),
+               "static": dataclasses.replace(CONFIGURATIONS["static"], missing=lambda: "not here")}  # fmt: skip
+    monkeypatch.setattr(generate, "CONFIGURATIONS", patched)
+    with _quick_cpu():
+        rows = run_generate_benchmark(cases=((1, 8),), model_shape="tiny", new_tokens=2, device="cpu",
+                                      configs=["dynamic", "fp8", "static", "fp8+attn"], out_dir=tmp_path)  # fmt: skip
+    by = {row["config"]: row for row in rows}
+    assert by["fp8"]["status"] == "OOM" and by["fp8"]["ms_per_token"] is None and by["fp8"]["kv_bytes"] is None
+    assert by["static"]["status"] == "skipped: not here"
+    assert by["dynamic"]["status"] == by["fp8+attn"]["status"] == "ok"  # measured after the OOM, with its attention
+    fp8 = LAYERS * 2 * KV_HEADS * (8 + 2) * HEAD_DIM  # batch 1, 8 + 2 tokens, one byte each; the model is fp32
+    assert by["fp8+attn"]["kv_bytes_vs_dynamic"] == pytest.approx((fp8 + SCALE_BYTES) / (4 * fp8))
+    assert any(line.split()[1:] == ["fp8", *["-"] * 10, "-", "OOM"] for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"new_tokens": 0}, "new_tokens must be an int >= 1, got 0"),
+        ({"repeats": 0}, "repeats must be an int >= 1, got 0"),
+        ({"cases": ((8, 0),)}, r"cases must be \(batch, prompt tokens\) pairs, each >= 1, got \(\(8, 0\),\)"),
+        ({"configs": ["dynamic", "fp9"]}, r"configs must be among \['dynamic', .*got \['dynamic', 'fp9'\]"),
+        ({"model_shape": "llama-70b"}, "model_shape must be one of .*got 'llama-70b'"),
+        ({"sdpa": "fastest"}, "sdpa must be one of .*got 'fastest'"),
+    ],
+)
+def test_bad_settings_are_refused_by_name_before_building_a_model(kwargs, match, monkeypatch, tmp_path):
+    monkeypatch.setattr(generate, "build_model", lambda *args: pytest.fail("built a model for bad settings"))
+    with pytest.raises(ValueError, match=match):
+        run_generate_benchmark(**{"device": "cpu", "out_dir": tmp_path, **kwargs})
