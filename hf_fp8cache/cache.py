@@ -280,10 +280,13 @@ class FP8CacheLayer(FP8LayerBase):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices) -> None:
-        """Keep the batch rows ``indices`` names: any index form ``DynamicCache`` takes (a list or tuple of rows, an
-        integer tensor, a bool mask), always along the batch dim."""
-        index = torch.as_tensor(indices)
-        self._map_batch(lambda t: t[index.to(t.device)])
+        """Keep the batch rows ``indices`` names: any index form ``DynamicCache`` takes (a slice, a list or tuple of
+        rows, an integer tensor, a bool mask), always along the batch dim."""
+        if isinstance(indices, slice):
+            self._map_batch(lambda t: t[indices])
+        else:
+            index = torch.as_tensor(indices)
+            self._map_batch(lambda t: t[index.to(t.device)])
 
 
 class QuantizedFP8Cache(Cache):

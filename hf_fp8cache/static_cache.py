@@ -107,6 +107,7 @@ class FP8StaticLayer(FP8LayerBase):
         self.row_start: torch.Tensor | None = None  # int32 [B]: this device's buffer, once initialized
         self.writes_row_start = False  # whether this layer reduces the mask into it each step
         self._first_prefill = True  # the next update is a prompt into an empty layer (a host flag: no sync)
+        self._scales_pending = calculate_kv_scales  # again after reset(), not after a crop (as the dynamic cache)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -201,7 +202,6 @@ class FP8StaticLayer(FP8LayerBase):
         if new_tokens > self.max_cache_len:
             raise ValueError(f"layer {self.layer_idx}: {new_tokens} tokens exceed max_cache_len={self.max_cache_len}")
         first_prefill = self._first_prefill and new_tokens > 0
-        self._scales_pending = first_prefill and self.calculate_kv_scales
         waits = self._write_or_defer(key_states, value_states, self.cumulative_length)
         self.cumulative_length.add_(new_tokens)
         self._first_prefill = self._first_prefill and new_tokens == 0
@@ -262,6 +262,7 @@ class FP8StaticLayer(FP8LayerBase):
         if self.is_initialized:
             self.cumulative_length.zero_()
         self._first_prefill = True
+        self._scales_pending = self.calculate_kv_scales
         self._pending_write = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -270,6 +271,9 @@ class FP8StaticLayer(FP8LayerBase):
             self.cumulative_length.clamp_(max=tokens_to_remove)
         else:
             self.cumulative_length.sub_(-tokens_to_remove).clamp_(min=0)
+        # an emptied layer takes its next prompt as a first prefill (exact K/V), as the dynamic cache does; crop runs
+        # outside compiled steps (assisted decoding), so reading the length back costs one sync there
+        self._first_prefill = int(self.cumulative_length) == 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the batch rows in place (the buffers keep their addresses)."""
