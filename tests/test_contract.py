@@ -1,0 +1,99 @@
+"""The cache <-> attention contract (``contract.py``), checked the same way over both layer kinds: what ``update``
+hands our attention, and what ``attention_inputs(mask)`` returns for it."""
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from hf_fp8cache import FP8Cache, FP8StaticCache
+from hf_fp8cache.contract import ATTENTION_NAME, LAYER_ATTRIBUTE, FP8AttentionInputs
+
+KINDS = ["dynamic", "static"]
+PADS = [0, 3, 1]  # left padding of each row
+
+
+@pytest.fixture(scope="module")
+def config():
+    model = tiny_llama(seed=4)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.config
+
+
+def _cache(kind, config):
+    if kind == "dynamic":
+        return FP8Cache(config)
+    return FP8StaticCache(config, max_cache_len=16)
+
+
+def _mask(kv_length, pads=PADS, query_length=1):
+    """A 4-D bool mask as transformers builds it: ``query_length`` new tokens over ``kv_length`` positions, causal,
+    each row's first ``pads`` positions padded."""
+    keys = torch.arange(kv_length)
+    queries = torch.arange(kv_length - query_length, kv_length)
+    causal = keys[None, :] <= queries[:, None]
+    padded = keys[None, :] < torch.tensor(pads)[:, None]
+    return (causal[None] & ~padded[:, None])[:, None]
+
+
+def _filled(kind, config, prompt=6):
+    """A cache of both layers after a prompt of ``prompt`` tokens and one decode token; returns (cache, decode K)."""
+    cache = _cache(kind, config)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(PADS), 2, prompt, 16, generator=g)
+    step = torch.randn(len(PADS), 2, 1, 16, generator=g)
+    returned = []
+    for layer in range(2):
+        cache.update(x, x * 0.5, layer)
+        returned.append(cache.update(step, step, layer)[0])
+    return cache, returned
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_hands_our_attention_fp8_views_that_name_their_layer(kind, config, torch_path):
+    cache, returned = _filled(kind, config)
+    for layer, key in zip(cache.layers, returned):
+        assert key.dtype == torch.float8_e4m3fn and getattr(key, LAYER_ATTRIBUTE) is layer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attention_inputs_describe_what_the_layer_holds(kind, config, torch_path):
+    cache, _ = _filled(kind, config)
+    mask = _mask(7 if kind == "dynamic" else 16)
+    for layer in cache.layers:  # in a forward's order: the static cache's first layer reduces the mask for all
+        inputs = layer.attention_inputs(mask)
+    assert isinstance(inputs, FP8AttentionInputs) and inputs.fmt is cache.format
+    assert int(inputs.length) == 7 and inputs.recent is None
+    assert inputs.kv_start.dtype == torch.int32 and inputs.kv_start.tolist() == PADS
+    for buffer in (inputs.key_bytes, inputs.value_bytes):
+        assert buffer.dtype == torch.uint8 and buffer.shape[:2] == (3, 2) and buffer.shape[3] == 16
+    # the bytes and scales are the layer's: dequantized by hand they are what the dequantize path returns
+    by_hand = inputs.key_bytes[:, :, :7].view(torch.float8_e4m3fn).float() * inputs.key_scale
+    assert torch.equal(by_hand, layer.dequantized()[0][:, :, :7])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_starts_are_computed_once_per_mask_and_shared_by_the_layers(kind, config, torch_path):
+    cache, _ = _filled(kind, config)
+    kv_length = 7 if kind == "dynamic" else 16
+    mask = _mask(kv_length)
+    first, second = (layer.attention_inputs(mask).kv_start for layer in cache.layers)
+    assert first is second and first.tolist() == PADS
+    other = _mask(kv_length, pads=[2, 0, 5])  # the next step's mask: new starts, for every layer
+    assert [layer.attention_inputs(other).kv_start.tolist() for layer in cache.layers] == [[2, 0, 5]] * 2
+
+
+def test_dynamic_row_starts_follow_a_batch_that_changes(config, torch_path):
+    cache, _ = _filled("dynamic", config)
+    assert cache.layers[0].attention_inputs(_mask(7)).kv_start.tolist() == PADS
+    cache.batch_select_indices([2, 0])
+    assert cache.layers[0].attention_inputs(_mask(7, pads=[1, 0])).kv_start.tolist() == [1, 0]
+    assert cache.layers[1].attention_inputs(None).kv_start.tolist() == [0, 0]  # no mask: every row from 0
+
+
+def test_the_exact_window_travels_in_the_bundle(config, torch_path):
+    cache = FP8Cache(config, residual_length=4)
+    x = torch.randn(3, 2, 6, 16)
+    cache.update(x, x, 0)
+    cache.update(x[:, :, :1], x[:, :, :1], 0)
+    recent = cache.layers[0].attention_inputs(None).recent
+    assert recent.start == 3 and recent.keys.shape == (3, 2, 4, 16)  # positions 3..6 are held exactly
