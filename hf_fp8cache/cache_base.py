@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -51,17 +52,28 @@ class DequantWorkspace:
 class RowStarts:
     """The first attended position of each batch row, computed once per attention mask and device and shared by the
     layers of a dynamic cache: every layer of one forward gets the same mask object (a new one each forward, so a
-    batch that changes between steps is always seen). An in-place change of the mask is seen through its version."""
+    batch that changes between steps is always seen). An in-place change of the mask is seen through its version.
+    The mask is held weakly: a prefill's ``[B, 1, L, L]`` mask must not outlive its forward."""
 
     def __init__(self) -> None:
-        self._mask: torch.Tensor | None = None
+        self._mask: weakref.ref | str | None = None  # a weak reference to the last mask, "none" for no mask
         self._version = -1
         self._starts: dict[tuple[int, torch.device], torch.Tensor] = {}
 
+    def _seen(self, attention_mask: torch.Tensor | None) -> bool:
+        if attention_mask is None:
+            return self._mask == "none"
+        return (
+            isinstance(self._mask, weakref.ref)
+            and self._mask() is attention_mask
+            and attention_mask._version == self._version
+        )
+
     def __call__(self, attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        version = -1 if attention_mask is None else attention_mask._version
-        if attention_mask is not self._mask or version != self._version:
-            self._mask, self._version, self._starts = attention_mask, version, {}
+        if not self._seen(attention_mask):
+            self._mask = "none" if attention_mask is None else weakref.ref(attention_mask)
+            self._version = -1 if attention_mask is None else attention_mask._version
+            self._starts = {}
         starts = self._starts.get((batch, device))
         if starts is None:
             starts = self._starts[(batch, device)] = kv_start_from_mask(attention_mask, batch, device)

@@ -97,3 +97,18 @@ def test_the_exact_window_travels_in_the_bundle(config, torch_path):
     cache.update(x[:, :, :1], x[:, :, :1], 0)
     recent = cache.layers[0].attention_inputs(None).recent
     assert recent.start == 3 and recent.keys.shape == (3, 2, 4, 16)  # positions 3..6 are held exactly
+
+
+def test_dynamic_row_starts_hold_no_mask_alive(config, torch_path):
+    """A prefill's [B, 1, L, L] mask must not outlive its forward (8 x 32768 tokens: 8.6 GB of bools)."""
+    import gc
+    import weakref
+
+    cache, _ = _filled("dynamic", config)
+    mask = _mask(7)
+    cache.layers[0].attention_inputs(mask)
+    alive = weakref.ref(mask)
+    del mask
+    gc.collect()
+    assert alive() is None
+    assert cache.layers[0].attention_inputs(None).kv_start.tolist() == [0, 0, 0]  # a dead mask is not reused
