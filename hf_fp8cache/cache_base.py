@@ -16,6 +16,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, attended_positions, kv_start_from_mask
 from .formats import FP8Format, resolve_format
 from .scales import ONTHEFLY_HEADROOM, KVScales, check_scale_range, check_strategy, onthefly_scale, outlier_warning
+from .sharding import agree_across_ranks, local_head_scales
 
 __all__ = ["FP8LayerBase"]
 
@@ -126,12 +127,16 @@ class FP8LayerBase(CacheLayerMixin):
             unit = torch.ones(unit_heads, dtype=torch.float32, device=self.device)
             return unit, unit.clone()
         key_scale, value_scale = (s.to(self.device, torch.float32).contiguous() for s in self._given_scales)
-        if key_scale.numel() not in (1, heads):
-            raise ValueError(
-                f"layer {self.layer_idx}: per-head scales are for {key_scale.numel()} KV heads "
-                f"but key_states has {heads}"
-            )
-        return key_scale, value_scale
+        model_heads, what = self._model_kv_heads(), f"layer {self.layer_idx}"
+        # under tensor parallelism: the scales of this rank's heads (sharding.py)
+        return (local_head_scales(key_scale, heads, model_heads, what),
+                local_head_scales(value_scale, heads, model_heads, what))  # fmt: skip
+
+    def _model_kv_heads(self) -> int | None:
+        """The model's KV heads by its config (a tensor-parallel rank holds fewer), None without a config."""
+        if self._attention_config is None:
+            return None
+        return getattr(self._attention_config.get_text_config(decoder=True), "num_key_value_heads", None)
 
     def _onthefly_scales(
         self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None
@@ -141,6 +146,7 @@ class FP8LayerBase(CacheLayerMixin):
         scales = []
         for kind, states in (("key", key_states), ("value", value_states)):
             scale = onthefly_scale(states, self.fmt, self.strategy, ONTHEFLY_HEADROOM[kind], valid)
+            scale = agree_across_ranks(scale, self.strategy, states.shape[1], self._model_kv_heads())
             if not torch.compiler.is_compiling():  # one number read back, once per layer and prefill
                 message = outlier_warning(states, scale, self.fmt, valid, f"layer {self.layer_idx} {kind}s")
                 if message is not None:
