@@ -45,6 +45,11 @@ def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float) -> to
 
 def fp8_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``query`` [B, Hq, Sq, D]; returns ([B, Sq, Hq, D], None)."""
+    if kwargs.get("s_aux") is not None:  # SDPA would silently drop them
+        raise ValueError(
+            f"attn_implementation={ATTENTION_NAME!r} does not support learned attention sinks (s_aux, GPT-OSS) yet; "
+            "load the model with attn_implementation='eager': the FP8 caches then hand it dequantized K/V"
+        )
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is not None:
         inputs = layer.attention_inputs(attention_mask)
