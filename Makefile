@@ -26,5 +26,6 @@ test: install
 bench: install
 	$(BIN)/hf-fp8cache bench
 
+# ruff, then mypy over the package and its kernels ([tool.mypy] in pyproject.toml)
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -11,9 +11,7 @@ import tempfile
 
 import torch
 
-from hf_fp8cache import FP8Cache, calibrate, load_kv_scales
-from hf_fp8cache.integration import cache_keyword
-from hf_fp8cache.models import load_model_and_tokenizer
+from hf_fp8cache import FP8Cache, cache_keyword, calibrate, load_kv_scales, load_model_and_tokenizer
 
 output = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="smollm2-fp8-kv-")
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,9 +8,7 @@ python examples/compiled_generate.py
 
 import torch
 
-from hf_fp8cache import FP8StaticCache
-from hf_fp8cache.integration import cache_keyword
-from hf_fp8cache.models import load_model_and_tokenizer
+from hf_fp8cache import FP8StaticCache, cache_keyword, load_model_and_tokenizer
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model, tokenizer = load_model_and_tokenizer(device=device)

@@ -5,9 +5,7 @@ python examples/generate.py
 
 import torch
 
-from hf_fp8cache import FP8Cache
-from hf_fp8cache.integration import cache_keyword
-from hf_fp8cache.models import load_model_and_tokenizer
+from hf_fp8cache import FP8Cache, cache_keyword, load_model_and_tokenizer
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model, tokenizer = load_model_and_tokenizer(device=device)  # or a Hub id / local dir as the first argument

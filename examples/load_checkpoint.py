@@ -11,15 +11,13 @@ import sys
 
 import torch
 
-from hf_fp8cache import FP8Cache, load_kv_scales
-from hf_fp8cache.integration import cache_keyword
-from hf_fp8cache.models import DEFAULT_MODEL, load_model_and_tokenizer
+from hf_fp8cache import FP8Cache, cache_keyword, load_kv_scales, load_model_and_tokenizer
 
 checkpoint = sys.argv[1]
 print(load_kv_scales(checkpoint))  # validated: finite, positive, every layer present, head counts
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model, tokenizer = load_model_and_tokenizer(sys.argv[2] if len(sys.argv) > 2 else DEFAULT_MODEL, device=device)
+model, tokenizer = load_model_and_tokenizer(*sys.argv[2:3], device=device)  # MODEL, else the embedded SmolLM2
 cache = FP8Cache.from_pretrained(checkpoint, config=model.config)  # checked against the model
 inputs = tokenizer("A KV cache stores", return_tensors="pt").to(device)
 out = model.generate(**inputs, max_new_tokens=20, do_sample=False, **{cache_keyword(model): cache})

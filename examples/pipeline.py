@@ -10,8 +10,7 @@ generate call that brings no cache a fresh FP8 cache.
 import torch
 from transformers import pipeline
 
-from hf_fp8cache import attach, detach
-from hf_fp8cache.models import load_model_and_tokenizer
+from hf_fp8cache import attach, detach, load_model_and_tokenizer
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model, tokenizer = load_model_and_tokenizer(device=device)

@@ -5,7 +5,8 @@ from .cache import FP8Cache, QuantizedFP8Cache
 from .calibration import calibrate
 from .checkpoint import load_kv_scales, save_kv_scales
 from .formats import FORMATS, FP8Format, resolve_format
-from .integration import attach, detach
+from .integration import attach, cache_keyword, detach
+from .models import load_model_and_tokenizer
 from .scales import KVScales
 from .static_cache import FP8StaticCache
 
@@ -17,9 +18,11 @@ __all__ = [
     "KVScales",
     "QuantizedFP8Cache",
     "attach",
+    "cache_keyword",
     "calibrate",
     "detach",
     "load_kv_scales",
+    "load_model_and_tokenizer",
     "resolve_format",
     "save_kv_scales",
 ]

@@ -4,7 +4,6 @@ see only unpadded positions. The on-the-fly rule of the first prefill lives besi
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -14,9 +13,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .formats import FP8Format, resolve_format
 from .scales import KVScales, check_strategy
 
-__all__ = ["OBSERVERS", "Observation", "Observer", "calibrate", "observe"]
+__all__ = ["DATASET_SUFFIXES", "OBSERVERS", "Observation", "Observer", "calibrate", "observe"]
 
 OBSERVERS = ("amax", "mse")
+# Local dataset files: .txt is split into paragraphs here; the others are read by ``datasets`` with this loader.
+_DATASET_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+DATASET_SUFFIXES = (".txt", *_DATASET_LOADERS)  # the local files ``calibrate``'s ``dataset`` may name
 # MSE search: candidate scales alpha * amax / fmax; alpha > 1 leaves headroom, alpha < 1 clips the largest values.
 _MSE_ALPHAS = tuple(round(0.5 + 0.05 * i, 2) for i in range(31))  # 0.50 .. 2.00
 _MSE_SAMPLES_PER_HEAD = 1 << 16  # bounded memory: a uniform sample of the values seen, per head
@@ -46,7 +48,7 @@ class Observer:
     def scale(self, fmt: FP8Format, strategy: str, observer: str) -> torch.Tensor:
         """``"amax"``: amax / fmax. ``"mse"``: the candidate ``alpha * amax / fmax`` (alpha 0.5..2) with the lowest
         mean squared FP8 round-trip error over the sample (per head, or over all heads for ``"tensor"``)."""
-        if self.amax is None:
+        if self.amax is None or self.samples is None:
             raise ValueError(f"no {self.kind} values were observed")
         amax = self.amax.amax().reshape(1) if strategy == "tensor" else self.amax
         base = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
@@ -125,7 +127,10 @@ class Observation:
             self.observers[key] = Observer(kind, self.seed + len(self.observers))
         self.observers[key].update(rows)
 
-    def scales(self, fmt: FP8Format, strategy: str = "tensor", observer: str = "mse", query: bool = False) -> KVScales:
+    def scales(
+        self, fmt: FP8Format, strategy: str = "tensor", *, observer: str = "mse", query: bool = False
+    ) -> KVScales:
+        """Scales for ``fmt`` by ``observer`` (see ``calibrate``); with ``query``, the observed Q scales too."""
         check_strategy(strategy)
         _check_observer(observer)
         layers = sorted({layer for kind, layer in self.observers if kind == "k"})
@@ -135,7 +140,7 @@ class Observation:
             raise ValueError(f"observed layers {layers} are not 0..{len(layers) - 1}")
         scale = lambda kind, i: self.observers[(kind, i)].scale(fmt, strategy, observer)
         queries = [scale("q", i) if ("q", i) in self.observers else None for i in layers] if query else None
-        return KVScales([scale("k", i) for i in layers], [scale("v", i) for i in layers], strategy, queries)
+        return KVScales([scale("k", i) for i in layers], [scale("v", i) for i in layers], strategy, query=queries)
 
 
 _OBSERVE_ATTENTION = "hf_fp8cache_calibration"
@@ -170,12 +175,9 @@ def _texts(dataset, tokenizer, split: str | None, text_column: str | None, num_s
             paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
             return [p for p in paragraphs if p][:num_samples]
         if path.is_file():
-            kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-            if path.suffix not in kinds:
-                raise ValueError(
-                    f"{path}: unsupported file type {path.suffix!r}; use .txt, .json, .jsonl, .parquet, .csv"
-                )
-            dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+            if path.suffix not in _DATASET_LOADERS:
+                raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(DATASET_SUFFIXES)}")
+            dataset = datasets.load_dataset(_DATASET_LOADERS[path.suffix], data_files=str(path), split="train")
         else:
             default_split = "train_sft" if "ultrachat" in str(dataset) else "train"
             dataset = datasets.load_dataset(str(dataset), split=split or default_split)
@@ -197,6 +199,7 @@ def observe(
     model,
     tokenizer,
     dataset=None,
+    *,
     num_samples: int = 512,
     max_seq_len: int = 2048,
     batch_size: int = 1,
@@ -206,8 +209,16 @@ def observe(
     seed: int = 42,
     progress: bool = True,
 ) -> Observation:
-    """Run ``model`` over calibration text and collect per-layer statistics (see ``calibrate``)."""
+    """Run ``model`` over calibration text and collect per-layer, per-head statistics of the K and V (and Q) it
+    writes; ``Observation.scales`` turns them into scales.
+
+    Args:
+        model, tokenizer, dataset, num_samples, max_seq_len, batch_size, include_query, split, text_column, seed,
+            progress: as for ``calibrate``.
+    """
     from tqdm.auto import tqdm
+
+    from .integration import cache_keyword
 
     if num_samples < 1 or max_seq_len < 2 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1, max_seq_len >= 2, batch_size >= 1; got {num_samples}, "
@@ -221,7 +232,7 @@ def observe(
         raise ValueError(f"all {len(texts)} calibration samples are shorter than 2 tokens")
     samples.sort(key=len, reverse=True)
     observation = Observation(seed)
-    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keyword = cache_keyword(model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     original_attention = model.config._attn_implementation
@@ -243,7 +254,7 @@ def observe(
                 valid[row, : len(sample)] = True
             observation.valid = valid
             model(input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=True,
-                  **{cache_keyword: _ObservingCache(observation)})  # fmt: skip
+                  **{keyword: _ObservingCache(observation)})  # fmt: skip
     finally:
         if include_query:
             model.set_attn_implementation(original_attention)
@@ -254,6 +265,7 @@ def calibrate(
     model,
     tokenizer,
     dataset=None,
+    *,
     num_samples: int = 512,
     max_seq_len: int = 2048,
     strategy: str = "tensor",
@@ -268,19 +280,33 @@ def calibrate(
 ) -> KVScales:
     """Static KV (and optionally Q) scales from running ``model`` over calibration text.
 
-    ``dataset``: None (built-in offline English, ``corpus.documents("calibration")``), a list of strings, a local
-    ``.txt`` (one sample per paragraph) / ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file, a ``datasets``
-    id (``split`` defaults to ``train_sft`` for ultrachat, else ``train``; chat ``messages`` get the tokenizer's
-    chat template, as vLLM's recipe does) or a ``datasets.Dataset``. Shuffled with ``seed``, ``num_samples``
-    taken, each truncated to ``max_seq_len`` tokens; batches are right-padded and padding is never observed.
-    The post-RoPE K and V every attention layer writes to the cache (and Q, with ``include_query``) are observed
-    per layer and head, and turned into scales by ``observer``: ``"amax"`` (llm-compressor's static min-max,
-    scale = amax / fmax) or ``"mse"`` (of the candidates 0.5x..2x that, the one minimising the FP8 round-trip
-    MSE over a bounded uniform sample of the values). Memory stays bounded however long the text.
+    The post-RoPE K and V every attention layer writes to the cache (and Q, with ``include_query``) are observed per
+    layer and head over the unpadded positions, and turned into scales by ``observer``. Memory stays bounded however
+    long the text.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer.
+        dataset: None (built-in offline English, ``corpus.documents("calibration")``), a list of strings, a local
+            file (``DATASET_SUFFIXES``: ``.txt`` gives one sample per paragraph; ``.json`` / ``.jsonl`` /
+            ``.parquet`` / ``.csv``), a ``datasets`` id or a ``datasets.Dataset``. Chat ``messages`` get the
+            tokenizer's chat template, as vLLM's recipe does.
+        num_samples: texts taken after shuffling with ``seed``.
+        max_seq_len: tokens each text is truncated to.
+        strategy: ``"tensor"`` (one scale per layer) or ``"attn_head"`` (one per KV head).
+        observer: ``"amax"`` (llm-compressor's static min-max, scale = amax / fmax) or ``"mse"`` (of the candidates
+            0.5x..2x that, the one minimising the FP8 round-trip MSE over a bounded uniform sample of the values).
+        batch_size: texts per forward; batches are right-padded and padding is never observed.
+        include_query: also observe Q (through a wrapping attention function) for ``q_scale``.
+        kv_cache_dtype: the FP8 format the scales are for (``"fp8"`` = e4m3fn, ``"fp8_e5m2"``, ...).
+        split: the split of a ``datasets`` id (default ``train_sft`` for ultrachat, else ``train``).
+        text_column: the column holding the text (default: the first of messages, text, content, prompt).
+        seed: the shuffle's seed.
+        progress: show a progress bar.
     """
     check_strategy(strategy)
     _check_observer(observer)
     fmt = resolve_format(kv_cache_dtype)
-    observation = observe(model, tokenizer, dataset, num_samples, max_seq_len, batch_size, include_query, split,
-                          text_column, seed, progress)  # fmt: skip
-    return observation.scales(fmt, strategy, observer, include_query)
+    observation = observe(model, tokenizer, dataset, num_samples=num_samples, max_seq_len=max_seq_len,
+                          batch_size=batch_size, include_query=include_query, split=split, text_column=text_column,
+                          seed=seed, progress=progress)  # fmt: skip
+    return observation.scales(fmt, strategy, observer=observer, query=include_query)

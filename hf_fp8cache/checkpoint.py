@@ -30,10 +30,11 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 
-from .scales import KVScales, check_strategy
+from .scales import KVScales, check_scale, check_strategy, unusable_scales
 
 __all__ = [
     "CheckpointScales",
@@ -103,6 +104,11 @@ class _Files:
             raise FileNotFoundError(f"{self.name}: no such checkpoint directory")
         self.hub_kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         self.uncached: list[str] = []
+
+    @overload
+    def get(self, filename: str, listed: Literal[True]) -> Path: ...
+    @overload
+    def get(self, filename: str, listed: bool = False) -> Path | None: ...
 
     def get(self, filename: str, listed: bool = False) -> Path | None:
         """Local path of ``filename``, or None if the checkpoint has no such file -- an error if it is ``listed`` in
@@ -273,9 +279,23 @@ def _scale_shards(files: _Files) -> list[Path]:
 
 
 def read_checkpoint_scales(
-    name_or_path: str | os.PathLike, revision=None, token=None, cache_dir=None, local_files_only: bool = False
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> CheckpointScales:
-    """Find and read the KV scale tensors of a checkpoint (directory or Hub id) without reading its weights."""
+    """Find and read the KV scale tensors of a checkpoint without reading its weights (nothing is validated yet:
+    ``to_kv_scales`` does that).
+
+    Args:
+        name_or_path: a local directory or a Hub repo id.
+        revision: the Hub branch, tag or commit (default: the main branch).
+        token: the Hub token (``True``: the saved login); for private or gated repositories.
+        cache_dir: the Hugging Face cache to download into (default: ``HF_HUB_CACHE``).
+        local_files_only: read only what the Hugging Face cache already holds.
+    """
     files = _Files(name_or_path, revision, token, cache_dir, local_files_only)
     config = files.json("config.json") or {}
     producer, strategy = _scheme(config, files.json(_MODELOPT), files.name)
@@ -309,26 +329,19 @@ def read_checkpoint_scales(
     return found
 
 
-def _checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    values = tensor.detach().float().flatten()
-    bad = ~torch.isfinite(values) | (values <= 0)
-    if bad.any():
-        raise ValueError(f"{name} must be finite and positive, got {values[bad][0].item()!r}")
-    return values
-
-
-def to_kv_scales(found: CheckpointScales, missing: str = "error", num_layers: int | None = None) -> KVScales:
-    """Validate what a checkpoint holds and build ``KVScales`` (see ``load_kv_scales`` for ``missing``)."""
+def to_kv_scales(found: CheckpointScales, *, missing: str = "error", num_layers: int | None = None) -> KVScales:
+    """Validate what a checkpoint holds and build ``KVScales`` (see ``load_kv_scales`` for ``missing``); a bad scale
+    tensor is refused by its name in the checkpoint (``scales.check_scale``)."""
     if missing not in ("error", "unit"):
         raise ValueError(f"missing must be 'error' or 'unit', got {missing!r}")
     for kind in ("k_zero", "v_zero", "q_zero"):
         for name, tensor in found.tensors.get(kind, {}).values():
             if tensor.float().abs().max().item() != 0.0:
                 raise ValueError(f"{name} is not all zeros; asymmetric FP8 KV scales are not supported")
-    keys = {i: _checked(n, t) for i, (n, t) in found.tensors.get("k", {}).items()}
-    values = {i: _checked(n, t) for i, (n, t) in found.tensors.get("v", {}).items()}
+    keys = {i: check_scale(t, n) for i, (n, t) in found.tensors.get("k", {}).items()}
+    values = {i: check_scale(t, n) for i, (n, t) in found.tensors.get("v", {}).items()}
     for i, (name, tensor) in found.tensors.get("kv", {}).items():
-        shared = _checked(name, tensor)
+        shared = check_scale(tensor, name)
         keys.setdefault(i, shared)
         values.setdefault(i, shared)
     layers = num_layers or found.num_layers or (max([*keys, *values], default=-1) + 1)
@@ -372,8 +385,7 @@ def _sane_queries(found: CheckpointScales, layers: int) -> list[torch.Tensor | N
     ignored = []
     for i, (name, tensor) in queries.items():
         values = tensor.detach().float().flatten()
-        low, high = SANE_Q_SCALE
-        if i < layers and bool(torch.isfinite(values).all()) and bool(((values > low) & (values < high)).all()):
+        if i < layers and not unusable_scales(values, *SANE_Q_SCALE).any():
             result[i] = values
         else:
             ignored.append(name)
@@ -386,6 +398,7 @@ def _sane_queries(found: CheckpointScales, layers: int) -> list[torch.Tensor | N
 
 def load_kv_scales(
     name_or_path: str | os.PathLike,
+    *,
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -394,22 +407,31 @@ def load_kv_scales(
 ) -> KVScales:
     """KV scales of a checkpoint -- a local directory or a Hub repo id -- exactly as vLLM would use them.
 
-    ``missing="error"`` (default) refuses a checkpoint that lacks K or V scales for some layer;
-    ``missing="unit"`` uses 1.0 there with a warning naming the layers (vLLM's behaviour). Garbage ``q_scale``
-    tensors are dropped with a warning and never stop K/V from loading.
+    Every K/V scale must be finite, positive and within ``scales.SMALLEST_SCALE .. LARGEST_SCALE``; garbage
+    ``q_scale`` tensors are dropped with a warning and never stop K/V from loading.
+
+    Args:
+        name_or_path: a local directory or a Hub repo id.
+        revision, token, cache_dir, local_files_only: where and how Hub files are fetched, as for
+            ``read_checkpoint_scales``.
+        missing: ``"error"`` (default) refuses a checkpoint that lacks K or V scales for some layer; ``"unit"`` uses
+            1.0 there with a warning naming the layers (vLLM's behaviour).
     """
-    found = read_checkpoint_scales(name_or_path, revision, token, cache_dir, local_files_only)
-    return to_kv_scales(found, missing)
+    found = read_checkpoint_scales(
+        name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    return to_kv_scales(found, missing=missing)
 
 
-def save_kv_scales(scales: KVScales, directory: str | os.PathLike, prefix: str = "model.") -> Path:
-    """Write ``scales`` into ``directory`` in the compressed-tensors layout (see the module docstring)."""
+def save_kv_scales(scales: KVScales, directory: str | os.PathLike, *, prefix: str = "model.") -> Path:
+    """Write ``scales`` into ``directory`` in the compressed-tensors layout (see the module docstring); ``prefix`` is
+    what comes before ``layers.N.self_attn.`` in the tensor names."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {"num_hidden_layers": scales.num_layers}
+    config: dict = _read_json(config_path) if config_path.is_file() else {"num_hidden_layers": scales.num_layers}
     text = _text_config(config)
     if text.get("num_hidden_layers") not in (None, scales.num_layers):
         raise ValueError(f"scales are for {scales.num_layers} layers but {config_path} has {text['num_hidden_layers']}")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .calibration import OBSERVERS
+from .calibration import DATASET_SUFFIXES, OBSERVERS
 from .formats import resolve_format
 from .models import DEFAULT_MODEL, resolve_dtype
-from .scales import STRATEGIES
+from .scales import LARGEST_SCALE, SMALLEST_SCALE, STRATEGIES, unusable_scales
 
 __all__ = ["main"]
 
@@ -24,8 +24,6 @@ DEFAULT_PROMPT = "Explain in two sentences why storing a transformer's KV cache 
 # What checking the arguments raises for bad ones (bad values, missing files or checkpoints, unsupported models):
 # reported on one line, exit status 2. Errors while the command runs after its checks keep their traceback.
 _USAGE_ERRORS = (ValueError, TypeError, OSError, NotImplementedError)
-# the local dataset files calibration reads (``calibration._texts``)
-_DATASET_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv")
 
 
 def _at_least(args, **minimums: int) -> None:
@@ -50,7 +48,7 @@ def _check_device(args) -> None:
 
 
 def _check_model_path(name: str) -> None:
-    """The embedded default model is installed; a model given as a path exists (a Hub id: ``_model_config``)."""
+    """The embedded default model is installed; a model given as a path exists (a Hub id: ``models.load_config``)."""
     from .models import embedded_model_path
 
     if name == DEFAULT_MODEL:
@@ -59,30 +57,15 @@ def _check_model_path(name: str) -> None:
         raise FileNotFoundError(f"model {name}: no such directory")
 
 
-def _model_config(name: str):
-    """The config of model ``name`` (the embedded default, a Hub id or a local dir), without its weights: the model
-    exists and is checked before the long load (reading the embedded GGUF's config takes a few seconds)."""
-    from transformers import AutoConfig
-
-    from .models import embedded_model_path
-
-    if name == DEFAULT_MODEL:
-        gguf = embedded_model_path()
-        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    try:
-        return AutoConfig.from_pretrained(name)
-    except OSError as error:
-        raise OSError(f"model {name!r}: {error}") from error
-
-
 def _check_caches_fit(name: str, cache_options: list[dict]) -> None:
     """FP8 caches with these options fit model ``name`` (its layer types; its layers and heads for checkpoint
     scales), from its config. The embedded default fits any cache without scales: its config is then not read."""
     from .cache import QuantizedFP8Cache
+    from .models import load_config
 
     if name == DEFAULT_MODEL and all(options.get("scales") is None for options in cache_options):
         return
-    config = _model_config(name)
+    config = load_config(name)
     for options in cache_options:
         QuantizedFP8Cache(config, **options)
 
@@ -146,11 +129,11 @@ def _check_generate(args) -> dict:
 def _generate(args, cache_options: dict) -> int:
     from transformers import DynamicCache
 
-    from .cache import QuantizedFP8Cache
+    from .cache import FP8CacheLayer, QuantizedFP8Cache
     from .integration import cache_keyword
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
     if tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}],
@@ -176,7 +159,8 @@ def _generate(args, cache_options: dict) -> int:
     print(text)
     print("---")
     tokens = cache.get_seq_length()
-    bf16_bytes = sum(2 * layer.keys.numel() * 2 for layer in cache.layers)  # K and V at 2 bytes an element
+    keys = [layer.keys for layer in cache.layers if isinstance(layer, FP8CacheLayer)]
+    bf16_bytes = sum(2 * k.numel() * 2 for k in keys if k is not None)  # K and V at 2 bytes an element
     window = f" (with the {args.residual_length} most recent a layer exact)" if args.residual_length else ""
     print(f"KV cache: {tokens} tokens, {cache.nbytes:,} bytes in FP8{window} vs {bf16_bytes:,} bytes in bf16 "
           f"({cache.nbytes / bf16_bytes:.3f}x); {out.shape[1] - prompt_len} new tokens in {seconds:.2f} s")  # fmt: skip
@@ -197,15 +181,16 @@ def _add_inspect(subparsers) -> None:
     p.set_defaults(func=_inspect, check=_check_inspect)
 
 
-def _describe(tensor: torch.Tensor | None, low: float = 0.0, high: float = float("inf")) -> str:
-    """A scale for the table, flagged BAD when non-finite or outside (low, high)."""
+def _describe(tensor: torch.Tensor | None, low: float = SMALLEST_SCALE, high: float = LARGEST_SCALE) -> str:
+    """A scale for the table, flagged BAD when it is no usable scale in ``[low, high]`` (``scales.unusable_scales``:
+    loading refuses such a K/V scale and drops such a q scale)."""
     if tensor is None:
         return "missing"
     values = tensor.detach().float().flatten()
     text = (
         f"{values.item():.6g}" if values.numel() == 1 else f"{values.min():.4g}..{values.max():.4g} ({values.numel()})"
     )
-    if not bool(torch.isfinite(values).all()) or bool((values <= low).any()) or bool((values >= high).any()):
+    if unusable_scales(values, low, high).any():
         text += "  BAD"
     return text
 
@@ -266,11 +251,11 @@ def _check_dataset(dataset: str | None) -> None:
     if dataset is None:
         return
     path = Path(dataset)
-    if path.is_file() and path.suffix not in _DATASET_SUFFIXES:
+    if path.is_file() and path.suffix not in DATASET_SUFFIXES:
         raise ValueError(
-            f"--dataset {dataset}: unsupported file type {path.suffix!r}; use {', '.join(_DATASET_SUFFIXES)}"
+            f"--dataset {dataset}: unsupported file type {path.suffix!r}; use {', '.join(DATASET_SUFFIXES)}"
         )
-    if not path.exists() and (path.suffix in _DATASET_SUFFIXES or path.is_absolute() or dataset.startswith(".")):
+    if not path.exists() and (path.suffix in DATASET_SUFFIXES or path.is_absolute() or dataset.startswith(".")):
         raise FileNotFoundError(f"--dataset {dataset}: no such file")
     if path.suffix != ".txt":
         import importlib.util
@@ -290,19 +275,24 @@ def _check_calibrate(args) -> None:
     _check_output(args.output, directory=True)
     _check_model_path(args.model)
     if args.model != DEFAULT_MODEL:  # calibration works on any decoder: only that the model exists is checked
-        _model_config(args.model)
+        from .models import load_config
+
+        load_config(args.model)
 
 
 def _calibrate(args, _checked) -> int:
     from .calibration import calibrate
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    scales = calibrate(model, tokenizer, args.dataset, args.num_samples, args.max_seq_len, args.strategy,
-                       args.observer, args.batch_size, args.include_query, args.kv_cache_dtype, args.split,
-                       args.text_column)  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    scales = calibrate(model, tokenizer, args.dataset, num_samples=args.num_samples, max_seq_len=args.max_seq_len,
+                       strategy=args.strategy, observer=args.observer, batch_size=args.batch_size,
+                       include_query=args.include_query, kv_cache_dtype=args.kv_cache_dtype, split=args.split,
+                       text_column=args.text_column)  # fmt: skip
     quantization = getattr(model.config, "quantization_config", None)
-    quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else quantization or {}
+    if quantization is not None and not isinstance(quantization, dict):  # a QuantizationConfigMixin
+        quantization = quantization.to_dict()
+    quantization = quantization or {}
     packed_gguf = str(quantization.get("quant_method", "")).lower().endswith("gguf")
     if args.scales_only or packed_gguf:  # a GGUF-packed model has no safetensors weights to write: scales only
         import json
@@ -379,9 +369,9 @@ def _eval(args, checked: tuple[list, list[int], dict]) -> int:
     from .models import load_model_and_tokenizer
 
     formats, residual_lengths, checkpoint = checked
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    ids = evaluation_ids(tokenizer, args.sequences, args.seq_len).to(args.device)
-    observation = observe(model, tokenizer, None, args.calibration_samples, args.calibration_seq_len)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    ids = evaluation_ids(tokenizer, sequences=args.sequences, seq_len=args.seq_len).to(args.device)
+    observation = observe(model, tokenizer, num_samples=args.calibration_samples, max_seq_len=args.calibration_seq_len)
     configurations = {}
     for residual_length, fmt in itertools.product(residual_lengths, formats):
         window = f" +{residual_length} exact" if residual_length else ""
@@ -392,13 +382,13 @@ def _eval(args, checked: tuple[list, list[int], dict]) -> int:
                 model.config, calculate_kv_scales=True, strategy=strategy, **kw
             )
             for observer in OBSERVERS:
-                scales = observation.scales(fmt, strategy, observer)
+                scales = observation.scales(fmt, strategy, observer=observer)
                 configurations[f"{fmt.name} calibrated {observer} {strategy}{window}"] = _factory(
                     model.config, scales=scales, **kw
                 )
         if args.scales:
             configurations[f"{fmt.name} checkpoint{window}"] = _factory(model.config, scales=checkpoint[fmt], **kw)
-    rows = evaluate_configurations(model, ids, args.prefix, configurations, args.step)
+    rows = evaluate_configurations(model, ids, args.prefix, configurations, step=args.step)
     print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, then "
           f"{args.step} at a time; against a {model.dtype} DynamicCache")  # fmt: skip
     print(format_table(rows))

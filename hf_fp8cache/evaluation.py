@@ -22,8 +22,9 @@ __all__ = ["compare_caches", "evaluate_configurations", "evaluation_ids", "forma
 
 
 @torch.no_grad()
-def generation_logits(model, input_ids: torch.Tensor, prefix_len: int, cache, step: int = 1) -> torch.Tensor:
-    """Logits predicting tokens ``prefix_len .. end`` (fp32 ``[B, T - prefix_len, V]``), prefix prefilled at once."""
+def generation_logits(model, input_ids: torch.Tensor, prefix_len: int, cache, *, step: int = 1) -> torch.Tensor:
+    """Logits predicting tokens ``prefix_len .. end`` (fp32 ``[B, T - prefix_len, V]``): the prefix prefilled at once
+    into ``cache``, then ``step`` tokens a forward."""
     if not 1 <= prefix_len < input_ids.shape[1]:
         raise ValueError(f"prefix_len must be in [1, {input_ids.shape[1] - 1}], got {prefix_len}")
     keyword = cache_keyword(model)
@@ -35,11 +36,20 @@ def generation_logits(model, input_ids: torch.Tensor, prefix_len: int, cache, st
 
 
 def compare_caches(
-    model, input_ids: torch.Tensor, prefix_len: int, make_cache: Callable[[], object], step: int = 1
+    model, input_ids: torch.Tensor, prefix_len: int, make_cache: Callable[[], object], *, step: int = 1
 ) -> dict[str, float]:
-    """Top-1 agreement, KL and perplexity of ``make_cache()`` against a ``DynamicCache`` on the same tokens."""
-    reference = generation_logits(model, input_ids, prefix_len, DynamicCache(config=model.config), step)
-    ours = generation_logits(model, input_ids, prefix_len, make_cache(), step)
+    """Top-1 agreement, KL and perplexity of ``make_cache()`` against a ``DynamicCache`` on the same tokens (the
+    metrics of the module docstring, as a dict).
+
+    Args:
+        model: a causal LM.
+        input_ids: ``[B, T]`` token ids.
+        prefix_len: tokens prefilled in one forward; the metrics cover the positions after them.
+        make_cache: builds the cache to compare (e.g. ``lambda: FP8Cache(model.config)``).
+        step: continuation tokens fed per forward.
+    """
+    reference = generation_logits(model, input_ids, prefix_len, DynamicCache(config=model.config), step=step)
+    ours = generation_logits(model, input_ids, prefix_len, make_cache(), step=step)
     targets = input_ids[:, prefix_len:].to(ours.device)
     log_ref, log_ours = reference.log_softmax(-1), ours.log_softmax(-1)
     nll = lambda logp: -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
@@ -53,7 +63,7 @@ def compare_caches(
     }
 
 
-def evaluation_ids(tokenizer, sequences: int = 8, seq_len: int = 512) -> torch.Tensor:
+def evaluation_ids(tokenizer, *, sequences: int = 8, seq_len: int = 512) -> torch.Tensor:
     """``[sequences, seq_len]`` token ids of the offline evaluation text (``corpus.documents("evaluation")``)."""
     from .corpus import documents
 
@@ -64,16 +74,27 @@ def evaluation_ids(tokenizer, sequences: int = 8, seq_len: int = 512) -> torch.T
 
 
 def evaluate_configurations(
-    model, input_ids: torch.Tensor, prefix_len: int, configurations: dict[str, Callable[[], object]], step: int = 1
+    model,
+    input_ids: torch.Tensor,
+    prefix_len: int,
+    configurations: dict[str, Callable[[], object]],
+    *,
+    step: int = 1,
 ) -> list[dict]:
-    """``compare_caches`` for each named cache factory; one row (name + metrics) per configuration."""
+    """``compare_caches`` for each named cache factory; one row (name + metrics) per configuration.
+
+    Args:
+        model, input_ids, prefix_len, step: as for ``compare_caches``.
+        configurations: name -> cache factory, in the order of the rows.
+    """
     rows = []
     for name, make_cache in configurations.items():
-        rows.append({"configuration": name, **compare_caches(model, input_ids, prefix_len, make_cache, step)})
+        rows.append({"configuration": name, **compare_caches(model, input_ids, prefix_len, make_cache, step=step)})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows of ``evaluate_configurations`` as a fixed-width text table."""
     lines = [f"{'configuration':<44} {'top-1':>7} {'KL (nats)':>10} {'PPL':>8} {'PPL change':>11}"]
     for r in rows:
         lines.append(f"{r['configuration']:<44} {r['top1']:>7.4f} {r['kl']:>10.5f} {r['ppl']:>8.3f} "

@@ -16,13 +16,15 @@ from .contract import ATTENTION_NAME
 
 __all__ = ["attach", "detach", "cache_keyword"]
 
+_ORIGINAL = "__hf_fp8cache_original__"  # the attribute of our generate wrapper that holds the model's own generate
+
 
 def cache_keyword(model) -> str:
     """The name this transformers version uses for the cache argument: ``cache`` (>= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def attach(model, attention: bool = False, **cache_kwargs):
+def attach(model, *, attention: bool = False, **cache_kwargs):
     """Make every ``model.generate`` call without an explicit cache use a fresh ``QuantizedFP8Cache``.
 
     ``cache_kwargs`` go to ``QuantizedFP8Cache`` (``kv_cache_dtype``, ``calculate_kv_scales``, ``strategy``,
@@ -50,14 +52,14 @@ def attach(model, attention: bool = False, **cache_kwargs):
             kwargs[keyword] = QuantizedFP8Cache(config=model.config, **cache_kwargs)
         return original(*args, **kwargs)
 
-    generate.__hf_fp8cache_original__ = original
+    setattr(generate, _ORIGINAL, original)
     model.generate = generate
     return model
 
 
 def detach(model):
     """Undo ``attach``: ``model.generate`` is the model's own again. Returns the model."""
-    original = getattr(model.generate, "__hf_fp8cache_original__", None)
+    original = getattr(model.generate, _ORIGINAL, None)
     if original is not None:
         del model.generate  # the instance attribute; the class's generate shows through again
     return model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "embedded_model_path", "load_model_and_tokenizer", "resolve_dtype"]
+__all__ = ["DEFAULT_MODEL", "embedded_model_path", "load_config", "load_model_and_tokenizer", "resolve_dtype"]
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,17 +51,39 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     return choices[dtype]
 
 
-def load_model_and_tokenizer(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "auto"):
-    """Load a causal LM and its tokenizer (``DEFAULT_MODEL`` means the embedded SmolLM2) in eval mode."""
+def _pretrained_source(name_or_path: str) -> tuple[str, dict]:
+    """What ``from_pretrained`` takes for ``name_or_path``: the embedded default is the GGUF file of
+    ``embedded_model_path()`` (its folder and ``gguf_file=``); anything else passes through."""
+    if name_or_path == DEFAULT_MODEL:
+        gguf = embedded_model_path()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return name_or_path, {}
+
+
+def load_config(name_or_path: str = DEFAULT_MODEL):
+    """The config of a model (``DEFAULT_MODEL``, a Hub id or a local dir) without its weights (the embedded GGUF's
+    takes a few seconds); a model that cannot be found is an ``OSError`` naming it."""
+    from transformers import AutoConfig
+
+    source, kwargs = _pretrained_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise OSError(f"model {name_or_path!r}: {error}") from error
+
+
+def load_model_and_tokenizer(
+    name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"
+):
+    """Load a causal LM and its tokenizer (``DEFAULT_MODEL`` means the embedded SmolLM2) in eval mode, on ``device``
+    in ``dtype`` (``resolve_dtype``); a tokenizer without a pad token pads with its end-of-sequence token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict = {}
-    if name_or_path == DEFAULT_MODEL:
-        gguf = embedded_model_path()
-        name_or_path, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs).to(device).eval()
+    source, kwargs = _pretrained_source(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types the wrapped ``to`` as (self, ...)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

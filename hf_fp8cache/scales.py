@@ -6,8 +6,10 @@ Convention (vLLM, compressed-tensors, ModelOpt): ``x_fp8 = saturate(x / scale)``
 
 Bounds. A scale is refused unless ``SMALLEST_SCALE <= scale <= LARGEST_SCALE``: below, its float32 reciprocal
 (what the write multiplies by) overflows and exact zeros become NaN; above, ``code * scale`` overflows float32 in
-the widest format (e5m2). A cache warns (``check_scale_range``) when a scale's whole storable range misses
-``PLAUSIBLE_KV_RANGE``, the magnitudes K/V entries of real models take: then every entry saturates or rounds to 0.
+the widest format (e5m2). ``unusable_scales`` is that test (non-finite, non-positive or out of bounds), the one
+every scale goes through: ``KVScales`` (``check_scale``), checkpoint tensors, the on-the-fly rule and the CLI's
+table. A cache warns (``check_scale_range``) when a scale's whole storable range misses ``PLAUSIBLE_KV_RANGE``, the
+magnitudes K/V entries of real models take: then every entry saturates or rounds to 0.
 
 On-the-fly (``calculate_kv_scales=True``), per layer, once, from the first prefill after construction or
 ``reset()``::
@@ -18,13 +20,15 @@ i.e. exactly vLLM's ``amax / 200`` (K) and ``amax / 100`` (V) for e4m3, carried 
 same fraction of their range: later tokens may be 2.24x (K) / 4.48x (V) larger than anything in the prefill
 before they saturate. ``amax`` is taken over the whole tensor (strategy ``"tensor"``) or per KV head over
 batch, tokens and head dim (``"attn_head"``), over the unpadded positions only when the padding is known. An
-all-zero (or non-finite) amax gives scale 1.0. One outlier decides the whole tensor's scale (vLLM's rule):
-``outlier_warning`` says so when most values of the prefill then fall below the format's smallest normal
-number; ``"attn_head"`` confines an outlier to its head.
+amax that gives no usable scale (all zero, non-finite, or out of bounds) gives scale 1.0. One outlier decides the
+whole tensor's scale (vLLM's rule): ``outlier_warning`` says so when most values of the prefill then fall below the
+format's smallest normal number; ``"attn_head"`` confines an outlier to its head.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ import torch
 
 from .formats import FP8Format
 
-__all__ = ["KVScales", "STRATEGIES", "check_strategy", "onthefly_scale"]
+__all__ = ["KVScales", "STRATEGIES", "check_scale", "check_strategy", "onthefly_scale", "unusable_scales"]
 
 STRATEGIES = ("tensor", "attn_head")
 
@@ -56,22 +60,36 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
-def _as_scale(value: ScaleLike, name: str, strategy: str) -> torch.Tensor:
+def unusable_scales(values: torch.Tensor, low: float = SMALLEST_SCALE, high: float = LARGEST_SCALE) -> torch.Tensor:
+    """Bool mask of the entries of ``values`` that are no usable scale: non-finite, or outside ``[low, high]`` (by
+    default ``[SMALLEST_SCALE, LARGEST_SCALE]``, which also refuses zero and negatives). Element-wise on the values'
+    device, no host sync: the one test every scale of the library goes through."""
+    return ~torch.isfinite(values) | (values < low) | (values > high)
+
+
+def check_scale(value: ScaleLike, name: str) -> torch.Tensor:
+    """``value`` as a flat float32 CPU tensor, refused with a ``ValueError`` naming ``name`` and the first bad entry
+    unless every entry is finite, positive and within ``[SMALLEST_SCALE, LARGEST_SCALE]``."""
     tensor = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float32).flatten()
+    bad = unusable_scales(tensor)
+    if not bad.any():
+        return tensor.contiguous()
+    first = tensor[bad][0].item()
+    if not math.isfinite(first) or first <= 0:
+        raise ValueError(f"{name} must be finite and positive, got {first!r}")
+    raise ValueError(
+        f"{name} = {first!r} is outside [{SMALLEST_SCALE:.3g}, {LARGEST_SCALE:.3g}]: its reciprocal or the "
+        "dequantized values would overflow float32"
+    )
+
+
+def _as_scale(value: ScaleLike, name: str, strategy: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value).detach().flatten()
     if tensor.numel() == 0:
         raise ValueError(f"{name} is empty")
     if strategy == "tensor" and tensor.numel() != 1:
         raise ValueError(f"{name} has {tensor.numel()} elements; strategy 'tensor' needs exactly one")
-    bad = ~torch.isfinite(tensor) | (tensor <= 0)
-    if bad.any():
-        raise ValueError(f"{name} must be finite and positive, got {tensor[bad][0].item()!r}")
-    bad = (tensor < SMALLEST_SCALE) | (tensor > LARGEST_SCALE)
-    if bad.any():
-        raise ValueError(
-            f"{name} = {tensor[bad][0].item()!r} is outside [{SMALLEST_SCALE:.3g}, {LARGEST_SCALE:.3g}]: its "
-            "reciprocal or the dequantized values would overflow float32"
-        )
-    return tensor.contiguous()
+    return check_scale(tensor, name)
 
 
 def check_scale_range(scales: KVScales, fmt: FP8Format) -> None:
@@ -97,15 +115,23 @@ def check_scale_range(scales: KVScales, fmt: FP8Format) -> None:
 def onthefly_scale(
     x: torch.Tensor, fmt: FP8Format, strategy: str, headroom: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Scale for ``x`` ``[B, H, S, D]``: float32 ``[1]`` (tensor) or ``[H]`` (attn_head), on x's device. ``valid``
-    (bool ``[B, S]``) leaves padded positions out of the amax."""
+    """The on-the-fly scale of ``x`` (see the module docstring): float32 ``[1]`` (tensor) or ``[H]`` (attn_head), on
+    x's device, without a host sync.
+
+    Args:
+        x: K or V of one prefill, ``[B, H, S, D]``.
+        fmt: the storage format (its ``max``).
+        strategy: ``"tensor"`` or ``"attn_head"``.
+        headroom: ``ONTHEFLY_HEADROOM["key"]`` or ``ONTHEFLY_HEADROOM["value"]``.
+        valid: bool ``[B, S]``, True where a position is a real token; padded positions stay out of the amax.
+            None: every position counts.
+    """
     magnitude = x.detach().abs()
     if valid is not None:
         magnitude = magnitude.masked_fill(~valid[:, None, :, None], 0)
     amax = magnitude.amax(dim=(0, 2, 3)) if strategy == "attn_head" else magnitude.amax().reshape(1)
     scale = amax.float() * (headroom / fmt.max)
-    usable = torch.isfinite(scale) & (scale > 0)
-    return torch.where(usable, scale, torch.ones_like(scale)).contiguous()
+    return torch.where(unusable_scales(scale), torch.ones_like(scale), scale).contiguous()
 
 
 def outlier_warning(
@@ -121,7 +147,8 @@ def outlier_warning(
         weight = weight * valid[:, None, :, None]
     dims = (0, 2, 3) if scale.numel() > 1 else (0, 1, 2, 3)
     fraction = (tiny * weight).sum(dims).reshape(-1) / weight.sum(dims).reshape(-1).clamp(min=1)
-    worst, group = (v.item() for v in fraction.max(0))
+    largest, index = fraction.max(0)
+    worst, group = largest.item(), int(index)
     if worst <= MOSTLY_SUBNORMAL:
         return None
     where = f"head {group} of " if scale.numel() > 1 else ""
@@ -139,7 +166,8 @@ class KVScales:
 
     ``key[i]`` / ``value[i]`` are float32 tensors of shape ``[1]`` (strategy ``"tensor"``) or ``[H_kv]``
     (``"attn_head"``); ``query`` is optional (``None``, or one tensor or ``None`` per layer).
-    Construct with floats, 0-d/1-d tensors or ``[H, 1, 1]`` tensors; everything is checked to be finite and positive.
+    Construct with floats, 0-d/1-d tensors or ``[H, 1, 1]`` tensors; every scale is checked to be finite, positive and
+    within ``[SMALLEST_SCALE, LARGEST_SCALE]`` (``check_scale``).
     """
 
     key: tuple[torch.Tensor, ...]
@@ -152,6 +180,7 @@ class KVScales:
         key: Sequence[ScaleLike],
         value: Sequence[ScaleLike],
         strategy: str = "tensor",
+        *,
         query: Sequence[ScaleLike | None] | None = None,
     ) -> None:
         check_strategy(strategy)
@@ -199,13 +228,13 @@ class KVScales:
     def scaled(self, factor: float) -> KVScales:
         """The same scales multiplied by ``factor`` (e.g. 2 for e4m3fn scales stored as ROCm e4m3fnuz)."""
         query = None if self.query is None else [None if q is None else q * factor for q in self.query]
-        return KVScales([k * factor for k in self.key], [v * factor for v in self.value], self.strategy, query)
+        return KVScales([k * factor for k in self.key], [v * factor for v in self.value], self.strategy, query=query)
 
-    def save_pretrained(self, directory, prefix: str = "model.") -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, prefix: str = "model.") -> None:
         """Write the scales in the compressed-tensors layout vLLM reads (see ``checkpoint.save_kv_scales``)."""
         from .checkpoint import save_kv_scales
 
-        save_kv_scales(self, directory, prefix)
+        save_kv_scales(self, directory, prefix=prefix)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, KVScales):
