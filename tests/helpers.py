@@ -1,8 +1,10 @@
-"""Shared test helpers: a tiny random Llama, a fake-quantized DynamicCache oracle, real English text."""
+"""Shared test helpers: a tiny random Llama, left-padded prompts, a verbose tensor equality, a fake-quantized
+DynamicCache oracle, real English text, checkpoints."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from hf_fp8cache.kernels.reference import decode_fp8_ref, encode_fp8_ref
@@ -22,14 +24,67 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     return LlamaForCausalLM(config).eval()
 
 
-def left_padded_prompts(batch: int = 3, length: int = 11, seed: int = 0):
-    """Random ids ``[batch, length]`` and their mask; row r > 0 is left-padded with 2r + 1 pad tokens (id 0)."""
+def _odd_pads(row: int) -> int:
+    return 2 * row + 1 if row else 0
+
+
+def left_padded_prompts(
+    batch: int = 3,
+    length: int = 11,
+    *,
+    pads: Callable[[int], int] = _odd_pads,
+    pad_id: int | None = 0,
+    seed: int = 0,
+    vocab: int = 256,
+    device: str | torch.device = "cpu",
+):
+    """Random ids ``[batch, length]`` (from ``[3, vocab)``) and their attention mask, left-padded.
+
+    Args:
+        pads: the number of pad positions of each row, ``pads(row)``; by default none in row 0 and 2r + 1 in row r.
+        pad_id: the id written at the pad positions, or None to leave random ids there (only the mask hides them).
+        seed: of the generator drawing the ids (the same for every ``pads``, ``pad_id`` and ``device``).
+        vocab: one past the largest id drawn.
+        device: where both tensors are returned.
+    """
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (batch, length), generator=g)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row + 1] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    for row in range(batch):
+        mask[row, : pads(row)] = 0
+    if pad_id is not None:
+        ids = ids.masked_fill(mask == 0, pad_id)
+    return ids.to(device), mask.to(device)
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """``assert torch.equal(actual, expected)`` (same shape, equal values; NaN equals nothing), saying on failure how
+    many elements differ, the first index where they do and both values there (and shapes and dtypes if they differ).
+    """
+    if torch.equal(actual, expected):
+        return
+    name = f"{what}: " if what else ""
+    kinds = f"actual {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}shapes differ: {kinds}")
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    differ = (actual != expected).flatten()
+    count, first = int(differ.sum()), int(differ.nonzero()[0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), actual.shape))
+    dtypes = f" ({kinds})" if actual.dtype != expected.dtype else ""
+    raise AssertionError(
+        f"{name}{count} of {actual.numel()} elements differ{dtypes}; the first at {index}: "
+        f"actual {_show(actual.flatten()[first])}, expected {_show(expected.flatten()[first])}"
+    )
+
+
+def _show(value: torch.Tensor) -> str:
+    """One element; fp8 codes and bit patterns (integers narrower than 64 bits) in hex too."""
+    number = value.item()
+    if value.dtype in (torch.uint8, torch.int16, torch.int32):
+        bits = 8 * value.element_size()
+        return f"{number} (0x{number & (1 << bits) - 1:0{bits // 4}x})"
+    return repr(number)
 
 
 def fake_quant(x: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import left_padded_prompts, tiny_llama
+from helpers import assert_equal, left_padded_prompts, tiny_llama
 
 from hf_fp8cache import FP8Cache, attach, detach
 from hf_fp8cache.attention import ATTENTION_NAME
@@ -36,7 +36,7 @@ def test_fused_generate_equals_sdpa_over_the_same_cache(kwargs, cache_kwargs):
     """Through the Triton kernel (interpreted): left-padded batch, GQA, greedy and beam search."""
     model = tiny_llama(seed=1)
     fused = _generate(model, ATTENTION_NAME, cache_kwargs, **kwargs)
-    assert torch.equal(fused, _generate(model, "sdpa", cache_kwargs, **kwargs))
+    assert_equal(fused, _generate(model, "sdpa", cache_kwargs, **kwargs))
 
 
 def test_update_hands_fp8_to_our_attention_and_workspace_to_others(tiny_model):
@@ -71,7 +71,8 @@ def test_chunked_prefill_and_no_cache_fall_back_to_sdpa(torch_path):
         logits[implementation] = (chunk, step, plain)
     model.set_attn_implementation("sdpa")
     sdpa, ours = logits["sdpa"], logits[ATTENTION_NAME]
-    assert torch.equal(ours[0], sdpa[0]) and torch.equal(ours[2], sdpa[2])  # same SDPA route
+    assert_equal(ours[0], sdpa[0], "chunk logits")  # same SDPA route
+    assert_equal(ours[2], sdpa[2], "logits without a cache")
     torch.testing.assert_close(ours[1], sdpa[1], rtol=0, atol=1e-6)  # kernel twin vs SDPA, fp32: measured 1.2e-7
 
 
@@ -97,4 +98,14 @@ def test_smollm2_fused_equals_dequantize_path(smollm2, torch_path):
         fused = model.generate(**kw, **{keyword: FP8Cache(model.config)})
     finally:
         model.set_attn_implementation("sdpa")
-    assert torch.equal(fused, reference)
+    assert_equal(fused, reference)
+
+
+def test_attention_sinks_are_refused_not_dropped():
+    """GPT-OSS passes its learned sinks as s_aux; SDPA has no such input and used to ignore them silently."""
+    from hf_fp8cache.attention import fp8_attention_forward
+
+    q = k = v = torch.randn(1, 2, 3, 16)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match=r"does not support learned attention sinks \(s_aux, GPT-OSS\) yet"):
+        fp8_attention_forward(module, q, k, v, None, s_aux=torch.zeros(2))

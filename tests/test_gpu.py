@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import fake_quant_cache, tiny_llama
+from helpers import assert_equal, fake_quant_cache, left_padded_prompts, tiny_llama
 from transformers import DynamicCache
 
 from hf_fp8cache import FP8Cache, FP8StaticCache
@@ -27,14 +27,6 @@ def _greedy(model, cache, ids, mask, new_tokens):
                           pad_token_id=0, **{cache_keyword(model): cache})  # fmt: skip
 
 
-def _left_padded(vocab, batch, length, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1:, : length // 3] = 0
-    return ids.cuda(), mask.cuda()
-
-
 @pytest.mark.slow
 def test_smollm2_generate_on_gpu_equals_oracle():
     from hf_fp8cache.models import load_model_and_tokenizer
@@ -51,18 +43,21 @@ def test_smollm2_generate_on_gpu_equals_oracle():
     print(f"SmolLM2 bf16 on GPU: FP8 greedy tokens equal to bf16 DynamicCache: {agree:.3f}")
     for row in tokenizer.batch_decode(ours[:, ids.shape[1] :], skip_special_tokens=True):
         print("  FP8:", row.replace("\n", " ")[:120])
-    assert torch.equal(ours, oracle)
+    assert_equal(ours, oracle)
 
 
 def test_llama8b_shaped_generate_on_gpu_equals_oracle():
     torch.manual_seed(0)
     model = build_model("llama-3.1-8b", torch.device("cuda"), torch.bfloat16)
     config = model.config
-    ids, mask = _left_padded(config.vocab_size, 2, 300)
+    # the second row's first 100 positions are padding, random ids that only the mask hides
+    ids, mask = left_padded_prompts(
+        2, 300, pads=lambda row: 100 if row else 0, pad_id=None, vocab=config.vocab_size, device="cuda"
+    )
     for cache_kwargs in ({}, {"calculate_kv_scales": True, "strategy": "attn_head"}):
         ours = _greedy(model, FP8Cache(config, **cache_kwargs), ids, mask, 8)
         if not cache_kwargs:
-            assert torch.equal(ours, _greedy(model, fake_quant_cache(config), ids, mask, 8))
+            assert_equal(ours, _greedy(model, fake_quant_cache(config), ids, mask, 8))
         assert ours.shape == (2, 308)
     cache = FP8Cache(config)
     _greedy(model, cache, ids, mask, 8)
@@ -92,8 +87,8 @@ def test_generate_compiles_the_static_cache_and_equals_eager_fp8(cache_kwargs):
     model.set_attn_implementation(ATTENTION_NAME)
     static = FP8StaticCache(model.config, max_cache_len=64, **cache_kwargs)
     for seed in (0, 1):
-        ids, mask = _left_padded(256, 3, 40, seed=seed)
+        ids, mask = left_padded_prompts(3, 40, pads=lambda row: 13 if row else 0, pad_id=None, seed=seed, device="cuda")
         static.reset()
         compiled = _greedy(model, static, ids, mask, 16)
-        assert torch.equal(compiled, _greedy(model, FP8Cache(model.config, **cache_kwargs), ids, mask, 16))
+        assert_equal(compiled, _greedy(model, FP8Cache(model.config, **cache_kwargs), ids, mask, 16))
     assert hasattr(model, "_compiled_call")  # generate took its compiled path

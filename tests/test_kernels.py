@@ -5,6 +5,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers import assert_equal
 from hf_fp8cache.kernels import dispatch, ops, recent_window, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,7 +54,8 @@ def test_quantize_append_matches_reference(fmt, dtype, per_head):
     key, value = _inputs(B, H, S, D, dtype, 1, transposed=True), _inputs(B, H, S, D, dtype, 2)
     inv = (torch.rand(H if per_head else 1) * 4 + 0.1).to(DEVICE)
     k, v, k_ref, v_ref = _run_both(key, value, fmt, 16, 5, inv, inv.flip(0).contiguous())
-    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert_equal(k, k_ref, "key bytes")
+    assert_equal(v, v_ref, "value bytes")
     assert (k[:, :, :5] == 0xAA).all() and (k[:, :, 12:] == 0xAA).all()  # nothing outside [start, start + S)
 
 
@@ -67,7 +69,8 @@ def test_quantize_append_shapes(D, S):
     key, value = _inputs(B, H, S, D, torch.float16, S + D), _inputs(B, H, S, D, torch.float16, S * D, transposed=True)
     inv = torch.tensor([0.5], device=DEVICE)
     k, v, k_ref, v_ref = _run_both(key, value, FORMATS["e4m3fn"], S + 3, 3, inv, inv)
-    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert_equal(k, k_ref, "key bytes")
+    assert_equal(v, v_ref, "value bytes")
 
 
 def test_saturates_never_nan_or_inf():
@@ -102,7 +105,8 @@ def test_quantize_append_property(B, H, S, D, start, fmt, dtype, exponent, seed)
     value = (torch.randn(B, H, D, S, generator=g) * 10.0**exponent).to(dtype).to(DEVICE).transpose(2, 3)
     inv = (torch.rand(H, generator=g) * 8 + 0.01).to(DEVICE)
     k, v, k_ref, v_ref = _run_both(key, value, fmt, start + S, start, inv, inv)
-    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert_equal(k, k_ref, "key bytes")
+    assert_equal(v, v_ref, "value bytes")
 
 
 @settings(max_examples=25, deadline=None)
@@ -119,7 +123,8 @@ def test_dequantize_property(B, H, length, spare, D, fmt, dtype, per_head, seed)
     outs = [torch.empty(B, H, length, D, dtype=dtype, device=DEVICE) for _ in range(4)]
     kernels.dequantize_kv(*caches, length, scale, scale, fmt, outs[0], outs[1])
     reference.dequantize_kv_ref(*caches, length, scale, scale, fmt, outs[2], outs[3])
-    assert _bits_equal(outs[0], outs[2]) and _bits_equal(outs[1], outs[3])
+    _assert_bits_equal(outs[0], outs[2], "dequantized keys")
+    _assert_bits_equal(outs[1], outs[3], "dequantized values")
 
 
 @pytest.mark.parametrize("start, written", [(3, 5), (30, 2), (32, 0)])  # 32 slots: the last two drop 3 / 5 tokens
@@ -134,10 +139,11 @@ def test_quantize_append_at_a_device_position(start, written):
             ops.quantize_append_kv(key, value, k, v, torch.tensor(start, device=DEVICE), inv, inv, "e4m3fn")
         caches[path] = k, v
     k, v = caches["kernel"]
-    assert torch.equal(k, caches["reference"][0]) and torch.equal(v, caches["reference"][1])
+    assert_equal(k, caches["reference"][0], "key bytes")
+    assert_equal(v, caches["reference"][1], "value bytes")
     expected = torch.full_like(k, 0x7F)
     expected[:, :, start : start + written] = reference.encode_fp8_ref(key[:, :, :written] * 4.0, FMTS[0])
-    assert torch.equal(k, expected)
+    assert_equal(k, expected)
 
 
 def test_quantize_append_rejects_a_bad_device_position():
@@ -160,18 +166,20 @@ def test_ring_write_then_read_keeps_the_last_r_positions(R, start, S, seed):
     expected = previous.clone()  # position p lives at slot p % R; only the last R written positions are kept
     for p in range(max(start, start + S - R), start + S):
         expected[:, :, p % R] = states[:, :, p - start]
-    assert torch.equal(ring, expected)
+    assert_equal(ring, expected)
     first = max(start, start + S - R)
     read = recent_window.ring_read(ring, first, start + S)
-    assert torch.equal(read, states[:, :, first - start :])
+    assert_equal(read, states[:, :, first - start :])
     out = torch.zeros(2, 3, start + S - first, 4, dtype=torch.float64)
     recent_window.ring_read(ring, first, start + S, out=out)
-    assert torch.equal(out, states[:, :, first - start :].double())
+    assert_equal(out, states[:, :, first - start :].double())
 
 
-def _bits_equal(a, b):
-    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    return bool(((a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())).all())
+def _assert_bits_equal(actual, expected, what=""):
+    """Bit for bit (so -0.0 is not 0.0), except that any NaN equals any NaN: compared as integers."""
+    ints = {2: torch.int16, 4: torch.int32}[actual.element_size()]
+    both_nan = actual.isnan() & expected.isnan()
+    assert_equal(actual.view(ints).masked_fill(both_nan, 0), expected.view(ints).masked_fill(both_nan, 0), what)
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
@@ -180,7 +188,7 @@ def test_decode_all_256_codes(fmt):
     one = torch.ones(1, device=DEVICE)
     out_k, out_v = (torch.empty(1, 1, 256, 2, device=DEVICE) for _ in range(2))
     kernels.dequantize_kv(codes, codes, 256, one, one, fmt, out_k, out_v)
-    assert _bits_equal(out_k, reference.decode_fp8_ref(codes, fmt))
+    _assert_bits_equal(out_k, reference.decode_fp8_ref(codes, fmt), "decoded codes")
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
@@ -195,7 +203,8 @@ def test_dequantize_matches_reference(fmt, dtype, per_head):
     outs = [torch.full((B, H, length, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(4)]
     kernels.dequantize_kv(k_cache, v_cache, length, scale, scale * 2, fmt, outs[0], outs[1])
     reference.dequantize_kv_ref(k_cache, v_cache, length, scale, scale * 2, fmt, outs[2], outs[3])
-    assert _bits_equal(outs[0], outs[2]) and _bits_equal(outs[1], outs[3])
+    _assert_bits_equal(outs[0], outs[2], "dequantized keys")
+    _assert_bits_equal(outs[1], outs[3], "dequantized values")
 
 
 def test_round_trip_error_is_within_half_ulp():
@@ -211,11 +220,11 @@ def test_round_trip_error_is_within_half_ulp():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(inv=torch.ones(2)), "1 or 3 elements"),
-        (dict(inv=torch.ones(1, dtype=torch.float64)), "float32"),
-        (dict(start=14), "cannot take"),
-        (dict(cache_dtype=torch.float16), "uint8"),
-        (dict(value_shape=(1, 3, 4, 8)), "same"),
+        (dict(inv=torch.ones(2)), r"float32 with 1 or 3 elements, got torch.float32 \(2,\)"),
+        (dict(inv=torch.ones(1, dtype=torch.float64)), r"float32 with 1 or 3 elements, got torch.float64 \(1,\)"),
+        (dict(start=14), r"cache \(1, 3, 16, 8\) cannot take \(1, 3, 5, 8\) at position 14"),
+        (dict(cache_dtype=torch.float16), r"must be contiguous 4-D uint8 views of fp8 buffers, got torch.float16"),
+        (dict(value_shape=(1, 3, 4, 8)), r"key \(1, 3, 5, 8\) and value \(1, 3, 4, 8\) must be the same"),
     ],
 )
 def test_quantize_append_rejects_bad_arguments(change, message):

@@ -186,8 +186,16 @@ def test_length_read_on_the_device(L, Sq, dtype):
         assert _relative_error(kernels.decode_attention(*args), expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("bad", ["float", "two_elements", "with_window", "query_past_capacity"])
-def test_rejects_bad_device_lengths(bad):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("float", r"a kv_length tensor must be one int32/int64 element, got torch.float32 \(\)"),
+        ("two_elements", r"a kv_length tensor must be one int32/int64 element, got torch.int64 \(2,\)"),
+        ("with_window", "an exact recent window needs a Python int kv_length"),
+        ("query_past_capacity", "need 1 <= query length 2 <= cache capacity 1$"),
+    ],
+)
+def test_rejects_bad_device_lengths(bad, message):
     args = list(_case(2, 2, 4, 2, 64, 10, [0, 1]))
     extra = {}
     args[3] = torch.tensor(10, device=DEVICE)
@@ -200,7 +208,7 @@ def test_rejects_bad_device_lengths(bad):
         extra["recent"] = kernels.RecentWindow(ring, ring, 8)
     else:
         args[1], args[2] = args[1][:, :, :1].contiguous(), args[2][:, :, :1].contiguous()
-    with pytest.raises(ValueError, match="kv_length tensor|window needs a Python int|cache capacity 1"):
+    with pytest.raises(ValueError, match=message):
         kernels.decode_attention(*args, **extra)
 
 
@@ -369,18 +377,38 @@ def _bad(change):
     return args, {}
 
 
-@pytest.mark.parametrize(
-    "change",
-    ["group", "head_dim", "batch", "query_rank", "query_dtype", "too_many_queries", "past_capacity", "kv_start_dtype",
-     "kv_start_shape", "scale_count", "scale_dtype", "cache_dtype", "cache_layout", "cache_shapes_differ",
-     "head_dim_over_256", "out_shape", "out_dtype", "window_too_long", "window_past_end", "window_dtype",
-     "window_shape"],
-)  # fmt: skip
-def test_rejects_bad_arguments(change):
+# each change of _bad and the message naming it (the good query is [2, 8, 2, 64], the caches [2, 2, 15, 64], L = 10)
+BAD_ARGUMENTS = {
+    "group": r"query \(2, 7, 2, 64\) does not fit the cache \(2, 2, 15, 64\)",
+    "head_dim": r"query \(2, 8, 2, 32\) does not fit the cache \(2, 2, 15, 64\)",
+    "batch": r"query \(1, 8, 2, 64\) does not fit the cache \(2, 2, 15, 64\)",
+    "query_rank": r"query must be 4-D fp16 / bf16 / fp32 \[B, Hq, Sq, D\], got torch.float16 \(8, 2, 64\)",
+    "query_dtype": r"query must be 4-D fp16 / bf16 / fp32 \[B, Hq, Sq, D\], got torch.float64 \(2, 8, 2, 64\)",
+    "too_many_queries": r"need 1 <= query length 2 <= kv_length 1 <= cache capacity 15",
+    "past_capacity": r"need 1 <= query length 2 <= kv_length 16 <= cache capacity 15",
+    "kv_start_dtype": r"kv_start must be int32 of shape \(2,\), got torch.int64 \(2,\)",
+    "kv_start_shape": r"kv_start must be int32 of shape \(2,\), got torch.int32 \(1,\)",
+    "scale_count": r"scales must be contiguous float32 with 1 or 2 elements, got torch.float32 \(3,\)",
+    "scale_dtype": r"scales must be contiguous float32 with 1 or 2 elements, got torch.float64 \(2,\)",
+    "cache_dtype": r"caches must be contiguous 4-D uint8 views of fp8 buffers, got torch.float8_e4m3fn",
+    "cache_layout": r"caches must be contiguous 4-D uint8 views of fp8 buffers, got torch.uint8",  # a transposed view
+    "cache_shapes_differ": r"key cache \(2, 2, 15, 64\) and value cache \(2, 2, 14, 64\) differ",
+    "head_dim_over_256": r"head dim 512 is larger than the supported 256",
+    "out_shape": r"out must be contiguous torch.float16 \(2, 2, 8, 64\), got torch.float16 \(2, 8, 2, 64\)",
+    "out_dtype": r"out must be contiguous torch.float16 \(2, 2, 8, 64\), got torch.float32 \(2, 2, 8, 64\)",
+    "window_too_long": r"recent window start 5 must be in \[6, 10\] \(kv_length 10, 4 slots\)",
+    "window_past_end": r"recent window start 11 must be in \[6, 10\] \(kv_length 10, 4 slots\)",
+    "window_dtype": r"recent window keys and values must both be torch.float16 \(2, 2, 4, 64\)",
+    "window_shape": r"recent window buffers must be \[2, 2, R, 64\], got \(2, 1, 4, 64\)",
+}
+
+
+@pytest.mark.parametrize("change, message", BAD_ARGUMENTS.items(), ids=list(BAD_ARGUMENTS))
+def test_rejects_bad_arguments(change, message):
     args, extra = _bad(change)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         attention.decode_attention(*args, **extra)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         kernels.decode_attention(*args, **extra)
-    with pytest.raises(ValueError), kernels.cpu_backend("torch"):  # the reference path validates too
+    with pytest.raises(ValueError, match=message), kernels.cpu_backend("torch"):  # the reference path validates too
         kernels.decode_attention(*args, **extra)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo.testing
-from helpers import left_padded_prompts, tiny_llama
+from helpers import assert_equal, left_padded_prompts, tiny_llama
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, KVScales
 from hf_fp8cache.attention import ATTENTION_NAME
@@ -43,7 +43,7 @@ def test_greedy_equals_dynamic_fp8_cache(model, attention, cache_kwargs):
     """Left-padded batch through the Triton kernels (interpreted); prompt 11 + 8 new tokens in 24 slots."""
     static = _generate(model, FP8StaticCache(model.config, max_cache_len=24, **cache_kwargs))
     dynamic = _generate(model, FP8Cache(model.config, **cache_kwargs))
-    assert torch.equal(static.sequences, dynamic.sequences)
+    assert_equal(static.sequences, dynamic.sequences)
     # Measured max |difference| of the step logits: 0 through our attention; 1.5e-7 through SDPA, which attends
     # over all 24 slots there (the unwritten ones masked), so the prompt's attention output can differ by an ulp.
     # With on-the-fly scales that ulp reaches the next layer's amax and so its scales: 8.4e-5.
@@ -61,7 +61,8 @@ def test_layers_read_the_padding_start_the_first_layer_computed(model):
         model.set_attn_implementation("sdpa")
     pads = (left_padded_prompts()[1] == 0).sum(1).to(torch.int32)
     first = cache.layers[0]
-    assert pads.any() and torch.equal(first.row_start, pads)  # written by the last decode step
+    assert pads.any()
+    assert_equal(first.row_start, pads)  # written by the last decode step
     assert [layer.writes_row_start for layer in cache.layers] == [True] + [False] * (len(cache.layers) - 1)
     assert all(layer.row_start is first.row_start for layer in cache.layers)  # one buffer on the one device
     twin = copy.deepcopy(cache)
@@ -76,8 +77,8 @@ def test_from_pretrained_reads_checkpoint_scales(model, tmp_path):
     assert cache.scales == CHECKPOINT["scales"] and cache.strategy == "attn_head" and cache.format.name == "e4m3fn"
     assert all(layer.max_batch_size == 3 for layer in cache.layers)
     dynamic = _generate(model, FP8Cache.from_pretrained(tmp_path, model.config))
-    assert torch.equal(_generate(model, cache).sequences, dynamic.sequences)
-    assert torch.equal(cache.layers[1].key_scale, CHECKPOINT["scales"].key[1].to(cache.layers[1].key_scale.device))
+    assert_equal(_generate(model, cache).sequences, dynamic.sequences)
+    assert_equal(cache.layers[1].key_scale, CHECKPOINT["scales"].key[1].to(cache.layers[1].key_scale.device))
     with pytest.raises(TypeError, match="revison"):  # a misspelt loader option is named, not dropped
         FP8StaticCache.from_pretrained(tmp_path, model.config, max_cache_len=24, revison="main")
 
@@ -85,7 +86,7 @@ def test_from_pretrained_reads_checkpoint_scales(model, tmp_path):
 def test_beam_search_equals_dynamic_fp8_cache(model, attention):
     beams = dict(num_beams=3, num_return_sequences=2)
     static = _generate(model, FP8StaticCache(model.config, max_cache_len=19, max_batch_size=9), **beams)
-    assert torch.equal(static.sequences, _generate(model, FP8Cache(model.config), **beams).sequences)
+    assert_equal(static.sequences, _generate(model, FP8Cache(model.config), **beams).sequences)
 
 
 def test_sampling_equals_dynamic_fp8_cache(model, attention):
@@ -93,7 +94,7 @@ def test_sampling_equals_dynamic_fp8_cache(model, attention):
     for cache in (FP8StaticCache(model.config, max_cache_len=19), FP8Cache(model.config)):
         torch.manual_seed(3)
         draws.append(_generate(model, cache, do_sample=True, top_k=20).sequences)
-    assert torch.equal(draws[0], draws[1])
+    assert_equal(draws[0], draws[1])
 
 
 def test_chunked_prefill_equals_dynamic_fp8_cache(model, attention):
@@ -138,7 +139,7 @@ def test_compiled_decode_has_no_recompiles_and_reuses_buffers(model, attention):
     eager_tokens, eager_logits = _decode_steps(
         model, model.forward, FP8StaticCache(model.config, 32, calculate_kv_scales=True), ids, 20
     )
-    assert torch.equal(tokens, eager_tokens)
+    assert_equal(tokens, eager_tokens)
     # measured max |difference| of the logits, compiled vs eager: 0 through our attention (the same kernel calls),
     # 1.2e-7 through SDPA (traced and decomposed by AOTAutograd)
     assert (logits - eager_logits).abs().max() <= (0.0 if attention == ATTENTION_NAME else 1e-6)
@@ -151,7 +152,7 @@ def test_compiled_decode_has_no_recompiles_and_reuses_buffers(model, attention):
     assert addresses == [(layer.key_bytes.data_ptr(), layer.key_scale.data_ptr()) for layer in cache.layers]
     fresh_tokens, _ = _decode_steps(model, model.forward, FP8StaticCache(model.config, 32, calculate_kv_scales=True),
                                     other, 20)  # fmt: skip
-    assert torch.equal(tokens, fresh_tokens)  # on-the-fly scales recomputed from the new prompt
+    assert_equal(tokens, fresh_tokens)  # on-the-fly scales recomputed from the new prompt
 
 
 def test_scales_and_length_follow_the_dynamic_cache(model):
@@ -163,9 +164,10 @@ def test_scales_and_length_follow_the_dynamic_cache(model):
             model(ids, **{cache_keyword(model): cache})
     # layer 0 sees the same input (later layers can differ by an ulp: SDPA attends over the 16 slots, see above)
     ours, theirs = static.layers[0], dynamic.layers[0]
-    assert torch.equal(ours.key_scale, theirs.key_scale) and torch.equal(ours.value_scale, theirs.value_scale)
+    assert_equal(ours.key_scale, theirs.key_scale, "key scales")
+    assert_equal(ours.value_scale, theirs.value_scale, "value scales")
     assert ours.key_scale.shape == (2,)  # per KV head
-    assert torch.equal(ours.key_bytes[:, :, :11], theirs.key_bytes[:, :, :11])
+    assert_equal(ours.key_bytes[:, :, :11], theirs.key_bytes[:, :, :11])
     assert int(static.get_seq_length()) == 11 and static.get_max_length() == 16
     assert static.allocated_nbytes == 2 * (2 * 2 * 2 * 16 * 16 + 2 * 2 * 4)  # layers x (K+V bytes + K+V scale per head)
 
@@ -206,7 +208,7 @@ def test_decode_past_the_end_fails_and_writes_nothing_outside(model):
     before = cache.layers[0].key_bytes.clone()
     with pytest.raises(RuntimeError, match="more tokens than max_cache_len=8"):
         cache.update(x[:, :, :1], x[:, :, :1], 0)
-    assert torch.equal(cache.layers[0].key_bytes, before)
+    assert_equal(cache.layers[0].key_bytes, before)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +231,7 @@ def test_batch_beyond_max_batch_size_and_batch_or_dtype_changes_are_refused(mode
     with pytest.raises(ValueError, match="batch 3 .* exceeds max_batch_size=2"):
         cache.update(x, x, 0)
     cache.update(x[:2], x[:2], 0)
-    with pytest.raises(ValueError, match="do not fit this static cache"):
+    with pytest.raises(ValueError, match=r"\(1, 2, 1, 16\) do not fit this static cache \(2, 2, 8, 16\)"):
         cache.update(x[:1, :, :1], x[:1, :, :1], 0)
     with pytest.raises(ValueError, match="key_states is torch.float64 on cpu but this static cache holds torch.fl"):
         cache.update(x[:2].double(), x[:2].double(), 0)

@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_equal, left_padded_prompts
 from oracle import fake_fp8, fake_fp8_cache
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -77,19 +78,10 @@ def transformers_cache(kind: str, config):
     return DynamicCache(config=config) if kind == "dynamic" else StaticCache(config=config, max_cache_len=MAX_CACHE_LEN)
 
 
-def prompts(batch: int = 3, length: int = 11, seed: int = 0, pad_id: int = 0):
-    """Random ids ``[batch, length]`` and their mask; row r > 0 is left-padded with 2r + 1 ``pad_id`` tokens."""
-    ids = torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row + 1] = 0
-    return ids.masked_fill(mask == 0, pad_id), mask
-
-
 def generate(model, cache, ids=None, mask=None, **kwargs):
     """``model.generate`` with ``cache`` and the dict output (logits included)."""
     if ids is None and "inputs_embeds" not in kwargs:
-        ids, mask = prompts()
+        ids, mask = left_padded_prompts()
     kwargs = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "pad_token_id": 0, **kwargs}
     return model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True,
                           **{cache_keyword(model): cache}, **kwargs)  # fmt: skip
@@ -131,8 +123,8 @@ def test_the_oracle_encodes_like_torch_and_saturates():
     # 3.125 and 3.375 are ties between e4m3 neighbours 0.25 apart: to the even mantissa; 2^-10 is half the smallest
     # subnormal (2^-9): a tie to 0
     expected = torch.tensor([1.0, -2.0, 3.0, 3.5, 448.0, -448.0, 0.0]).reshape(1, 1, -1, 1)
-    assert torch.equal(fake_fp8(x, torch.ones(1)), expected)
-    assert torch.equal(fake_fp8(x * 4, torch.tensor([4.0])), expected * 4)
+    assert_equal(fake_fp8(x, torch.ones(1)), expected)
+    assert_equal(fake_fp8(x * 4, torch.tensor([4.0])), expected * 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def test_left_padded_batch_greedy_equals_oracle(kind, read_path, heads, gqa_mode
     finally:
         model.set_attn_implementation("sdpa")
     assert returned_cache(model, ours) is cache
-    assert torch.equal(ours.sequences, oracle.sequences)
+    assert_equal(ours.sequences, oracle.sequences)
     assert_logits_close(ours.logits, oracle.logits)
 
 
@@ -164,7 +156,7 @@ def test_sampling_equals_oracle(kind, model):
     for cache in (new_cache(kind, model.config), fake_fp8_cache(model.config)):
         torch.manual_seed(11)
         draws.append(generate(model, cache, do_sample=True, top_k=20).sequences)
-    assert torch.equal(draws[0], draws[1])
+    assert_equal(draws[0], draws[1])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -172,7 +164,7 @@ def test_beam_search_reorders_the_cache_and_equals_oracle(kind, model):
     kwargs = {"num_beams": 3, "num_return_sequences": 2}
     ours = generate(model, new_cache(kind, model.config), **kwargs)
     oracle = generate(model, fake_fp8_cache(model.config), **kwargs)
-    assert torch.equal(ours.sequences, oracle.sequences)
+    assert_equal(ours.sequences, oracle.sequences)
     # some returned sequence went through more than one beam: reorder_cache had to move rows
     assert any(len(set(row[row >= 0].tolist())) > 1 for row in ours.beam_indices)
 
@@ -220,7 +212,7 @@ def test_extra_left_padding_changes_nothing(kind, scales, model):
         # measured with the oracle's rule: equal alone and behind padding (a few fp32 ulps allowed)
         torch.testing.assert_close(layer_behind.key_scale, layer_alone.key_scale, rtol=1e-6, atol=0)
         torch.testing.assert_close(layer_behind.value_scale, layer_alone.value_scale, rtol=1e-6, atol=0)
-    assert torch.equal(out_alone.sequences, out_behind.sequences[:, 6:])
+    assert_equal(out_alone.sequences, out_behind.sequences[:, 6:])
     assert_logits_close(out_alone.logits, out_behind.logits)
 
 
@@ -229,7 +221,7 @@ def test_onthefly_scales_from_real_tokens_equal_oracle(kind, model):
     """Left-padded batch with on-the-fly scales: vLLM's first-prefill rule over the real tokens only (the pad token
     has the largest V of the vocabulary), then the same greedy tokens as the oracle using those scales."""
     pad = max_value_token(model)
-    ids, mask = prompts(pad_id=pad)
+    ids, mask = left_padded_prompts(pad_id=pad)
     ids[(ids == pad) & (mask == 1)] = pad + 1
     cache = new_cache(kind, model.config, calculate_kv_scales=True)
     if model.config._attn_implementation != ATTENTION_NAME:
@@ -241,14 +233,14 @@ def test_onthefly_scales_from_real_tokens_equal_oracle(kind, model):
         # amax / 200 here, amax * (2.24 / 448) there: measured equal on unpadded prompts (a few fp32 ulps allowed)
         torch.testing.assert_close(layer.key_scale, oracle_layer.key_scale, rtol=1e-6, atol=0)
         torch.testing.assert_close(layer.value_scale, oracle_layer.value_scale, rtol=1e-6, atol=0)
-    assert torch.equal(ours.sequences, theirs.sequences)
+    assert_equal(ours.sequences, theirs.sequences)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_continues_from_the_returned_cache(kind, model):
     """Two generate calls of 4 tokens, the second fed the first's sequences and returned cache, give the one-call
     8 tokens; the cache passed in is the one returned, filled in place and never reset."""
-    ids, mask = prompts()
+    ids, mask = left_padded_prompts()
     cache = new_cache(kind, model.config)
     first = generate(model, cache, ids, mask, max_new_tokens=4)
     assert returned_cache(model, first) is cache
@@ -256,8 +248,8 @@ def test_generate_continues_from_the_returned_cache(kind, model):
     longer_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], 1)
     second = generate(model, cache, first.sequences, longer_mask, max_new_tokens=4)
     assert returned_cache(model, second) is cache and int(cache.get_seq_length()) == ids.shape[1] + 7
-    assert torch.equal(second.sequences, generate(model, fake_fp8_cache(model.config), ids, mask).sequences)
-    assert torch.equal(second.sequences, generate(model, new_cache(kind, model.config), ids, mask).sequences)
+    assert_equal(second.sequences, generate(model, fake_fp8_cache(model.config), ids, mask).sequences)
+    assert_equal(second.sequences, generate(model, new_cache(kind, model.config), ids, mask).sequences)
 
 
 def stored_values(cache) -> list[torch.Tensor]:
@@ -281,12 +273,13 @@ def test_the_cache_passed_to_generate_holds_the_oracle_values(kind, model):
     ours, theirs = stored_values(cache), stored_values(oracle)
     assert [t.shape for t in ours] == [t.shape for t in theirs]
     # the same bytes on both read paths (measured: our decode kernel's ~1e-7 differences move no e4m3 code here)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_equal(a, b, f"layer {i // 2} {'values' if i % 2 else 'keys'}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_from_inputs_embeds_and_continue(kind, model):
-    ids, mask = prompts()
+    ids, mask = left_padded_prompts()
     embeds = model.get_input_embeddings()(ids).detach()
     cache = new_cache(kind, model.config)
     first = generate(model, cache, None, mask, inputs_embeds=embeds, max_new_tokens=4).sequences
@@ -294,7 +287,7 @@ def test_generate_from_inputs_embeds_and_continue(kind, model):
     more_mask = torch.cat([mask, torch.ones_like(first)], 1)
     second = generate(model, cache, None, more_mask, inputs_embeds=more_embeds, max_new_tokens=4).sequences
     oracle = generate(model, fake_fp8_cache(model.config), None, mask, inputs_embeds=embeds).sequences
-    assert torch.equal(torch.cat([first, second], 1), oracle)
+    assert_equal(torch.cat([first, second], 1), oracle)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -315,7 +308,8 @@ def test_assisted_decoding_rolls_back_with_crop_and_matches_greedy(kind, assista
     assert any(n < 0 for n in crops)  # some drafts were rejected and rolled back
     greedy = generate(model, new_cache(kind, model.config), ids, mask, max_new_tokens=10).sequences
     oracle = generate(model, fake_fp8_cache(model.config), ids, mask, max_new_tokens=10).sequences
-    assert torch.equal(assisted, greedy) and torch.equal(greedy, oracle)
+    assert_equal(assisted, greedy, "assisted vs greedy tokens")
+    assert_equal(greedy, oracle, "greedy vs oracle tokens")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -323,7 +317,7 @@ def test_chunked_prefill_equals_oracle(kind, model):
     """``prefill_chunk_size=4``: the prompt enters as 4 + 4 + 3 tokens, the later chunks over an FP8 history."""
     ours = generate(model, new_cache(kind, model.config), prefill_chunk_size=4)
     oracle = generate(model, fake_fp8_cache(model.config), prefill_chunk_size=4)
-    assert torch.equal(ours.sequences, oracle.sequences)
+    assert_equal(ours.sequences, oracle.sequences)
     assert_logits_close(ours.logits, oracle.logits)
 
 
@@ -333,7 +327,7 @@ def test_early_initialization_then_generate_equals_oracle(kind, model):
     cache.early_initialization(batch_size=3, num_heads=2, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
     assert cache.is_initialized and int(cache.get_seq_length()) == 0
     ours, oracle = generate(model, cache), generate(model, fake_fp8_cache(model.config))
-    assert torch.equal(ours.sequences, oracle.sequences)
+    assert_equal(ours.sequences, oracle.sequences)
     assert_logits_close(ours.logits, oracle.logits)  # the prompt was still a prefill, read exact
 
 
@@ -350,7 +344,7 @@ def test_a_copied_prompt_cache_serves_two_continuations(kind, model):
         ids = torch.cat([prefix, suffix], 1)
         ours = generate(model, copy.deepcopy(prefix_cache), ids, torch.ones_like(ids)).sequences
         theirs = generate(model, copy.deepcopy(oracle_prefix), ids, torch.ones_like(ids)).sequences
-        assert torch.equal(ours, theirs)
+        assert_equal(ours, theirs)
     assert int(prefix_cache.get_seq_length()) == 8  # the copies grew, not the original
 
 
@@ -362,15 +356,16 @@ def test_reset_then_reuse_equals_a_fresh_cache(kind, model):
     first_scales = [layer.key_scale.clone() for layer in cache.layers]
     cache.reset()
     assert int(cache.get_seq_length()) == 0
-    other_ids, other_mask = prompts(seed=4)
+    other_ids, other_mask = left_padded_prompts(seed=4)
     reused = generate(model, cache, other_ids, other_mask)
     fresh_cache = new_cache(kind, model.config, calculate_kv_scales=True)
     fresh = generate(model, fresh_cache, other_ids, other_mask)
-    assert torch.equal(reused.sequences, fresh.sequences)
+    assert_equal(reused.sequences, fresh.sequences)
     assert_logits_close(reused.logits, fresh.logits)
     assert [layer.key_bytes.data_ptr() for layer in cache.layers] == buffers  # same batch shape: buffers reused
     for layer, fresh_layer, first in zip(cache.layers, fresh_cache.layers, first_scales):  # from the new prompt
-        assert torch.equal(layer.key_scale, fresh_layer.key_scale) and not torch.equal(layer.key_scale, first)
+        assert_equal(layer.key_scale, fresh_layer.key_scale)
+        assert not torch.equal(layer.key_scale, first)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +374,7 @@ def test_reset_then_reuse_equals_a_fresh_cache(kind, model):
 
 
 def test_repeat_then_select_rows_then_decode_equals_oracle(model):
-    ids, mask = prompts()
+    ids, mask = left_padded_prompts()
     nxt = torch.randint(3, 256, (3, 1), generator=torch.Generator().manual_seed(2))
     logits = []
     for cache in (FP8Cache(model.config), fake_fp8_cache(model.config)):
@@ -396,7 +391,7 @@ def test_repeat_then_select_rows_then_decode_equals_oracle(model):
 @pytest.mark.parametrize("operation", ["batch_repeat_interleave", "batch_select_indices"])
 def test_static_cache_refuses_batch_changes_by_design(operation, gqa_model):
     cache = FP8StaticCache(gqa_model.config, max_cache_len=16)
-    forward(gqa_model, cache, prompts()[0])
+    forward(gqa_model, cache, left_padded_prompts()[0])
     argument = 2 if operation == "batch_repeat_interleave" else torch.tensor([0, 2])
     with pytest.raises(NotImplementedError, match="fixed batch"):
         getattr(cache, operation)(argument)
@@ -446,7 +441,8 @@ def assert_next_reads_equal(ours, oracle, seed: int = 50):
         mine = ours.update(step_k, step_v, layer)
         length = theirs[0].shape[2]
         assert int(ours.layers[layer].get_seq_length()) == length
-        assert torch.equal(read(mine[0], length), theirs[0]) and torch.equal(read(mine[1], length), theirs[1])
+        assert_equal(read(mine[0], length), theirs[0], f"layer {layer} keys")
+        assert_equal(read(mine[1], length), theirs[1], f"layer {layer} values")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -516,8 +512,8 @@ def test_a_prompt_into_a_cropped_empty_cache_reads_exact_values(kind, read_path)
     oracle.crop(-7)
     for layer in range(2):
         x = states(3, 2, 4, 70 + layer)
-        assert torch.equal(read(ours.update(x, x, layer)[0], 4), x)
-        assert torch.equal(oracle.update(x, x, layer)[0], x)
+        assert_equal(read(ours.update(x, x, layer)[0], 4), x)
+        assert_equal(oracle.update(x, x, layer)[0], x)
     assert_next_reads_equal(ours, oracle)
 
 
