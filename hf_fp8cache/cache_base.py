@@ -167,15 +167,21 @@ class FP8LayerBase(CacheLayerMixin):
             frozen_start = start.clone() if isinstance(start, torch.Tensor) else start  # the caller advances its own
             self._pending_write = (key_states, value_states, frozen_start)
             return True
-        if self._scales_pending and key_states.shape[2] > 0 and key_states.shape[0] > 1:
-            warnings.warn(
-                "calculate_kv_scales with a batch of several rows and an attention implementation other than "
-                f"{ATTENTION_NAME!r}: the cache cannot see the padding mask, so the on-the-fly scales include any "
-                f"padded positions. Use attn_implementation={ATTENTION_NAME!r} to leave them out",
-                stacklevel=4,
-            )
+        self._warn_padding_counts(key_states)
         self._write(key_states, value_states, start, None)
         return False
+
+    def _warn_padding_counts(self, key_states: torch.Tensor) -> None:
+        """Say so when on-the-fly scales are about to come from a batch whose padding this layer cannot see."""
+        if self._scales_pending and key_states.shape[2] > 0 and key_states.shape[0] > 1:
+            warnings.warn(
+                f"layer {self.layer_idx}: calculate_kv_scales with a batch of several rows, on a path that does not "
+                "hand the cache the padding mask (an attention implementation other than "
+                f"{ATTENTION_NAME!r}, or a sliding-window layer): the cache cannot see the padding mask, so the "
+                f"on-the-fly scales include any padded positions. Use attn_implementation={ATTENTION_NAME!r} on "
+                "full-attention layers to leave them out",
+                stacklevel=5,
+            )
 
     def _finish_pending_write(self, attention_mask: torch.Tensor | None) -> None:
         """Do the write ``_write_or_defer`` kept back, leaving out positions ``attention_mask`` does not attend."""
@@ -208,22 +214,26 @@ class FP8LayerBase(CacheLayerMixin):
         raise NotImplementedError("the FP8 cache does not support offloading to CPU")
 
 
-def check_full_attention(config) -> None:
-    """Raise for models with sliding-window, chunked or other non-full attention layers (not supported yet)."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-            layer_types = ["sliding_attention"]
-        elif getattr(config, "attention_chunk_size", None) is not None:
-            layer_types = ["chunked_attention"]
-        else:
-            layer_types = ["full_attention"]
-    unsupported = sorted(set(layer_types) - {"full_attention"})
+SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")  # transformers keeps both in a sliding layer
+
+
+def model_layer_types(config, *, supported: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(layer type, its cache layer's keyword arguments) for every decoder layer, exactly as transformers' own
+    caches build them (``cache_utils.get_layer_types_and_kwargs``: ``layer_types``, or ``sliding_window`` /
+    ``attention_chunk_size`` when absent; chunked layers get the chunk size as their window). Types outside
+    ``supported`` are refused, naming them."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_config = config.get_text_config(decoder=True)
+    layer_types, kwargs = get_layer_types_and_kwargs(text_config)
+    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(layer_types)  # one dict for all before 5.23
+    unsupported = sorted(set(layer_types) - set(supported))
     if unsupported:
         raise NotImplementedError(
-            f"{type(config).__name__} has {unsupported} layers; the FP8 caches support only full-attention "
-            "layers for now"
+            f"{type(text_config).__name__} has {unsupported} layers; this FP8 cache supports "
+            f"{', '.join(supported)} layers for now"
         )
+    return list(zip(layer_types, per_layer))
 
 
 def resolve_cache_options(
@@ -246,13 +256,11 @@ def resolve_cache_options(
     return fmt, check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
 
 
-def model_layer_count(config, scales: KVScales | None) -> int:
-    """The decoder's number of layers, after refusing layer types we do not support and scales that do not fit."""
-    text_config = config.get_text_config(decoder=True)
-    check_full_attention(text_config)
+def check_model_scales(config, scales: KVScales | None) -> None:
+    """Refuse scales that do not fit the model's layers and KV heads."""
     if scales is not None:
+        text_config = config.get_text_config(decoder=True)
         scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)
-    return text_config.num_hidden_layers
 
 
 def checkpoint_scales(

@@ -129,7 +129,8 @@ def _check_generate(args) -> dict:
 def _generate(args, cache_options: dict) -> int:
     from transformers import DynamicCache
 
-    from .cache import FP8CacheLayer, QuantizedFP8Cache
+    from .cache import QuantizedFP8Cache
+    from .cache_layer import FP8CacheLayer
     from .integration import cache_keyword
     from .models import load_model_and_tokenizer
 

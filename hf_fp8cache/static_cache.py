@@ -40,9 +40,10 @@ from transformers.cache_utils import Cache
 from .cache_base import (
     DequantWorkspace,
     FP8LayerBase,
+    check_model_scales,
     checkpoint_scales,
     layer_scales,
-    model_layer_count,
+    model_layer_types,
     resolve_cache_options,
 )
 from .contract import FP8AttentionInputs, kv_start_from_mask
@@ -78,7 +79,21 @@ class StaticRowStarts:
 
 
 class FP8StaticLayer(FP8LayerBase):
-    """One attention layer's FP8 K/V in buffers of ``max_cache_len`` tokens (see the module docstring)."""
+    """One attention layer's FP8 K/V in buffers of ``max_cache_len`` tokens (see the module docstring).
+    ``FP8StaticCache`` makes its layers.
+
+    Args:
+        max_cache_len: tokens per sequence the buffers hold.
+        fmt: the storage format.
+        strategy: ``"tensor"`` or ``"attn_head"``.
+        scales: this layer's (key, value) scales, float32 ``[1]`` or ``[H_kv]``; None: unit or on-the-fly scales.
+        calculate_kv_scales: set the scales from the first prefill after construction or ``reset()``.
+        workspace: the dequantization workspace shared by the cache's layers (``static=True``).
+        layer_idx: the layer's index in the model (for error messages).
+        attention_config: the model config whose attention implementation picks the read path (None: dequantize).
+        max_batch_size: the largest batch the first update may bring (None: no limit).
+        row_starts: the per-device row-start buffers shared by the cache's layers (None: this layer's own).
+    """
 
     is_compileable = True
 
@@ -87,6 +102,7 @@ class FP8StaticLayer(FP8LayerBase):
         max_cache_len: int,
         fmt: FP8Format,
         strategy: str,
+        *,
         scales: tuple[torch.Tensor, torch.Tensor] | None,
         calculate_kv_scales: bool,
         workspace: DequantWorkspace,
@@ -288,7 +304,8 @@ class FP8StaticLayer(FP8LayerBase):
 
 
 class FP8StaticCache(Cache):
-    """A compileable transformers Cache that stores K and V in FP8 in buffers of ``max_cache_len`` tokens.
+    """A compileable transformers Cache that stores K and V in FP8 in buffers of ``max_cache_len`` tokens. Every
+    argument after ``max_cache_len`` is keyword-only.
 
     Args:
         config: the model's config; one layer per decoder layer (full attention only).
@@ -302,6 +319,7 @@ class FP8StaticCache(Cache):
         self,
         config,
         max_cache_len: int,
+        *,
         max_batch_size: int | None = None,
         kv_cache_dtype: str | torch.dtype = "fp8",
         scales: KVScales | None = None,
@@ -319,20 +337,21 @@ class FP8StaticCache(Cache):
         self.scales = scales
         self._workspace = DequantWorkspace(static=True)
         self._row_starts = StaticRowStarts()  # before the layers: a deepcopy of the cache copies it first
+        check_model_scales(config, scales)
         layers = [
             FP8StaticLayer(
                 max_cache_len,
                 self.format,
                 self.strategy,
-                layer_scales(scales, i),
-                calculate_kv_scales,
-                self._workspace,
-                i,
-                config,
-                max_batch_size,
-                self._row_starts,
-            )  # fmt: skip
-            for i in range(model_layer_count(config, scales))
+                scales=layer_scales(scales, i),
+                calculate_kv_scales=calculate_kv_scales,
+                workspace=self._workspace,
+                layer_idx=i,
+                attention_config=config,
+                max_batch_size=max_batch_size,
+                row_starts=self._row_starts,
+            )
+            for i, _ in enumerate(model_layer_types(config, supported=("full_attention",)))
         ]
         super().__init__(layers=layers)
 
@@ -342,15 +361,23 @@ class FP8StaticCache(Cache):
         name_or_path,
         config,
         max_cache_len: int,
+        *,
         kv_cache_dtype: str | torch.dtype = "fp8",
         max_batch_size: int | None = None,
         **loader_options,
     ) -> FP8StaticCache:
         """A static cache with the KV scales of a checkpoint (local directory or Hub id), as
-        ``QuantizedFP8Cache.from_pretrained``; ``loader_options`` go to ``checkpoint.load_kv_scales`` (``missing``,
-        ``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
+        ``QuantizedFP8Cache.from_pretrained``.
+
+        Args:
+            name_or_path: a local directory or a Hub repo id (``checkpoint.load_kv_scales``).
+            config, max_cache_len, max_batch_size: as for the constructor.
+            kv_cache_dtype: the storage format; scales stored as ROCm e4m3fnuz are doubled, as vLLM does.
+            loader_options: ``checkpoint.load_kv_scales``'s ``missing``, ``revision``, ``token``, ``cache_dir``,
+                ``local_files_only``.
+        """
         fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, **loader_options)
-        return cls(config, max_cache_len, max_batch_size, kv_cache_dtype=fmt, scales=scales)
+        return cls(config, max_cache_len, max_batch_size=max_batch_size, kv_cache_dtype=fmt, scales=scales)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
@@ -58,8 +58,26 @@ class FakeFP8Layer(DynamicLayer):
         return keys, values
 
 
+class FakeFP8SlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer holding fake-quantized K/V with unit scales: it keeps and returns what its
+    parent does, the stored values fake-quantized; the first update of an empty layer returns the exact K/V."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        empty = self.get_seq_length() == 0
+        one = torch.ones(1)
+        keys, values = super().update(fake_fp8(key_states, one), fake_fp8(value_states, one))
+        if empty:
+            return key_states, value_states
+        return keys, values
+
+
 def fake_fp8_cache(config, exact_prefill: bool = True, onthefly_mask: torch.Tensor | None = None) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` whose every layer is a ``FakeFP8Layer``."""
+    """A ``DynamicCache`` for ``config`` whose full-attention layers are ``FakeFP8Layer`` and whose sliding-window
+    layers (as transformers built them from the config) are ``FakeFP8SlidingLayer``."""
     cache = DynamicCache(config=config)
-    cache.layers = [FakeFP8Layer(exact_prefill, onthefly_mask) for _ in range(config.num_hidden_layers)]
+    cache.layers = [
+        FakeFP8SlidingLayer(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer)
+        else FakeFP8Layer(exact_prefill, onthefly_mask)
+        for layer in cache.layers
+    ]  # fmt: skip
     return cache

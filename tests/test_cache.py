@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import fake_quant, fake_quant_cache, tiny_llama
+from helpers import assert_equal, fake_quant, fake_quant_cache, left_padded_prompts, tiny_llama
 from transformers import DynamicCache, LlamaConfig, MistralConfig
 
 from hf_fp8cache import FP8Cache, KVScales, QuantizedFP8Cache
@@ -17,14 +17,9 @@ from hf_fp8cache.integration import cache_keyword
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
 
 
-def _prompts(batch=3, length=11, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):  # left padding of different lengths
-        mask[row, : 2 * row] = 0
-        ids[row, : 2 * row] = 0
-    return ids, mask
+def _prompts(batch=3):
+    """This file's prompts: seed 1, row r left-padded with 2r pad tokens (id 0)."""
+    return left_padded_prompts(batch, seed=1, pads=lambda row: 2 * row)
 
 
 def _generate(model, cache, seed=0, **kwargs):
@@ -60,16 +55,16 @@ def test_generate_equals_fake_quant_oracle(tiny_model, mode, fmt, scales, torch_
     cache_kwargs = SCALES[scales][0]
     ours = _generate(tiny_model, FP8Cache(tiny_model.config, kv_cache_dtype=fmt, **cache_kwargs), **kwargs)
     oracle = _generate(tiny_model, _oracle(tiny_model, fmt, cache_kwargs), **kwargs)
-    assert torch.equal(ours, oracle)
+    assert_equal(ours, oracle)
 
 
 def test_generate_through_triton_interpreter_equals_oracle(tiny_model):
     """The same check through the real Triton kernels (interpreted on CPU) instead of the torch twins."""
     ours = _generate(tiny_model, FP8Cache(tiny_model.config), do_sample=False)
     oracle = _generate(tiny_model, _oracle(tiny_model, "fp8", {}), do_sample=False)
-    assert torch.equal(ours, oracle)
+    assert_equal(ours, oracle)
     beams = _generate(tiny_model, FP8Cache(), do_sample=False, num_beams=2)  # no config: layers made lazily
-    assert torch.equal(beams, _generate(tiny_model, _oracle(tiny_model, "fp8", {}), do_sample=False, num_beams=2))
+    assert_equal(beams, _generate(tiny_model, _oracle(tiny_model, "fp8", {}), do_sample=False, num_beams=2))
 
 
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
@@ -86,7 +81,7 @@ def test_exact_recent_window_equals_oracle(tiny_model, mode, residual_length, to
     oracle_cache = _oracle(tiny_model, "fp8", cache_kwargs)
     for ours_layer, oracle_layer in zip(cache.layers, oracle_cache.layers):  # the on-the-fly scales ours computed
         oracle_layer.key_scale, oracle_layer.value_scale = ours_layer.key_scale, ours_layer.value_scale
-    assert torch.equal(ours, logits(oracle_cache))
+    assert_equal(ours, logits(oracle_cache))
     assert cache.layers[0].recent_start == max(0, cache.get_seq_length() - residual_length)
     plain = logits(FP8Cache(tiny_model.config, calculate_kv_scales=True, strategy="attn_head"))
     full = logits(DynamicCache(config=tiny_model.config))
@@ -112,7 +107,7 @@ def test_exact_recent_window_through_crop_and_batch_ops(tiny_model):
     assert ours.layers[0].recent_start == 8
     for n in (1, 2, 3):  # 11, 13, 16 tokens: the window refills, then slides
         nxt = torch.randint(3, 256, (3, n), generator=g)
-        assert torch.equal(_step(tiny_model, ours, nxt), _step(tiny_model, oracle, nxt))
+        assert_equal(_step(tiny_model, ours, nxt), _step(tiny_model, oracle, nxt))
     assert ours.layers[0].recent_start == 12
     ours.crop(-10)  # below the window: nothing exact is left
     assert ours.layers[0].recent_start == ours.get_seq_length() == 6
@@ -121,7 +116,7 @@ def test_exact_recent_window_through_crop_and_batch_ops(tiny_model):
 def test_quantized_prefill_option(tiny_model, torch_path):
     ours = _generate(tiny_model, FP8Cache(tiny_model.config, exact_prefill=False), do_sample=False)
     oracle = _generate(tiny_model, _oracle(tiny_model, "fp8", {}, exact_prefill=False), do_sample=False)
-    assert torch.equal(ours, oracle)
+    assert_equal(ours, oracle)
 
 
 def test_both_keyword_names(tiny_model, torch_path):
@@ -130,7 +125,7 @@ def test_both_keyword_names(tiny_model, torch_path):
     by_old_name = tiny_model.generate(**kw, past_key_values=FP8Cache(tiny_model.config))
     if cache_keyword(tiny_model) != "cache":
         pytest.skip("this transformers version has no cache= keyword (added in 5.24)")
-    assert torch.equal(by_old_name, tiny_model.generate(**kw, cache=FP8Cache(tiny_model.config)))
+    assert_equal(by_old_name, tiny_model.generate(**kw, cache=FP8Cache(tiny_model.config)))
 
 
 def test_continue_generation_from_returned_cache(tiny_model, torch_path):
@@ -142,7 +137,8 @@ def test_continue_generation_from_returned_cache(tiny_model, torch_path):
         assert cache.get_seq_length() == first.shape[1] - 1
         longer_mask = torch.cat([mask, torch.ones(3, 5, dtype=mask.dtype)], 1)
         results.append(tiny_model.generate(input_ids=first, attention_mask=longer_mask, **kw))
-    assert results[0].shape[1] == ids.shape[1] + 10 and torch.equal(results[0], results[1])
+    assert results[0].shape[1] == ids.shape[1] + 10
+    assert_equal(results[0], results[1])
 
 
 def _step(model, cache, ids):
@@ -166,7 +162,7 @@ def test_crop_batch_select_and_repeat_follow_dynamic_semantics(tiny_model, torch
         cache.batch_repeat_interleave(2)
         cache.batch_select_indices(torch.tensor([3, 0, 1]))
     nxt = torch.randint(3, 256, (3, 2), generator=g)
-    assert torch.equal(_step(tiny_model, ours, nxt), _step(tiny_model, oracle, nxt))
+    assert_equal(_step(tiny_model, ours, nxt), _step(tiny_model, oracle, nxt))
 
 
 def test_assisted_decoding_equals_oracle(tiny_model, torch_path):
@@ -176,7 +172,7 @@ def test_assisted_decoding_equals_oracle(tiny_model, torch_path):
               assistant_model=draft)  # fmt: skip
     ours = tiny_model.generate(**kw, past_key_values=FP8Cache(tiny_model.config))
     oracle = tiny_model.generate(**kw, past_key_values=_oracle(tiny_model, "fp8", {}))
-    assert torch.equal(ours, oracle)
+    assert_equal(ours, oracle)
 
 
 def test_deepcopy_is_independent(tiny_model, torch_path):
@@ -187,7 +183,8 @@ def test_deepcopy_is_independent(tiny_model, torch_path):
     a = _step(tiny_model, cache, ids[:, :1])
     b = _step(tiny_model, twin, ids[:, :1])
     _step(tiny_model, twin, ids[:, 1:4])  # only the copy grows
-    assert torch.equal(a, b) and cache.get_seq_length() == 8 and twin.get_seq_length() == 11
+    assert_equal(a, b)
+    assert cache.get_seq_length() == 8 and twin.get_seq_length() == 11
 
 
 def test_reset_and_reuse_without_reallocation(tiny_model, torch_path):
@@ -205,9 +202,9 @@ def test_reset_and_reuse_without_reallocation(tiny_model, torch_path):
     out_fresh = tiny_model.generate(
         input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0, past_key_values=fresh
     )
-    assert torch.equal(out_reused, out_fresh)
+    assert_equal(out_reused, out_fresh)
     assert cache.layers[0]._key_bytes.data_ptr() == pointer  # same buffer, no reallocation
-    assert torch.equal(cache.layers[0].key_scale, fresh.layers[0].key_scale)  # scales from the new prefill
+    assert_equal(cache.layers[0].key_scale, fresh.layers[0].key_scale)  # scales from the new prefill
     assert not torch.equal(cache.layers[0].key_scale, first_scale)
 
 
@@ -238,8 +235,8 @@ def test_update_returns_dequantized_history_in_shared_workspace():
     step = torch.randn(2, 3, 1, 16)
     k, v = cache.update(step, step, 0)
     expected = torch.cat([x, step], 2)
-    assert torch.equal(k, fake_quant(expected, cache.format, torch.tensor([0.5])))
-    assert torch.equal(v, fake_quant(expected, cache.format, torch.tensor([0.25])))
+    assert_equal(k, fake_quant(expected, cache.format, torch.tensor([0.5])))
+    assert_equal(v, fake_quant(expected, cache.format, torch.tensor([0.25])))
     k1, _ = cache.update(step, step, 1)
     assert k1.data_ptr() == k.data_ptr()  # one workspace for all layers
     assert cache.workspace_nbytes == 2 * 2 * 3 * 6 * 16 * 4  # one layer's K and V in fp32
@@ -278,7 +275,7 @@ def test_exact_recent_window_bytes():
 
 @pytest.mark.parametrize("bad", [-1, 2.0, True, "16"])
 def test_bad_residual_length_is_an_error(bad):
-    with pytest.raises(ValueError, match="residual_length"):
+    with pytest.raises(ValueError, match=f"residual_length must be an int >= 0, got {bad!r}$"):
         FP8Cache(residual_length=bad)
 
 
@@ -309,7 +306,7 @@ def test_dtype_and_shape_changes_between_updates_are_errors():
         cache.update(torch.randn(1, 2, 1, 8).half(), torch.randn(1, 2, 1, 8).half(), 0)
     with pytest.raises(ValueError, match="does not continue a cache of batch 1"):
         cache.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), 0)
-    with pytest.raises(ValueError, match="same"):
+    with pytest.raises(ValueError, match=r"\(1, 2, 1, 8\) and value_states \(1, 2, 2, 8\) must have the same"):
         cache.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 2, 8), 0)
     with pytest.raises(TypeError, match="torch.int64"):
         QuantizedFP8Cache().update(
@@ -320,12 +317,13 @@ def test_dtype_and_shape_changes_between_updates_are_errors():
     assert cache.layers[0].dtype == torch.float16
 
 
-def test_sliding_window_models_are_refused():
-    with pytest.raises(NotImplementedError, match="sliding_attention"):
-        FP8Cache(MistralConfig(num_hidden_layers=2, sliding_window=64))
+def test_layer_types_without_an_fp8_layer_are_refused_naming_them():
+    """Sliding layers are built (test_sliding.py); linear-attention layers are not yet."""
+    assert FP8Cache(MistralConfig(num_hidden_layers=2, sliding_window=64)).layers[0].is_sliding
     config = LlamaConfig(num_hidden_layers=2)
-    config.layer_types = ["full_attention", "sliding_attention"]
-    with pytest.raises(NotImplementedError, match="sliding_attention"):
+    config.layer_types = ["full_attention", "linear_attention"]
+    refusal = r"LlamaConfig has \['linear_attention'\] layers; this FP8 cache supports full_attention, sliding_att"
+    with pytest.raises(NotImplementedError, match=refusal):
         FP8Cache(config)
 
 
@@ -348,8 +346,8 @@ def test_batch_select_indices_takes_every_index_form_of_dynamic_cache(indices, t
         cache.update(x, x, 0)
         cache.batch_select_indices(indices)
     assert ours.layers[0].keys.shape == dynamic.layers[0].keys.shape == (2, 4, 5, 16)
-    assert torch.equal(dynamic.layers[0].keys, x[[0, 2]])
-    assert torch.equal(ours.layers[0].dequantized()[0], _roundtrip(x[[0, 2]]))
+    assert_equal(dynamic.layers[0].keys, x[[0, 2]])
+    assert_equal(ours.layers[0].dequantized()[0], _roundtrip(x[[0, 2]]))
 
 
 def _generate_positions(mask):
@@ -390,7 +388,7 @@ def test_onthefly_scales_leave_padding_out(tiny_model, cache_class, strategy, to
              else FP8StaticCache(model.config, max_cache_len=24, **kwargs))  # fmt: skip
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                    **{cache_keyword(model): cache})  # fmt: skip
-    assert torch.equal(cache.layers[0].key_scale, expected)
+    assert_equal(cache.layers[0].key_scale, expected)
 
 
 def test_onthefly_scales_on_the_dequantize_path_warn_that_padding_counts(tiny_model, torch_path):

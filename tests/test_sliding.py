@@ -1,0 +1,168 @@
+"""Sliding-window and chunked layers in FP8Cache: built from the config as transformers builds its own caches, the
+same tokens as an independent fake-quantized oracle (transformers' own sliding layers storing fp8-cast K/V), and
+memory bounded by the window."""
+
+import pytest
+import torch
+from oracle import fake_fp8_cache
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GptOssConfig,
+    LlamaConfig,
+    MistralConfig,
+)
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from hf_fp8cache import FP8Cache, FP8StaticCache
+from hf_fp8cache.contract import ATTENTION_NAME
+from hf_fp8cache.integration import cache_keyword
+from hf_fp8cache.sliding import FP8SlidingWindowLayer
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+WINDOW = 6  # tokens; prompts of 11 and 12 new tokens decode past it twice
+SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+FAMILIES = {
+    # name: (config, attention implementations the family runs with)
+    "mistral": (lambda: MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **SIZES), ("sdpa", ATTENTION_NAME)),
+    "gemma3": (
+        lambda: Gemma3TextConfig(num_hidden_layers=4, sliding_window=WINDOW, sliding_window_pattern=2, **SIZES),
+        ("sdpa", ATTENTION_NAME),
+    ),  # fmt: skip
+    "gemma2": (lambda: Gemma2Config(num_hidden_layers=2, sliding_window=WINDOW, **SIZES), ("eager",)),  # softcapping
+    "gpt-oss": (
+        lambda: GptOssConfig(
+            num_hidden_layers=2, sliding_window=WINDOW, num_local_experts=2, num_experts_per_tok=1, **SIZES
+        ),
+        ("eager",),
+    ),  # learned sinks  # fmt: skip
+}
+CASES = [(family, attention) for family, (_, attentions) in FAMILIES.items() for attention in attentions]
+
+
+def _model(family: str, attention: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(FAMILIES[family][0](), attn_implementation=attention).eval()
+
+
+def _prompts(batch=3, length=11):
+    ids = torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate(model, cache, **kwargs):
+    ids, mask = _prompts()
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          **{cache_keyword(model): cache}, **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("family, attention", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+def test_generate_past_the_window_equals_the_oracle(family, attention, torch_path):
+    model = _model(family, attention)
+    cache = FP8Cache(model.config)
+    ours = _generate(model, cache)
+    assert torch.equal(ours, _generate(model, fake_fp8_cache(model.config)))
+    logits = [_generate(model, c, output_logits=True, return_dict_in_generate=True).logits[-1]
+              for c in (FP8Cache(model.config), DynamicCache(config=model.config))]  # fmt: skip
+    assert not torch.equal(*logits)  # FP8 bytes were read (the tiny model's tokens survive them)
+    sliding = [layer for layer in cache.layers if layer.is_sliding]
+    assert sliding and all(isinstance(layer, FP8SlidingWindowLayer) for layer in sliding)
+    assert all(layer.sliding_window == WINDOW for layer in sliding)
+
+
+def test_layers_follow_the_config_as_in_transformers(torch_path):
+    config = FAMILIES["gemma3"][0]()
+    ours = [type(layer).__name__ for layer in FP8Cache(config).layers]
+    theirs = [isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=config).layers]
+    assert ours == ["FP8SlidingWindowLayer" if sliding else "FP8CacheLayer" for sliding in theirs]
+    assert theirs == [True, False, True, False]
+    chunked = LlamaConfig(num_hidden_layers=2, **SIZES)
+    chunked.attention_chunk_size = 5
+    assert [layer.sliding_window for layer in FP8Cache(chunked).layers] == [5, 5]  # chunked: the chunk is the window
+
+
+def test_beam_search_and_a_continued_generate(torch_path):
+    model = _model("mistral", "sdpa")
+    ours = _generate(model, FP8Cache(model.config), num_beams=2)
+    assert torch.equal(ours, _generate(model, fake_fp8_cache(model.config), num_beams=2))
+    ids, mask = _prompts()
+    cache, oracle = FP8Cache(model.config), fake_fp8_cache(model.config)
+    outputs = []
+    for c in (cache, oracle):
+        first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                               **{cache_keyword(model): c})  # fmt: skip
+        longer = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], 1)
+        outputs.append(model.generate(input_ids=first, attention_mask=longer, max_new_tokens=8, do_sample=False,
+                                      pad_token_id=0, **{cache_keyword(model): c}))  # fmt: skip
+    assert torch.equal(*outputs)
+
+
+def test_memory_is_bounded_by_the_window(torch_path):
+    config = FAMILIES["gemma3"][0]()
+    cache = FP8Cache(config)
+    x = torch.randn(2, 2, 40, 16)
+    for layer in range(4):
+        cache.update(x, x, layer)
+    for _ in range(30):
+        for layer in range(4):
+            cache.update(x[:, :, :1], x[:, :, :1], layer)
+    sliding, full = cache.layers[0], cache.layers[1]
+    assert sliding.get_seq_length() == full.get_seq_length() == 70
+    assert sliding.length == WINDOW - 1 and full.length == 70  # kept tokens
+    assert sliding.nbytes == 2 * 2 * 2 * (WINDOW - 1) * 16 + 8 and sliding.capacity <= 256  # FP8 K+V + 2 scales
+
+
+def test_mask_sizes_lengths_and_returned_shapes_match_transformers(torch_path):
+    ours, theirs = FP8SlidingWindowLayer(WINDOW, **_layer_settings()), DynamicSlidingWindowLayer(WINDOW)
+    g = torch.Generator().manual_seed(3)
+    for tokens in (4, 1, 1, 3, 1, 1):
+        x = torch.randn(1, 2, tokens, 16, generator=g)
+        mine, reference = ours.update(x, x), theirs.update(x, x)
+        assert mine[0].shape == reference[0].shape
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        for query in (1, 3):
+            assert ours.get_mask_sizes(query) == theirs.get_mask_sizes(query)
+
+
+def test_crop_follows_transformers_rules(torch_path):
+    layer = FP8SlidingWindowLayer(WINDOW, **_layer_settings())
+    x = torch.randn(1, 2, 4, 16)
+    layer.update(x, x)
+    layer.crop(-2)  # within the window: a full layer's crop
+    assert layer.get_seq_length() == 2
+    layer.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+    with pytest.raises(RuntimeError, match="needs activate_past_recording"):
+        layer.crop(-1)
+    recording = FP8SlidingWindowLayer(WINDOW, **_layer_settings())
+    recording.activate_past_recording()
+    recording.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+    keys, _ = recording.update(x[:, :, :3], x[:, :, :3])  # three drafted tokens
+    assert keys.shape[2] == WINDOW - 1 + 3 and recording.length == 11
+    with pytest.raises(RuntimeError, match="takes a negative count of tokens to remove, got 2"):
+        recording.crop(2)
+    recording.crop(-2)  # two drafts rejected
+    assert recording.get_seq_length() == 9 and recording.length == WINDOW - 1
+
+
+def test_exact_recent_window_and_static_cache_refuse_sliding_layers_clearly():
+    config = FAMILIES["mistral"][0]()
+    with pytest.raises(ValueError, match=r"residual_length is not supported on sliding-window layers \(window 6\)"):
+        FP8Cache(config, residual_length=4)
+    with pytest.raises(NotImplementedError, match=r"\['sliding_attention'\] layers; this FP8 cache supports "
+                                                  r"full_attention layers for now"):  # fmt: skip
+        FP8StaticCache(config, max_cache_len=32)
+
+
+def _layer_settings():
+    from hf_fp8cache.cache_base import DequantWorkspace
+    from hf_fp8cache.formats import resolve_format
+
+    return dict(fmt=resolve_format("fp8"), strategy="tensor", scales=None, calculate_kv_scales=False,
+                exact_prefill=True, workspace=DequantWorkspace(), layer_idx=0)  # fmt: skip
