@@ -77,6 +77,21 @@ def test_bad_kv_scale_names_the_tensor(tmp_path, bad):
         load_kv_scales(tmp_path)
 
 
+@pytest.mark.parametrize("bad", [1e-40, 1e36])
+def test_out_of_range_kv_scale_names_the_tensor(tmp_path, bad):
+    """A float32 checkpoint scale whose reciprocal (1e-40) or dequantized values (1e36) overflow is refused."""
+    write_checkpoint(tmp_path, dtype=torch.float32)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_scale"] = torch.tensor([bad], dtype=torch.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.self_attn\.k_scale = .* is outside \[1\.18e-38, 5\.93e\+33\]"
+    ):
+        load_kv_scales(tmp_path)
+
+
 def test_missing_layer_is_an_error_unless_unit_fallback(tmp_path, caplog):
     k, _ = write_checkpoint(tmp_path, skip_layers=(1, 3))
     with pytest.raises(ValueError, match=r"no K/V scales for layer\(s\) \[1, 3\]"):

@@ -59,3 +59,30 @@ def test_a_cache_warns_about_scales_its_format_cannot_use(kv_cache_dtype, bad):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FP8Cache(kv_cache_dtype=kv_cache_dtype, scales=KVScales([0.05, 1e-4], [2.0, 0.05]))  # plausible: silent
+
+
+def test_onthefly_scale_of_values_too_small_for_a_usable_scale_falls_back_to_one():
+    """amax 1e-37 gives amax / 200 ~ 5e-40, whose reciprocal overflows (exact zeros would become NaN)."""
+    from hf_fp8cache.formats import resolve_format
+    from hf_fp8cache.scales import ONTHEFLY_HEADROOM, onthefly_scale
+
+    x = torch.zeros(1, 2, 3, 4)
+    x[0, 0, 1, 2] = 1e-37
+    fmt = resolve_format("fp8")
+    assert onthefly_scale(x, fmt, "tensor", ONTHEFLY_HEADROOM["key"]).tolist() == [1.0]
+    x[0, 1, 0, 0] = 20.0
+    per_head = onthefly_scale(x, fmt, "attn_head", ONTHEFLY_HEADROOM["key"])
+    assert per_head.tolist() == pytest.approx([1.0, 20.0 / 200])
+
+
+def test_later_arguments_are_keyword_only():
+    from hf_fp8cache import FP8Cache, FP8StaticCache, attach
+
+    with pytest.raises(TypeError, match="positional argument"):
+        KVScales([1.0], [1.0], "tensor", [1.0])
+    with pytest.raises(TypeError, match="positional argument"):
+        FP8Cache(None, "fp8")
+    with pytest.raises(TypeError, match="positional argument"):
+        FP8StaticCache(None, 8, 2)
+    with pytest.raises(TypeError, match="positional argument"):
+        attach(None, True)
