@@ -3,6 +3,7 @@ DynamicCache oracle, real English text, checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
@@ -252,3 +253,18 @@ def write_checkpoint(
         weight_map.update({n: "model-00002-of-00002.safetensors" for n in scales})
         (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return k, v
+
+
+@contextlib.contextmanager
+def quick_cpu():
+    """One thread (the test machine's cores are shared: more threads made a tiny decode step 50x slower) and the torch
+    reference for the kernels on CPU tensors (the interpreter writes the same bytes, slowly)."""
+    from hf_fp8cache.kernels import cpu_backend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with cpu_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from hf_fp8cache.kernels import cpu_backend
+from helpers import quick_cpu
 
 from hf_fp8cache.bench import generate
 from hf_fp8cache.bench.generate import CONFIGURATIONS, run_generate_benchmark
@@ -26,24 +26,11 @@ def _kv_bytes(tokens: int, itemsize: int) -> int:
     return LAYERS * 2 * B * KV_HEADS * tokens * HEAD_DIM * itemsize
 
 
-@contextlib.contextmanager
-def _quick_cpu():
-    """One thread (the test machine's cores are shared: more threads made a tiny decode step 50x slower) and the
-    torch reference for the kernels on CPU tensors (the interpreter writes the same bytes, slowly)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with cpu_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("generate")
     printed = io.StringIO()
-    with _quick_cpu(), contextlib.redirect_stdout(printed):
+    with quick_cpu(), contextlib.redirect_stdout(printed):
         rows = run_generate_benchmark(cases=((B, L),), model_shape="tiny", new_tokens=N, repeats=3, device="cpu",
                                       dtype=torch.bfloat16, out_dir=out)  # fmt: skip
     return {row["config"]: row for row in rows}, rows, out, printed.getvalue()
@@ -122,7 +109,7 @@ def test_per_token_time_is_the_difference_of_two_generates_over_n(tmp_path, monk
         return 0.010 + per_token * (new_tokens - 1), cache
 
     monkeypatch.setattr(generate, "_timed_generate", timed)
-    with _quick_cpu():
+    with quick_cpu():
         rows = run_generate_benchmark(cases=((4, 8),), model_shape="tiny", new_tokens=5, repeats=2, device="cpu",
                                       configs=["dynamic", "fp8"], out_dir=tmp_path)  # fmt: skip
     dynamic, fp8 = rows
@@ -139,7 +126,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
     patched = {**CONFIGURATIONS, "fp8": dataclasses.replace(CONFIGURATIONS["fp8"], make_cache=no_memory),
                "static": dataclasses.replace(CONFIGURATIONS["static"], missing=lambda: "not here")}  # fmt: skip
     monkeypatch.setattr(generate, "CONFIGURATIONS", patched)
-    with _quick_cpu():
+    with quick_cpu():
         rows = run_generate_benchmark(cases=((1, 8),), model_shape="tiny", new_tokens=2, device="cpu",
                                       configs=["dynamic", "fp8", "static", "fp8+attn"], out_dir=tmp_path)  # fmt: skip
     by = {row["config"]: row for row in rows}

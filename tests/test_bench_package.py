@@ -2,9 +2,8 @@
 
 import json
 
+import helpers
 import pytest
-import torch
-from hf_fp8cache.kernels import cpu_backend
 
 from hf_fp8cache.bench import MODES
 from hf_fp8cache.bench import main as bench_main
@@ -16,15 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 @pytest.fixture
 def quick_cpu():
-    """The torch twins for the kernels on CPU tensors (the interpreter writes the same bytes, slowly) and one thread
-    (the test machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with cpu_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with helpers.quick_cpu():
+        yield
 
 
 def test_modes_and_bad_arguments_are_named(capsys):
