@@ -174,8 +174,8 @@ class FP8LayerBase(CacheLayerMixin):
     def _warn_padding_counts(self, key_states: torch.Tensor) -> None:
         """Say so when on-the-fly scales are about to come from a batch whose padding this layer cannot see."""
         if self._scales_pending and key_states.shape[2] > 0 and key_states.shape[0] > 1:
-            warnings.warn(
-                f"layer {self.layer_idx}: calculate_kv_scales with a batch of several rows, on a path that does not "
+            warnings.warn(  # the same text for every layer, so Python shows it once
+                "calculate_kv_scales with a batch of several rows, on a path that does not "
                 "hand the cache the padding mask (an attention implementation other than "
                 f"{ATTENTION_NAME!r}, or a sliding-window layer): the cache cannot see the padding mask, so the "
                 f"on-the-fly scales include any padded positions. Use attn_implementation={ATTENTION_NAME!r} on "
