@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import statistics
 import sys
 import weakref
 
@@ -127,8 +128,9 @@ def test_thousand_generate_calls_keep_process_memory_flat(reuse, torch_path, one
     leak = CALLS * one_cache_bytes(models[0])  # 64 MiB: 256 tokens x 4 heads x 32 x (K, V) bytes a call
     # measured growth after the 50-call warm-up (2026-11-30): 380-400 KiB with fresh caches, all of it in the first
     # ~400 calls and as much with transformers' own DynamicCache / StaticCache (pools settling), flat after; 4-8 KiB
-    # with reused ones
-    assert growth <= min(1 << 20, leak // 64), f"RSS grew by {growth} bytes over {CALLS} calls"
+    # with reused ones. The bound (4 MiB) leaves room for a loaded machine's allocator noise (the chunked test below saw
+    # a 1.36 MB spike there) and is still 16 times below a leak of one cache a call
+    assert growth <= min(4 << 20, leak // 16), f"RSS grew by {growth} bytes over {CALLS} calls"
 
 
 def cuda_allocated() -> int:
@@ -168,5 +170,9 @@ def test_hundred_thousand_tokens_in_chunks_cost_their_bytes(torch_path, one_thre
     # capacity <= max(needed, 17/16 of the previous capacity), rounded up to 256 tokens (hf_fp8cache/cache.py)
     assert length * token_bytes < cache.allocated_nbytes <= (length * 17 // 16 + 256) * token_bytes + 2 * 4
     # measured (2026-11-30): the process grew by the tokens' bytes plus 7-95 KiB (the last, partly filled page of
-    # each head's rows) after every chunk; one chunk's FP8 bytes (1 MB) kept per chunk would add 1 MB a chunk
-    assert max(map(abs, others)) <= 1 << 20, f"the process grew besides the cache's tokens: {others}"
+    # each head's rows) after most chunks, with single spikes up to 1.36 MB on a loaded machine (the allocator keeping
+    # a freed buffer resident for a while) and no trend; one chunk's FP8 bytes (1 MB) kept per chunk would reach
+    # ~100 MB by the end
+    settled = statistics.median(others[-10:])
+    assert settled <= 1 << 20, f"the process grew besides the cache's tokens: {others}"
+    assert max(map(abs, others)) <= 16 << 20, f"the process grew besides the cache's tokens: {others}"
