@@ -13,10 +13,20 @@ tier:
   graphs.
 
 Around them: ``formats.py`` (the fp8 encodings), ``checks.py`` (argument checks), ``recent_window.py`` (the exact
-recent window and its ring buffers), ``fp8_codec.py`` (the Triton fp8 codec).
+recent window and its ring buffers), ``fp8_codec.py`` (the Triton fp8 codec), ``launch.py`` (relaunching a compiled
+kernel without Triton's per-call binding).
 """
 
 from .dispatch import cpu_backend, decode_attention, dequantize_kv, quantize_append_kv, uses_triton
+from .launch import LaunchMemo
 from .recent_window import RecentWindow
 
-__all__ = ["RecentWindow", "quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton", "cpu_backend"]
+__all__ = [
+    "LaunchMemo",
+    "RecentWindow",
+    "quantize_append_kv",
+    "dequantize_kv",
+    "decode_attention",
+    "uses_triton",
+    "cpu_backend",
+]

@@ -7,6 +7,13 @@ with h = hq // G (GQA group G = Hq / H), the query row i (0-based within Sq) at 
 n running over kv_start[b] <= n <= L - Sq + i (left padding below kv_start, causal above). The scales are folded
 where they are cheapest: k_scale into the logit scale, v_scale into the final division by the softmax sum l.
 
+Options of the model families with them, each a constexpr specialization (without them the kernel compiles to the
+plain path): a sliding window W (``SLIDING``: row i also needs n > L - Sq + i - W, transformers' ``kv_idx > q_idx -
+W``; the splits share only the key blocks from the one holding the first row's window start, so the work follows W,
+not L), a logit softcap c (``SOFTCAP``: logits c * tanh(logits / c) before masking, Gemma 2), and learned sinks
+(``HAS_SINKS``: one logit s per query head that joins the softmax sum as exp(s - m) with no value, GPT-OSS; added
+where l is divided, in the attention kernel or the combine kernel).
+
 Layout and dtypes:
 - query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is small
   (1 for plain decode, a few for speculative tokens), D in {64, 80, 128, 256} (any D <= 256 works).
@@ -67,6 +74,7 @@ import triton.language as tl
 from .checks import check_decode_attention
 from .formats import FP8Format
 from .fp8_codec import round_to_output
+from .launch import LaunchMemo, launch
 from .recent_window import RecentWindow
 
 # exp(x) == exp2(x * log2(e)); the factor is folded into the logit scale.
@@ -108,13 +116,27 @@ def _to_dot_dtype(x, DOT_DTYPE: tl.constexpr, FP16_MAX: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE: tl.constexpr,
-                  MASKED: tl.constexpr = True):  # fmt: skip
+def _softcapped(x, softcap):
+    """``softcap * tanh(s / softcap)`` in log2 units, from ``x = 2 * s / softcap * log2(e)`` (the logit scale folds
+    that factor in) and ``softcap`` already times log2(e): tanh(y) = 1 - 2 / (exp(2y) + 1) on exp2, portable to the
+    interpreter, and exactly +-1 at the extremes (exp2 gives inf or 0)."""
+    return softcap * (1.0 - 2.0 / (tl.exp2(x) + 1.0))
+
+
+@triton.jit
+def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i, acc,
+                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr = True, SLIDING: tl.constexpr = False,
+                  SOFTCAP: tl.constexpr = False):  # fmt: skip
     """One online-softmax step over a block of keys n (k, v in the dot dtype; invalid keys loaded as zeros).
-    MASKED=False: every key of the block is valid and visible to every row (no masking work)."""
+    MASKED=False: every key of the block is valid and visible to every row (no masking work). SLIDING: row r also
+    needs n >= first_visible[r]. SOFTCAP: the logits are soft-capped before masking (``_softcapped``)."""
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    if SOFTCAP:
+        qk = _softcapped(qk, softcap)
     if MASKED:
         visible = n_valid[None, :] & (n[None, :] <= last_visible[:, None])
+        if SLIDING:
+            visible = visible & (n[None, :] >= first_visible[:, None])
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -125,10 +147,21 @@ def _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DO
 
 
 @triton.jit
+def _output_factor(m, total, v_scale, sink_ptrs, sink_mask, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr):
+    """What the accumulator is multiplied by at the end: ``v_scale / total``, where a learned sink (one logit per
+    query head, no value) adds ``exp(sink - m)`` to the softmax sum ``total`` (m in log2 units). A row that saw no key
+    (total == 0; with a sink, total = inf) has a zero accumulator and gets zeros, never NaN."""
+    if HAS_SINKS:
+        total = total + tl.exp2(tl.load(sink_ptrs, mask=sink_mask, other=0.0) * LOG2E - m)
+    return v_scale / tl.where(total == 0.0, 1.0, total)
+
+
+@triton.jit
 def _attend_fp8_blocks(
-    q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, last_visible, qk_scale, m_i, l_i, acc,
+    q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
+    softcap, m_i, l_i, acc,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr, STAGES: tl.constexpr,
+    MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the fp8 key blocks at lo, lo + BLOCK_N, ... below hi of the (b, h) whose keys start at
     block_base (contiguous rows of D bytes). Addressing: a 64-bit block pointer plus int32 offsets inside the block
@@ -148,26 +181,37 @@ def _attend_fp8_blocks(
             kv_mask = tile_d_valid
         k = tl.load(k_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
         v = tl.load(v_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-        m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE, MASKED)
+        m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
+                                      acc, DOT_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
         k_block += BLOCK_N * D
         v_block += BLOCK_N * D
     return m_i, l_i, acc
+
+
+@triton.jit
+def _first_key_block(L, SQ, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """The first key position of the block holding the first key any query row can see: 0 without a sliding
+    window; with one, the block of the first row's window start L - SQ - window + 1 (``first_key_block``, host twin)."""
+    if SLIDING:
+        return (tl.maximum(L - SQ - window + 1, 0) // BLOCK_N) * BLOCK_N
+    return 0
 
 
 # The length and split sizes change every decode step: no value specialization (would compile extra variants).
 @triton.jit(do_not_specialize=["L", "num_slots", "first_slot", "blocks_per_split", "recent_start"])
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr, length_ptr,
-    recent_k_ptr, recent_v_ptr,
+    recent_k_ptr, recent_v_ptr, sink_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_cb, stride_ch,
     stride_rb, stride_rh, stride_rs,
     scale_stride_h,
-    H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start,
+    H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start, window, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -177,7 +221,8 @@ def _decode_attention_kernel(
     if LENGTH_IN_MEMORY:  # the filled length lives on the device; share its blocks among the launched splits
         L = tl.load(length_ptr).to(tl.int32)
         recent_start = L
-        blocks_per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), tl.num_programs(1))
+        key_blocks = tl.cdiv(L - _first_key_block(L, SQ, window, BLOCK_N, SLIDING), BLOCK_N)
+        blocks_per_split = tl.cdiv(key_blocks, tl.num_programs(1))
 
     # query rows of this tile: r = g * SQ + i -> query head h * G + g at position L - SQ + i
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,6 +237,7 @@ def _decode_attention_kernel(
 
     kv_first = tl.load(kv_start_ptr + b)  # positions below are left padding
     last_visible = L - SQ + i  # causal: row i sees keys up to its own position
+    first_visible = last_visible - window + 1  # sliding window: and the window - 1 before (used when SLIDING)
     m_i = tl.full([BLOCK_M], M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -201,7 +247,10 @@ def _decode_attention_kernel(
         # logit scale without k_scale; its values enter divided by v_scale, which the end applies to everything.
         inv_v_scale = 1.0 / tl.load(v_scale_ptr + h * scale_stride_h)
         recent_base = b * stride_rb + h * stride_rh
-        for start in range(tl.maximum(recent_start, kv_first), L, BLOCK_N):
+        ring_lo = tl.maximum(recent_start, kv_first)
+        if SLIDING:
+            ring_lo = tl.maximum(ring_lo, L - SQ - window + 1)
+        for start in range(ring_lo, L, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_valid = n < L
             kv_mask = n_valid[:, None] & d_valid[None, :]
@@ -209,30 +258,39 @@ def _decode_attention_kernel(
             k = _to_dot_dtype(tl.load(recent_k_ptr + offsets, mask=kv_mask, other=0.0), DOT_DTYPE, FP16_MAX)
             v = tl.load(recent_v_ptr + offsets, mask=kv_mask, other=0.0).to(tl.float32) * inv_v_scale
             v = _to_dot_dtype(v, DOT_DTYPE, FP16_MAX)
-            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, last_visible, qk_scale, m_i, l_i, acc, DOT_DTYPE)
+            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i,
+                                          l_i, acc, DOT_DTYPE, True, SLIDING, SOFTCAP)  # fmt: skip
     else:
         # this split's fp8 keys, from the block holding kv_start (blocks of pure padding are skipped) up to the
-        # exact window's start (recent_start == L without one)
+        # exact window's start (recent_start == L without one); with a sliding window the splits share only the
+        # blocks from the one holding the first row's window start on (blocks below are never read)
         qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
-        lo = split * blocks_per_split * BLOCK_N
+        lo = _first_key_block(L, SQ, window, BLOCK_N, SLIDING) + split * blocks_per_split * BLOCK_N
         hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
         lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
         # Blocks in [inner_lo, inner_hi) hold only keys that are valid and visible to every row: they skip all
         # masking (3 % faster at 8x32768 on the H200) and are software-pipelined; the partial blocks around them (at
-        # most one below, two above) are masked and not pipelined.
-        inner_lo = tl.minimum(tl.maximum(lo, tl.cdiv(kv_first, BLOCK_N) * BLOCK_N), hi)
+        # most one below, two above; with a sliding window, below also those the first rows' windows cut) are
+        # masked and not pipelined.
+        inner_lo = tl.maximum(lo, tl.cdiv(kv_first, BLOCK_N) * BLOCK_N)
+        if SLIDING:  # the last row's window starts at L - window
+            inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(L - window, 0), BLOCK_N) * BLOCK_N)
+        inner_lo = tl.minimum(inner_lo, hi)
         inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
         block_base = b * stride_cb + h * stride_ch
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
-                                           recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
-                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
+                                           recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
+                                           acc, D, BLOCK_N, BLOCK_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
+                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
-                                           recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
-                                           FP8_DTYPE, DOT_DTYPE, MASKED=False, STAGES=None)  # fmt: skip
+                                           recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
+                                           acc, D, BLOCK_N, BLOCK_D, FP8_DTYPE, DOT_DTYPE, MASKED=False,
+                                           STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
-                                           recent_start, last_visible, qk_scale, m_i, l_i, acc, D, BLOCK_N, BLOCK_D,
-                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1)  # fmt: skip
+                                           recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
+                                           acc, D, BLOCK_N, BLOCK_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
+                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP)  # fmt: skip
 
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
@@ -242,17 +300,19 @@ def _decode_attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=q_mask)
     else:
         v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
-        out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # l == 0: nothing visible, acc is 0
+        factor = _output_factor(m_i, l_i, v_scale, sink_ptr + h * G + g, row_valid, HAS_SINKS, LOG2E)
+        out = acc * factor[:, None]
         out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
         tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, v_scale_ptr, out_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, v_scale_ptr, sink_ptr, out_ptr,
     scale_stride_h,
     H, G, SQ, D, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, M_INIT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, M_INIT: tl.constexpr, HAS_SINKS: tl.constexpr,
+    LOG2E: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # (b * H + h) * G * SQ + g * SQ + i
     bh = row // (G * SQ)
@@ -289,7 +349,8 @@ def _combine_splits_kernel(
     total = tl.sum(l_sum, 0)
     acc = tl.sum(acc_sum, 0)
 
-    out = acc * (tl.load(v_scale_ptr + h * scale_stride_h) / tl.where(total == 0.0, 1.0, total))
+    v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
+    out = acc * _output_factor(m_all, total, v_scale, sink_ptr + h * G + g, True, HAS_SINKS, LOG2E)
     out_offsets = ((b * SQ + i) * (H * G) + h * G + g) * D + d
     tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=d_valid)
 
@@ -325,6 +386,15 @@ def split_plan(programs: int, kv_length: int, block_n: int, sm_count: int) -> tu
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split
 
 
+def first_key_block(kv_length: int, Sq: int, sliding_window: int | None, block_n: int) -> int:
+    """The first position of the first key block any query row sees (the kernel's ``_first_key_block``): 0 without a
+    sliding window; with one, the block holding the first row's window start ``kv_length - Sq - window + 1``. The
+    splits share the blocks from there on: the work follows the window, not the length."""
+    if sliding_window is None:
+        return 0
+    return max(kv_length - Sq - sliding_window + 1, 0) // block_n * block_n
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """How one ``decode_attention`` call is launched, planned on the host from shapes alone (see
@@ -346,13 +416,31 @@ class DecodePlan:
         return self.splits + self.window
 
 
+@functools.lru_cache(maxsize=256)  # one pair per plan and options: decode asks again every step
+def _launch_meta(plan: DecodePlan, e4m3: bool, fp32_query: bool, length_in_memory: bool, sliding: bool, softcap: bool,
+                 sinks: bool, num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
+    """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
+    read-only: the launch memo compares them by identity first)."""
+    meta = dict(
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+        FP8_DTYPE=tl.float8e4nv if e4m3 else tl.float8e5, DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
+        WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
+        SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E,
+        num_warps=plan.num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+    )  # fmt: skip
+    return dict(meta, EXACT_WINDOW=False), dict(meta, EXACT_WINDOW=True, num_warps=plan.window_warps)
+
+
+@functools.lru_cache(maxsize=4096)  # integers in, a frozen plan out: decode asks again every step
 def plan_decode_attention(
     B: int, H: int, G: int, Sq: int, D: int, kv_length: int, window_start: int | None, sm_count: int, *,
-    num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    sliding_window: int | None = None, num_splits: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> DecodePlan:  # fmt: skip
     """Block sizes, splits and warps of ``decode_attention`` over ``kv_length`` keys (the cache capacity when the
     kernel reads the filled length on the device), of which those from ``window_start`` on (None: no window) come from
-    the exact window, on ``sm_count`` SMs: integer arithmetic only. The keyword overrides are the launcher's."""
+    the exact window, on ``sm_count`` SMs: integer arithmetic only. With a ``sliding_window`` the splits cover only
+    the keys from ``first_key_block`` on. The keyword overrides are the launcher's."""
     rows = G * Sq
     block_m = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
     block_d = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
@@ -360,7 +448,8 @@ def plan_decode_attention(
     default_block_n, default_warps = program_shape(B * H * row_tiles, block_m, block_d, sm_count)
     block_n = block_n or default_block_n
     window = window_start is not None and window_start < kv_length
-    fp8_length = window_start if window else kv_length  # fp8 positions [0, fp8_length) are split
+    fp8_end = kv_length if window_start is None else min(window_start, kv_length)  # [first key block, fp8_end): fp8
+    fp8_length = max(fp8_end - first_key_block(kv_length, Sq, sliding_window, block_n), 0)
     if fp8_length == 0:
         splits, blocks_per_split = 0, 1
     elif num_splits is None:
@@ -389,19 +478,25 @@ def decode_attention(
     out: torch.Tensor | None = None,
     recent: RecentWindow | None = None,
     *,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    memo: LaunchMemo | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` tokens -> ``[B, Sq, Hq, D]``: fp8
-    tokens, except those of the exact ``recent`` window when given (see ``kernels.decode_attention``).
+    tokens, except those of the exact ``recent`` window when given, with an optional ``sliding_window``, learned
+    ``sinks`` and logit ``softcap`` (see ``kernels.decode_attention``).
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
-    split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``.
+    split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``. ``memo``: the caller's
+    ``LaunchMemo`` (``launch.py``), which relaunches the compiled kernels with less host work.
     """
     check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
-                           recent)  # fmt: skip
+                           recent, sliding_window, sinks, softcap)  # fmt: skip
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H
@@ -415,7 +510,8 @@ def decode_attention(
     if length_tensor is not None:  # plan for the whole capacity; the kernel reads the filled length
         kv_length = key_cache.shape[2]
     plan = plan_decode_attention(B, H, G, Sq, D, kv_length, None if recent is None else recent.start, sm_count,
-                                 num_splits=num_splits, block_n=block_n, num_warps=num_warps)  # fmt: skip
+                                 sliding_window=sliding_window, num_splits=num_splits, block_n=block_n,
+                                 num_warps=num_warps)  # fmt: skip
     rows = G * Sq
     if plan.slots > 1:
         part_m = torch.empty(B * H * rows, plan.slots, dtype=torch.float32, device=query.device)
@@ -430,7 +526,7 @@ def decode_attention(
     arguments = (
         query, key_cache, value_cache, kv_start, key_scale, value_scale,
         kv_start if length_tensor is None else length_tensor,
-        recent.keys, recent.values,
+        recent.keys, recent.values, value_scale if sinks is None else sinks,
         out, part_acc, part_m, part_l,
         *query.stride(),
         *key_cache.stride()[:2],
@@ -438,29 +534,47 @@ def decode_attention(
         scale_stride_h,
         H, G, Sq, D, kv_length, plan.slots,
     )  # fmt: skip
-    meta = dict(
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
-        DOT_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-        WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
-        LENGTH_IN_MEMORY=length_tensor is not None,
-        num_warps=plan.num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
-    )  # fmt: skip
-    window_args = (sm_scale * _LOG2E, recent.keys.shape[2], recent.start)
+    fp8_meta, window_meta = _launch_meta(plan, fmt.exponent_bits == 4, query.dtype == torch.float32,
+                                         length_tensor is not None, sliding_window is not None, softcap is not None,
+                                         sinks is not None, num_stages)  # fmt: skip
+    # with a softcap the logit scale carries the tanh's 2 / softcap, and softcap * log2(e) rescales (_softcapped)
+    logit_scale = sm_scale * _LOG2E if softcap is None else sm_scale * 2 * _LOG2E / softcap
+    window_args = (logit_scale, recent.keys.shape[2], recent.start, sliding_window or 0, (softcap or 0.0) * _LOG2E)
     if plan.splits:  # slots 0 .. splits - 1
-        _decode_attention_kernel[(B * H, plan.splits, plan.row_tiles)](
-            *arguments, 0, plan.blocks_per_split, *window_args, EXACT_WINDOW=False, **meta
+        launch(
+            _decode_attention_kernel,
+            (B * H, plan.splits, plan.row_tiles),
+            (*arguments, 0, plan.blocks_per_split, *window_args),
+            fp8_meta,
+            memo,
+            "fp8",
         )
     if plan.window:  # the last slot; its own specialization keeps the fp8 loop's code as fast as without a window
-        _decode_attention_kernel[(B * H, 1, plan.row_tiles)](
-            *arguments, plan.splits, 1, *window_args, EXACT_WINDOW=True, **dict(meta, num_warps=plan.window_warps)
+        launch(
+            _decode_attention_kernel,
+            (B * H, 1, plan.row_tiles),
+            (*arguments, plan.splits, 1, *window_args),
+            window_meta,
+            memo,
+            "window",
         )
     if plan.slots > 1:
-        _combine_splits_kernel[(B * H * rows,)](
-            part_acc, part_m, part_l, value_scale, out,
+        combine_args = (
+            part_acc,
+            part_m,
+            part_l,
+            value_scale,
+            value_scale if sinks is None else sinks,
+            out,
             scale_stride_h,
-            H, G, Sq, D, plan.slots,
-            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=plan.block_d, M_INIT=_M_INIT,
-        )  # fmt: skip
+            H,
+            G,
+            Sq,
+            D,
+            plan.slots,
+        )
+        combine_meta = dict(
+            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=plan.block_d, M_INIT=_M_INIT, HAS_SINKS=sinks is not None, LOG2E=_LOG2E
+        )
+        launch(_combine_splits_kernel, (B * H * rows,), combine_args, combine_meta, memo)
     return out

@@ -11,7 +11,14 @@ import torch
 from .formats import FP8Format
 from .recent_window import RecentWindow
 
-__all__ = ["check_scales", "check_caches", "check_quantize_append_kv", "check_dequantize_kv", "check_decode_attention"]
+__all__ = [
+    "check_scales",
+    "check_caches",
+    "check_quantize_append_kv",
+    "check_dequantize_kv",
+    "check_decode_attention",
+    "check_attention_options",
+]
 
 
 def check_scales(name: str, first: torch.Tensor, second: torch.Tensor, heads: int) -> None:
@@ -89,6 +96,9 @@ def check_decode_attention(
     fmt: FP8Format,
     out: torch.Tensor | None,
     recent: RecentWindow | None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Validate the arguments of ``decode_attention`` (shared by the dispatch and the Triton launcher)."""
     if fmt.fnuz:
@@ -133,8 +143,29 @@ def check_decode_attention(
                 f"recent window start {recent.start} must be in [{kv_length - ring.shape[2]}, {kv_length}] "
                 f"(kv_length {kv_length}, {ring.shape[2]} slots)"
             )
+    check_attention_options(Hq, sliding_window, sinks, softcap)
     tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
+    tensors += () if sinks is None else (sinks,)
     tensors += (kv_length,) if isinstance(kv_length, torch.Tensor) else ()
     tensors += () if recent is None else tuple(recent[:2])
     if any(t.device != query.device for t in tensors):
-        raise ValueError("query, caches, kv_start, kv_length, scales and out must be on one device")
+        raise ValueError("query, caches, kv_start, kv_length, scales, sinks and out must be on one device")
+
+
+def check_attention_options(
+    query_heads: int, sliding_window: int | None, sinks: torch.Tensor | None, softcap: float | None
+) -> None:
+    """Validate decode attention's optional sliding window (an int >= 1), sinks (float32 ``[Hq]``) and softcap
+    (a finite float > 0)."""
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
+    ):
+        raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    if sinks is not None and (
+        sinks.dtype != torch.float32 or not sinks.is_contiguous() or tuple(sinks.shape) != (query_heads,)
+    ):
+        raise ValueError(
+            f"sinks must be contiguous float32 of shape ({query_heads},), got {sinks.dtype} {tuple(sinks.shape)}"
+        )
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")

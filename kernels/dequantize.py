@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .formats import FP8Format
 from .fp8_codec import decode_fp8, round_to_output, token_tiles
+from .launch import LaunchMemo, launch
 
 
 @triton.jit
@@ -62,19 +63,24 @@ def dequantize_kv(
     fmt: FP8Format,
     key_out: torch.Tensor,
     value_out: torch.Tensor,
+    memo: LaunchMemo | None = None,
 ) -> None:
-    """Write ``fp8 * scale`` of the first ``length`` tokens into contiguous ``key_out`` / ``value_out``."""
+    """Write ``fp8 * scale`` of the first ``length`` tokens into contiguous ``key_out`` / ``value_out`` (relaunching
+    the kernel of ``memo``'s last launch when it fits: ``launch.py``)."""
     B, H, _, D = key_cache.shape
     if length == 0 or B == 0:
         return
     grid, BLOCK_S, BLOCK_D = token_tiles(B, H, length, D)
     c = fmt.codec_constants()
-    _dequantize_kv_kernel[grid](
+    args = (
         key_cache, value_cache, key_scale, value_scale, key_out, value_out,
         *key_cache.stride()[:3],
         0 if key_scale.numel() == 1 else 1,
         H, length, D,
+    )  # fmt: skip
+    meta = dict(
         BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
         MANTISSA_BITS=c["MANTISSA_BITS"], BIAS=c["BIAS"], SUBNORMAL_STEP=c["SUBNORMAL_STEP"],
         FNUZ=c["FNUZ"], HAS_INF=c["HAS_INF"],
     )  # fmt: skip
+    launch(_dequantize_kv_kernel, grid, args, meta, memo)

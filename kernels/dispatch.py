@@ -19,6 +19,7 @@ import torch
 from . import reference
 from .checks import check_decode_attention, check_dequantize_kv, check_quantize_append_kv
 from .formats import FP8Format
+from .launch import LaunchMemo
 from .recent_window import RecentWindow
 
 __all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton", "cpu_backend"]
@@ -34,6 +35,18 @@ def uses_triton(tensor: torch.Tensor) -> bool:
     """Whether the kernels run through Triton for this tensor: CUDA tensors, or CPU tensors under the interpreter
     (unless ``cpu_backend("torch")`` says otherwise)."""
     return _HAS_TRITON and (tensor.is_cuda or _cpu_runs_triton)
+
+
+_ON_CURRENT_DEVICE = contextlib.nullcontext()
+
+
+def _on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current device for a launch: Triton launches on the current device and its stream,
+    and a layer of a model spread over GPUs (``device_map``) may sit on another one. Nothing to switch (and no host
+    work) when it already is the current one."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return _ON_CURRENT_DEVICE
 
 
 @contextlib.contextmanager
@@ -64,17 +77,21 @@ def quantize_append_kv(
     key_inv_scale: torch.Tensor,
     value_inv_scale: torch.Tensor,
     fmt: FP8Format,
+    memo: LaunchMemo | None = None,
 ) -> None:
     """Quantize K and V ``[B, H, S, D]`` into ``cache[:, :, start:start + S]`` (saturating, round-to-nearest-even).
 
     ``start`` is an int, or a one-element integer tensor on the cache's device read there (positions from it at or
-    beyond the capacity are then dropped: the caller checks the capacity on the device)."""
+    beyond the capacity are then dropped: the caller checks the capacity on the device). ``memo``: the caller's
+    ``LaunchMemo`` (a cache layer's), which relaunches the compiled kernel with less host work."""
     check_quantize_append_kv(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale)
-    if uses_triton(key):
-        from .quantize import quantize_append_kv as run
-    else:
-        run = reference.quantize_append_kv_ref
-    run(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt)
+    if not uses_triton(key):
+        reference.quantize_append_kv_ref(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt)
+        return
+    from .quantize import quantize_append_kv as run
+
+    with _on_device_of(key):
+        run(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt, memo)
 
 
 def dequantize_kv(
@@ -86,14 +103,18 @@ def dequantize_kv(
     fmt: FP8Format,
     key_out: torch.Tensor,
     value_out: torch.Tensor,
+    memo: LaunchMemo | None = None,
 ) -> None:
-    """Write ``fp8 * scale`` of the first ``length`` cached tokens into contiguous ``key_out`` / ``value_out``."""
+    """Write ``fp8 * scale`` of the first ``length`` cached tokens into contiguous ``key_out`` / ``value_out``
+    (``memo``: as for ``quantize_append_kv``)."""
     check_dequantize_kv(key_cache, value_cache, length, key_scale, value_scale, key_out, value_out)
-    if uses_triton(key_cache):
-        from .dequantize import dequantize_kv as run
-    else:
-        run = reference.dequantize_kv_ref
-    run(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out)
+    if not uses_triton(key_cache):
+        reference.dequantize_kv_ref(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out)
+        return
+    from .dequantize import dequantize_kv as run
+
+    with _on_device_of(key_cache):
+        run(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out, memo)
 
 
 def decode_attention(
@@ -108,6 +129,11 @@ def decode_attention(
     sm_scale: float,
     out: torch.Tensor | None = None,
     recent: RecentWindow | None = None,
+    *,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    memo: LaunchMemo | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
 
@@ -119,11 +145,20 @@ def decode_attention(
     left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). With ``recent``, the positions of
     that window are read exactly from its ring buffers instead of the fp8 cache. Output in the query's dtype,
     written into ``out`` when given.
+
+    Options of the model families with them (transformers' conventions): ``sliding_window`` W, row i then sees only
+    positions p - W < n <= p of its own p (and >= kv_start); ``sinks``, float32 ``[Hq]``, one learned logit per
+    query head that joins the softmax sum without a value (GPT-OSS ``s_aux``); ``softcap``, logits become
+    ``softcap * tanh(logits / softcap)`` before masking (Gemma 2). ``sm_scale`` is the model's own scaling
+    (Gemma's ``query_pre_attn_scalar ** -0.5``). ``memo``: as for ``quantize_append_kv``.
     """
-    if uses_triton(query):
-        from .attention import decode_attention as run  # validates the arguments itself
-    else:
-        check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
-                               recent)  # fmt: skip
-        run = reference.decode_attention_ref
-    return run(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, out, recent)
+    arguments = (query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt)
+    if not uses_triton(query):
+        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap)
+        return reference.decode_attention_ref(*arguments, sm_scale, out, recent, sliding_window=sliding_window,
+                                              sinks=sinks, softcap=softcap)  # fmt: skip
+    from .attention import decode_attention as run  # validates the arguments itself
+
+    with _on_device_of(query):
+        return run(*arguments, sm_scale, out, recent, sliding_window=sliding_window, sinks=sinks, softcap=softcap,
+                   memo=memo)  # fmt: skip

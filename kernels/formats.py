@@ -12,6 +12,7 @@ library (``hf_fp8cache.formats.resolve_format``); here a format is known by its 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,15 +50,21 @@ class FP8Format:
         return 2.0 ** (1 - self.bias - self.mantissa_bits)  # e4m3fn 2^-9, e5m2 2^-16
 
     def codec_constants(self) -> dict[str, object]:
-        """The compile-time constants the Triton codec needs (see fp8_codec.py)."""
-        return {
-            "MANTISSA_BITS": self.mantissa_bits,
-            "BIAS": self.bias,
-            "FMAX": self.max,
-            "SUBNORMAL_STEP": self.subnormal_step,
-            "FNUZ": self.fnuz,
-            "HAS_INF": self.has_inf,
-        }
+        """The compile-time constants the Triton codec needs (see fp8_codec.py); computed once per format, as every
+        kernel launch asks for them. Read-only."""
+        return _codec_constants(self)
+
+
+@functools.cache
+def _codec_constants(fmt: FP8Format) -> dict[str, object]:
+    return {
+        "MANTISSA_BITS": fmt.mantissa_bits,
+        "BIAS": fmt.bias,
+        "FMAX": fmt.max,
+        "SUBNORMAL_STEP": fmt.subnormal_step,
+        "FNUZ": fmt.fnuz,
+        "HAS_INF": fmt.has_inf,
+    }
 
 
 FORMATS: dict[str, FP8Format] = {

@@ -75,14 +75,20 @@ def decode_attention(
     value_scale: torch.Tensor,
     fmt: str,
     sm_scale: float,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``kernels.decode_attention`` over the first ``kv_length`` (a one-element device tensor) tokens."""
+    """``kernels.decode_attention`` over the first ``kv_length`` (a one-element device tensor) tokens, with its
+    optional sliding window, sinks and softcap."""
     return dispatch.decode_attention(
-        query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, format_named(fmt), sm_scale
-    )
+        query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, format_named(fmt), sm_scale,
+        sliding_window=sliding_window, sinks=sinks, softcap=softcap,
+    )  # fmt: skip
 
 
 @decode_attention.register_fake
-def _(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale) -> torch.Tensor:
+def _(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, sliding_window=None,
+      sinks=None, softcap=None) -> torch.Tensor:  # fmt: skip
     B, Hq, Sq, D = query.shape
     return query.new_empty(B, Sq, Hq, D)

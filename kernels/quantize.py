@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .formats import FP8Format
 from .fp8_codec import encode_fp8, token_tiles
+from .launch import LaunchMemo, launch
 
 
 @triton.jit(do_not_specialize=["start"])
@@ -66,20 +67,25 @@ def quantize_append_kv(
     key_inv_scale: torch.Tensor,
     value_inv_scale: torch.Tensor,
     fmt: FP8Format,
+    memo: LaunchMemo | None = None,
 ) -> None:
-    """Quantize ``key``/``value`` ``[B, H, S, D]`` and write them at ``cache[:, :, start:start + S]``."""
+    """Quantize ``key``/``value`` ``[B, H, S, D]`` and write them at ``cache[:, :, start:start + S]`` (relaunching
+    the kernel of ``memo``'s last launch when it fits: ``launch.py``)."""
     start_in_memory = isinstance(start, torch.Tensor)
     B, H, S, D = key.shape
     if S == 0 or B == 0:
         return
     grid, BLOCK_S, BLOCK_D = token_tiles(B, H, S, D)
     c = fmt.codec_constants()
-    _quantize_append_kv_kernel[grid](
+    args = (
         key, value, key_cache, value_cache, key_inv_scale, value_inv_scale, start if start_in_memory else key_cache,
         *key.stride(), *value.stride(), *key_cache.stride()[:3],
         0 if key_inv_scale.numel() == 1 else 1,
         H, S, D, 0 if start_in_memory else start, key_cache.shape[2],
+    )  # fmt: skip
+    meta = dict(
         BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
         MANTISSA_BITS=c["MANTISSA_BITS"], BIAS=c["BIAS"], FMAX=c["FMAX"], FNUZ=c["FNUZ"],
         START_IN_MEMORY=start_in_memory,
     )  # fmt: skip
+    launch(_quantize_append_kv_kernel, grid, args, meta, memo)

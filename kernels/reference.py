@@ -33,19 +33,19 @@ def quantize_append_kv_ref(
     value: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     key_inv_scale: torch.Tensor,
     value_inv_scale: torch.Tensor,
     fmt: FP8Format,
 ) -> None:
     """Write ``saturate(x * inv_scale)`` as fp8 into ``cache[:, :, start:start + S]`` for K and V (``start`` an int or
     a one-element tensor; positions beyond the capacity are dropped)."""
-    start = int(start)
-    written = max(0, min(key.shape[2], key_cache.shape[2] - start))
-    end = start + written
+    first = int(start)
+    written = max(0, min(key.shape[2], key_cache.shape[2] - first))
+    end = first + written
     key, value = key[:, :, :written], value[:, :, :written]
-    key_cache[:, :, start:end] = encode_fp8_ref(key.float() * _per_head(key_inv_scale), fmt)
-    value_cache[:, :, start:end] = encode_fp8_ref(value.float() * _per_head(value_inv_scale), fmt)
+    key_cache[:, :, first:end] = encode_fp8_ref(key.float() * _per_head(key_inv_scale), fmt)
+    value_cache[:, :, first:end] = encode_fp8_ref(value.float() * _per_head(value_inv_scale), fmt)
 
 
 def dequantize_kv_ref(
@@ -75,19 +75,26 @@ def decode_attention_ref(
     sm_scale: float,
     out: torch.Tensor | None = None,
     recent: RecentWindow | None = None,
+    *,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
 
     Math attention in fp32 on the dequantized cache, the positions of the ``recent`` window (a
     ``kernels.RecentWindow``) taken exactly from its ring: query row i (position ``kv_length - Sq + i``) sees positions
     ``kv_start[b]`` up to its own. Values outside ``[kv_start, kv_length)`` count as zero and a row that sees no
-    key gives zeros, as in the kernel. Output in the query's dtype (into ``out`` when given).
+    key gives zeros, as in the kernel (so do values below every row's sliding window). Output in the query's dtype
+    (into ``out`` when given).
     """
     kv_length = int(kv_length)  # an int or a one-element tensor
     B, Hq, Sq, _ = query.shape
     G = Hq // key_cache.shape[1]
     positions = torch.arange(kv_length, device=query.device)
     in_row = positions[None, :] >= kv_start[:, None].long()  # [B, L]: not left padding
+    if sliding_window is not None:  # nor below the first row's window (never read, as in the kernel)
+        in_row &= positions[None, :] > kv_length - Sq - sliding_window
     key = decode_fp8_ref(key_cache[:, :, :kv_length], fmt) * _per_head(key_scale)
     value = decode_fp8_ref(value_cache[:, :, :kv_length], fmt) * _per_head(value_scale)
     if recent is not None:
@@ -98,9 +105,18 @@ def decode_attention_ref(
 
     own = kv_length - Sq + torch.arange(Sq, device=query.device)
     visible = in_row[:, None, :] & (positions[None, None, :] <= own[None, :, None])  # [B, Sq, L]
+    if sliding_window is not None:
+        visible &= positions[None, None, :] > own[None, :, None] - sliding_window
     logits = torch.matmul(query.float(), key.transpose(-1, -2)) * sm_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
+    if sinks is not None:  # [B, Hq, Sq, L + 1]: the sink's column joins the softmax, then is dropped
+        sink_logits = sinks.float().reshape(1, -1, 1, 1).expand(B, Hq, Sq, 1)
+        probs = torch.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    probs = probs.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
     result = torch.matmul(probs, value).transpose(1, 2)  # [B, Sq, Hq, D]
     if out is None:
         return result.to(query.dtype).contiguous()

@@ -7,11 +7,18 @@ near the fp16 / bf16 rounding unit; fp32 queries run an fp32 dot.
 """
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 from hf_fp8cache.kernels import attention, ops, reference
-from hf_fp8cache.kernels.attention import DecodePlan, plan_decode_attention, program_shape, split_plan
+from hf_fp8cache.kernels.attention import (
+    DecodePlan,
+    first_key_block,
+    plan_decode_attention,
+    program_shape,
+    split_plan,
+)
 
 from hf_fp8cache import kernels
 from hf_fp8cache.formats import FORMATS
@@ -63,8 +70,11 @@ def _with_window(args, slots, window, seed=0):
     return (*args, None, kernels.RecentWindow(rings[0], rings[1], L - window))
 
 
-def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, fmt, sm_scale, out=None, recent=None):
-    """fp64 attention written out row by row from the decoded fp8 values (and the exact window): [B, Sq, Hq, D]."""
+def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, fmt, sm_scale, out=None, recent=None,
+            *, sliding_window=None, sinks=None, softcap=None):  # fmt: skip
+    """fp64 attention written out row by row from the decoded fp8 values (and the exact window): [B, Sq, Hq, D].
+    A sliding window W: row i sees only keys above its position minus W; softcap: logits c * tanh(logits / c);
+    sinks: one more logit per query head in the softmax sum, with no value."""
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     key = key_cache.cpu().view(fmt.dtype).double() * key_scale.cpu().double().reshape(1, -1, 1, 1)
@@ -79,11 +89,19 @@ def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, 
     for b in range(B):
         for i in range(Sq):
             first, last = int(kv_start[b]), L - Sq + i  # keys first..last inclusive
+            if sliding_window is not None:
+                first = max(first, last - sliding_window + 1)
             if first > last:
                 continue  # sees nothing: zeros
             k, v = key[b, :, first : last + 1], value[b, :, first : last + 1]  # [H, n, D]
             logits = torch.einsum("hgd,hnd->hgn", q[b, :, i].reshape(H, Hq // H, D), k) * sm_scale
-            out[b, i] = torch.einsum("hgn,hnd->hgd", logits.softmax(-1), v).reshape(Hq, D)
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            weights = logits.exp()  # logits are small here: no max subtraction needed in fp64
+            total = weights.sum(-1, keepdim=True)
+            if sinks is not None:
+                total = total + sinks.cpu().double().reshape(H, Hq // H, 1).exp()
+            out[b, i] = torch.einsum("hgn,hnd->hgd", weights / total, v).reshape(Hq, D)
     return out
 
 
@@ -240,6 +258,133 @@ def test_writes_into_out():
     out = torch.full((2, 1, 8, 64), float("nan"), dtype=torch.float16, device=DEVICE)
     assert attention.decode_attention(*args, out=out) is out
     assert _relative_error(out, _oracle(*args)) < TOLERANCE[torch.float16]
+
+
+def _sinks(Hq, seed):
+    """One learned sink logit per query head, of the size of the test's logits (a few units)."""
+    return (torch.randn(Hq, generator=torch.Generator().manual_seed(seed)) * 2).to(DEVICE)
+
+
+# The model-family options on L = 200 keys, rows starting at 0, 150 and 197 (left padding), 3 queries a row: a
+# sliding window below, equal to and above L (and of one key), learned sinks, a softcap, all three together; formats,
+# dtypes and scale kinds rotate over the cases.
+OPTIONS = {
+    "window_37": dict(sliding_window=37),
+    "window_equals_L": dict(sliding_window=200),
+    "window_above_L": dict(sliding_window=500),
+    "window_1": dict(sliding_window=1),
+    "sinks": dict(sinks=8),
+    "softcap": dict(softcap=2.0),
+    "window_sinks_softcap": dict(sliding_window=70, sinks=8, softcap=3.0),
+}
+
+
+# the planned splits for every case; forced splits (partials merged by the combine kernel) where they matter most
+OPTION_RUNS = [(name, None) for name in OPTIONS] + [("window_37", 3), ("window_sinks_softcap", 3)]
+
+
+@pytest.mark.parametrize("name, num_splits", OPTION_RUNS)
+def test_window_sinks_and_softcap_match_oracle_and_twin(name, num_splits):
+    index = list(OPTIONS).index(name)
+    dtype = DTYPES[index % 3]
+    args = _case(3, 2, 4, 3, 64, 200, [0, 150, 197], fmt=FMTS[index % 2], dtype=dtype, per_head=index % 2 == 0,
+                 seed=20 + index)  # fmt: skip
+    options = dict(OPTIONS[name])
+    if "sinks" in options:
+        options["sinks"] = _sinks(options["sinks"], seed=index)
+    out = attention.decode_attention(*args, num_splits=num_splits, **options)
+    expected = _oracle(*args, **options)
+    assert _relative_error(out, expected) < TOLERANCE[dtype]
+    assert _relative_error(reference.decode_attention_ref(*args, **options), expected) < TOLERANCE[dtype]
+    if options.get("sliding_window", 0) < 200:  # the option changed the answer (a window >= L changes nothing)
+        assert _relative_error(out, _oracle(*args)) > 10 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("Sq, window", [(1, 40), (4, 40), (4, 1)])
+def test_sliding_window_reads_no_block_below_the_window(Sq, window):
+    # every key below the first block holding the first row's window start is NaN: reading one would give NaN
+    args = _case(2, 2, 4, Sq, 64, 300, [0, 280], fmt=FMTS[1], dtype=torch.float32, seed=window + Sq)
+    plan = plan_decode_attention(2, 2, 4, Sq, 64, 300, None, 132, sliding_window=window)
+    below = first_key_block(300, Sq, window, plan.block_n)
+    assert below >= 300 - Sq - window - plan.block_n + 1 and below > 0
+    for cache in args[1:3]:
+        cache[:, :, :below] = NAN_CODE
+    expected = _oracle(*args, sliding_window=window)  # (which never reads below the window either)
+    assert _relative_error(attention.decode_attention(*args, sliding_window=window), expected) < 3e-6
+    with kernels.cpu_backend("torch") if DEVICE == "cpu" else nullcontext():  # the twin leaves them out too
+        assert _relative_error(kernels.decode_attention(*args, sliding_window=window), expected) < 3e-6
+
+
+def test_options_with_the_length_on_the_device_and_the_operator():
+    # the static cache's form: the filled length read on the device, splits planned over the window of the capacity
+    args = list(_case(2, 2, 4, 2, 64, 150, [0, 40], dtype=torch.float32, seed=31, spare=350))
+    options = dict(sliding_window=60, sinks=_sinks(8, seed=3), softcap=4.0)
+    expected = _oracle(*args, **options)
+    args[3] = torch.tensor(150, device=DEVICE)
+    assert _relative_error(kernels.decode_attention(*args, **options), expected) < TOLERANCE[torch.float32]
+    as_operator = ops.decode_attention(*args[:7], args[7].name, args[8], **options)
+    assert _relative_error(as_operator, expected) < TOLERANCE[torch.float32]
+
+
+def test_sliding_window_with_an_exact_recent_window():
+    args = _with_window(_case(2, 2, 4, 3, 64, 200, [0, 150], dtype=torch.float32, seed=5), 16, 12, seed=4)
+    for window in (5, 30):  # inside the exact window, and across its start
+        expected = _oracle(*args, sliding_window=window)
+        out = attention.decode_attention(*args, sliding_window=window, num_splits=2)
+        assert _relative_error(out, expected) < TOLERANCE[torch.float32]
+        assert _relative_error(reference.decode_attention_ref(*args, sliding_window=window),
+                               _oracle(*args, sliding_window=window)) < TOLERANCE[torch.float32]  # fmt: skip
+
+
+def test_sliding_window_plans_over_the_window_only():
+    # 8 x 32768 with a 4096-token window is planned as 8 x 4096 without one (plus one block where the window starts
+    # inside one): the work follows the window
+    full = plan_decode_attention(8, 8, 4, 1, 128, 4096, None, 132)
+    windowed = plan_decode_attention(8, 8, 4, 1, 128, 32768, None, 132, sliding_window=4096)
+    assert windowed == full and first_key_block(32768, 1, 4096, windowed.block_n) == 32768 - 4096
+    shifted = plan_decode_attention(8, 8, 4, 1, 128, 32768 + 5, None, 132, sliding_window=4096)
+    assert shifted.splits * shifted.blocks_per_split >= 4096 // shifted.block_n + 1
+    # a window beyond the length changes nothing
+    assert plan_decode_attention(2, 2, 4, 3, 64, 300, None, 132, sliding_window=1000) == plan_decode_attention(
+        2, 2, 4, 3, 64, 300, None, 132
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(sliding_window=0), "sliding_window must be an int >= 1 or None, got 0"),
+        (dict(sliding_window=4.0), "sliding_window must be an int >= 1 or None, got 4.0"),
+        (dict(sinks=torch.zeros(8, dtype=torch.float16)), r"sinks must be contiguous float32 of shape \(8,\), got "
+                                                          "torch.float16"),
+        (dict(sinks=torch.zeros(2)), r"sinks must be contiguous float32 of shape \(8,\), got torch.float32 \(2,\)"),
+        (dict(softcap=0.0), "softcap must be a finite number > 0 or None, got 0.0"),
+    ],
+)  # fmt: skip
+def test_rejects_bad_options(options, message):
+    args = _case(2, 2, 4, 2, 64, 10, [0, 1])
+    options = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    for backend in ("triton", "torch"):
+        with (
+            pytest.raises(ValueError, match=message),
+            kernels.cpu_backend(backend) if DEVICE == "cpu" else nullcontext(),
+        ):
+            kernels.decode_attention(*args, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_window_sinks_softcap_on_gpu_match_the_twin(Sq, dtype):
+    """The compiled kernel (one-warp programs, real splits) with every option against its torch twin on CUDA."""
+    args = _case(4, 8, 4, Sq, 128, 5000, [0, 700, 4000, 4990], dtype=dtype, seed=Sq)
+    for options in (dict(sliding_window=1024), dict(sinks=_sinks(32, seed=1), softcap=30.0),
+                    dict(sliding_window=300, sinks=_sinks(32, seed=2), softcap=5.0)):  # fmt: skip
+        oracle = _oracle(*args, **options)
+        assert _relative_error(reference.decode_attention_ref(*args, **options), oracle) < TOLERANCE[dtype]
+        assert _relative_error(attention.decode_attention(*args, **options), oracle) < TOLERANCE[dtype]
+        device_length = (*args[:3], torch.tensor(5000, device=DEVICE), *args[4:])
+        assert _relative_error(kernels.decode_attention(*device_length, **options), oracle) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)

@@ -17,6 +17,11 @@ Bandwidth counts the K and V bytes each variant must read (FP8: 1 byte an elemen
 ceiling measured in the same run (a large device-to-device copy, bytes read + written). Also checks the FP8
 kernel against SDPA over the dequantized values (relative error). Writes ``attention_benchmark.{json,csv,png}``.
 
+``--window W`` times sliding-window attention instead (case ``BxLwW``): the FP8 kernel over the whole L-token cache
+with the window in the kernel (it reads only the window's key blocks), against SDPA over a bf16 sliding cache, which
+holds the last W tokens (as transformers' sliding layers do; one query then needs no mask). Compare with the ``BxW``
+case without a window.
+
 ``--sweep`` instead times the FP8 kernel over a grid of its launch parameters (a tuning aid; prints only).
 """
 
@@ -89,8 +94,9 @@ def _sdpa(backend: str):
 
 
 def run_attention_benchmark(
-    cases=DEFAULT_CASES, heads: int = 32, kv_heads: int = 8, head_dim: int = 128, out_dir: str | Path = "results"
-) -> list[dict[str, Any]]:
+    cases=DEFAULT_CASES, heads: int = 32, kv_heads: int = 8, head_dim: int = 128, out_dir: str | Path = "results",
+    window: int | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Time every variant at every (B, L); print the table, write JSON and PNG, return the rows."""
     if not torch.cuda.is_available():
         raise RuntimeError("the attention benchmark replays CUDA graphs and needs a CUDA GPU")
@@ -98,14 +104,16 @@ def run_attention_benchmark(
     env = {key: value for key, value in environment(torch.device("cuda")).items() if key != "gpu"}
     rows: list[dict[str, Any]] = []
     for B, L in cases:
-        rows += [{**row, **env} for row in _bench_case(B, L, heads, kv_heads, head_dim, ceiling)]
+        rows += [{**row, **env} for row in _bench_case(B, L, heads, kv_heads, head_dim, ceiling, window)]
         torch.cuda.empty_cache()
     print_table(rows)
     save_rows(rows, Path(out_dir))
     return rows
 
 
-def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceiling: float) -> list[dict[str, Any]]:
+def _bench_case(
+    B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceiling: float, window: int | None = None
+) -> list[dict[str, Any]]:
 
     fmt = resolve_format("fp8")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -119,7 +127,9 @@ def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceilin
     dequantize_kv(kb, vb, L, scale, scale, fmt, kd, vd)
     start = torch.zeros(B, dtype=torch.int32, device="cuda")
     sm = head_dim**-0.5
-    fp8 = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm)
+    fp8 = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm, sliding_window=window)
+    if window is not None:  # a bf16 sliding cache holds the window's last tokens: what SDPA reads
+        return _window_rows(B, L, window, q, fp8, kd[:, :, -window:], vd[:, :, -window:], ceiling)
     window = RecentWindow(k[:, :, -_WINDOW:].contiguous(), v[:, :, -_WINDOW:].contiguous(), L - _WINDOW)  # L % 16 == 0
     fp8_window = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm, recent=window)
     reference = torch.nn.functional.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
@@ -135,14 +145,31 @@ def _bench_case(B: int, L: int, heads: int, kv_heads: int, head_dim: int, ceilin
                 "dequant+sdpa": (dequant_then_sdpa, 3 * fp8_bytes + bf16_bytes)}  # fmt: skip
     for name in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient"):
         variants[name] = (functools.partial(_sdpa(name), q, k, v), bf16_bytes)
+    return _timed_rows(f"{B}x{L}", B, L, variants, error, ceiling)
+
+
+def _window_rows(B, L, window, q, fp8, kd, vd, ceiling) -> list[dict[str, Any]]:
+    """Rows of a sliding-window case: the FP8 kernel with its window vs SDPA over the window's bf16 K/V."""
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
+    error = ((fp8().transpose(1, 2).float() - reference).norm() / reference.norm()).item()
+    k, v = kd.contiguous(), vd.contiguous()
+    fp8_bytes = 2 * k.numel()  # the window's K and V, one byte an element
+    variants = {"fp8": (fp8, fp8_bytes)}
+    for name in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient"):
+        variants[name] = (functools.partial(_sdpa(name), q, k, v), 2 * fp8_bytes)
+    return _timed_rows(f"{B}x{L}w{window}", B, L, variants, error, ceiling)
+
+
+def _timed_rows(case, B, L, variants, error, ceiling) -> list[dict[str, Any]]:
+    """One row per variant that runs: its median time and bandwidth."""
     rows = []
     for name, (fn, nbytes) in variants.items():
         try:
             ms = _time(fn)
         except RuntimeError as failure:  # a backend that does not take these shapes
-            print(f"{B}x{L} {name}: not run ({str(failure).splitlines()[0][:80]})")
+            print(f"{case} {name}: not run ({str(failure).splitlines()[0][:80]})")
             continue
-        rows.append({"case": f"{B}x{L}", "B": B, "L": L, "variant": name, "us": ms * 1e3, "bytes": nbytes,
+        rows.append({"case": case, "B": B, "L": L, "variant": name, "us": ms * 1e3, "bytes": nbytes,
                      "tb_s": nbytes / ms / 1e9, "ceiling_tb_s": ceiling, "fp8_rel_error": error,
                      "gpu": torch.cuda.get_device_name()})  # fmt: skip
     return rows
@@ -184,10 +211,11 @@ def add_arguments(parser) -> None:
         help=f"default {cases_text(DEFAULT_CASES)}; with --sweep {cases_text(SWEEP_CASES)}",
     )
     parser.add_argument("--sweep", action="store_true", help="tuning sweep of the FP8 decode kernel instead")
+    parser.add_argument("--window", type=int, default=None, help="sliding window (tokens) of every case, e.g. 4096")
     parser.add_argument("--out-dir", default="results")
 
 
 def run(args) -> list[dict[str, Any]] | None:
     if args.sweep:
         return run_tuning_sweep(args.cases or SWEEP_CASES)
-    return run_attention_benchmark(args.cases or DEFAULT_CASES, out_dir=args.out_dir)
+    return run_attention_benchmark(args.cases or DEFAULT_CASES, out_dir=args.out_dir, window=args.window)
