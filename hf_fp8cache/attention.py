@@ -6,20 +6,27 @@ get their mask). Select it with ``from_pretrained(..., attn_implementation="hf_f
 
 When the model runs with it, the FP8 caches' ``update`` hands attention tensors that carry their cache layer
 (``contract.py``). Attention asks that layer for ``attention_inputs(mask)`` -- buffers, filled length, row starts,
-scales, format, exact recent window -- and:
+scales, format, exact recent window, sliding window -- and:
 
 - decode (up to ``MAX_DECODE_QUERIES`` new tokens over fp8 views) runs ``kernels.decode_attention``: split-KV
   attention straight from the FP8 bytes, scales folded in; no bf16 copy of the history ever exists. A length held
-  on the device (the static cache) goes through the compileable operator;
-- longer chunks over an FP8 history (chunked prefill) ask the layer for its dequantized K/V and run SDPA;
-- the first prefill of an empty cache (exact K/V), and any call without an FP8 cache, is plain SDPA on what it was
-  given.
+  on the device (the static cache) goes through the compileable operator. The layer's sliding window, and the
+  module's learned sinks (``s_aux``, GPT-OSS), logit softcapping (``softcap``, Gemma 2) and ``scaling`` (Gemma's
+  ``query_pre_attn_scalar``) go to the kernel;
+- longer chunks over an FP8 history (chunked prefill), and calls the kernel cannot serve exactly (a window the model
+  asks for that the layer does not hold, dropout in training), ask the layer for its dequantized K/V;
+- the first prefill of an empty cache (exact K/V), and any call without an FP8 cache, run on what they were given.
+
+Everything not served by the kernel runs SDPA, or -- when the call brings sinks or a softcap, which SDPA lacks --
+the model family's own eager attention (its module's ``eager_attention_forward``) with the mask made additive.
 
 The decode kernel reads the padding mask as one start position per row (left padding, as ``generate`` builds it)
-plus causality.
+plus causality and the layer's window.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers import AttentionInterface
@@ -34,32 +41,60 @@ __all__ = ["MAX_DECODE_QUERIES", "fp8_attention_forward"]
 MAX_DECODE_QUERIES = 16  # query tokens per row the decode kernel takes (decode, speculative tokens)
 
 
-def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float) -> torch.Tensor:
-    """The decode kernel over ``inputs``: ``[B, Sq, Hq, D]``."""
+def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks, softcap) -> torch.Tensor:
+    """The decode kernel over ``inputs``, with the module's sinks (any float dtype, ``[Hq]``) and softcap:
+    ``[B, Sq, Hq, D]``."""
+    sinks = None if sinks is None else sinks.detach().float().contiguous()  # no copy when already float32
+    options = dict(sliding_window=inputs.sliding_window, sinks=sinks, softcap=softcap)
     if isinstance(inputs.length, torch.Tensor):  # read on the device: the operator torch.compile captures
         return ops.decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
-                                   inputs.key_scale, inputs.value_scale, inputs.fmt.name, scale)  # fmt: skip
+                                    inputs.key_scale, inputs.value_scale, inputs.fmt.name, scale,
+                                    **options)  # fmt: skip
     return decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
-                            inputs.key_scale, inputs.value_scale, inputs.fmt, scale, recent=inputs.recent)  # fmt: skip
+                            inputs.key_scale, inputs.value_scale, inputs.fmt, scale, recent=inputs.recent,
+                            memo=inputs.launches, **options)  # fmt: skip
+
+
+def _kernel_serves(module, query: torch.Tensor, inputs: FP8AttentionInputs, dropout: float, kwargs: dict) -> bool:
+    """Whether the decode kernel computes exactly what the model asks: a few queries, no dropout, and the model's
+    sliding window (``sliding_window=`` of the call, None for full attention) the one the layer holds."""
+    training_dropout = dropout and getattr(module, "training", False)
+    same_window = kwargs.get("sliding_window") == inputs.sliding_window
+    return query.shape[2] <= MAX_DECODE_QUERIES and same_window and not training_dropout
+
+
+def _model_attention(module, kwargs: dict):
+    """The attention that runs what the kernel does not: SDPA, or -- for calls with sinks or a softcap, which SDPA
+    lacks -- the eager attention of the module's model family, on an additive mask."""
+    if kwargs.get("s_aux") is None and kwargs.get("softcap") is None:
+        return sdpa_attention_forward
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"{type(module).__name__} passes attention sinks or a softcap, which only its own eager attention "
+            f"computes, and its module has no eager_attention_forward; load the model with attn_implementation='eager'"
+        )
+
+    def attend(module, query, key, value, attention_mask, **arguments):
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds the mask to the logits
+            attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        return eager(module, query, key, value, attention_mask, **arguments)
+
+    return attend
 
 
 def fp8_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: ``query`` [B, Hq, Sq, D]; returns ([B, Sq, Hq, D], None)."""
-    if kwargs.get("s_aux") is not None:  # SDPA would silently drop them
-        raise ValueError(
-            f"attn_implementation={ATTENTION_NAME!r} does not support learned attention sinks (s_aux, GPT-OSS) yet; "
-            "load the model with attn_implementation='eager': the FP8 caches then hand it dequantized K/V"
-        )
+    """transformers attention function: ``query`` [B, Hq, Sq, D]; returns ([B, Sq, Hq, D], weights or None)."""
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is not None:
         inputs = layer.attention_inputs(attention_mask)
         if key.dtype == inputs.fmt.dtype:  # fp8 views: attention reads the cache
-            unsupported = kwargs.get("softcap") or kwargs.get("sliding_window") or (dropout and module.training)
-            if query.shape[2] <= MAX_DECODE_QUERIES and not unsupported:
-                return _decode(query, inputs, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+            if _kernel_serves(module, query, inputs, dropout, kwargs):
+                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+                return _decode(query, inputs, scale, kwargs.get("s_aux"), kwargs.get("softcap")), None
             key, value = layer.dequantized()
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)  # fmt: skip
+    return _model_attention(module, kwargs)(module, query, key, value, attention_mask, scaling=scaling,
+                                            dropout=dropout, **kwargs)  # fmt: skip
 
 
 AttentionInterface.register(ATTENTION_NAME, fp8_attention_forward)

@@ -5,11 +5,13 @@ their capacity, in steps of 256 tokens), written in place by one fused Triton la
 (``kernels.quantize_append_kv``). Nothing copies the history per step.
 
 Two read paths, chosen per update from the model config's attention implementation (the ``config`` given to the
-cache): with ``attn_implementation="hf_fp8cache"`` (``attention.py``), ``update`` returns fp8 views of the buffers
-and that attention reads the bytes directly; with any other implementation, ``update`` returns K/V dequantized by
-one Triton launch into a workspace shared by all layers of the cache (one layer's K/V in the model dtype, reused
-and grown amortized) -- valid until the next ``update`` of any layer, exactly how attention uses them. A cache
-made without ``config`` always dequantizes.
+cache): with ``attn_implementation="hf_fp8cache"`` (``attention.py``), ``update`` returns fp8 views of the whole
+buffers (not sliced to the filled length: that attention asks the layer for ``attention_inputs`` and reads the
+bytes directly; fresh views each step, since a tag on a view the layer kept would tie the layer and the view in a
+reference cycle that only Python's garbage collector frees); with any other implementation, ``update`` returns K/V
+dequantized by one Triton launch into a workspace shared by all layers of the cache (one layer's K/V in the model
+dtype, reused and grown amortized) -- valid until the next ``update`` of any layer, exactly how attention uses them.
+A cache made without ``config`` always dequantizes.
 
 First prefill: by default (``exact_prefill=True``) the first update of an empty layer returns the K/V it was
 given, so the prompt attends over exact values (as transformers' own fp8 layer does); its FP8 copy is what later
@@ -26,7 +28,7 @@ import torch
 from .cache_base import DequantWorkspace, FP8LayerBase, RowStarts
 from .contract import FP8AttentionInputs
 from .formats import FP8Format
-from .kernels import RecentWindow, dequantize_kv, quantize_append_kv
+from .kernels import LaunchMemo, RecentWindow, dequantize_kv, quantize_append_kv
 from .kernels.recent_window import ring_read, ring_write
 
 __all__ = ["FP8CacheLayer"]
@@ -72,6 +74,7 @@ class FP8CacheLayer(FP8LayerBase):
         self.residual_length = residual_length
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
+        self._launches = LaunchMemo()  # this layer's kernel launches, relaunched step after step (kernels/launch.py)
         self._recent_keys: torch.Tensor | None = None  # model dtype [B, H, residual_length, D], a ring buffer
         self._recent_values: torch.Tensor | None = None
         self.recent_start = 0  # positions [recent_start, length) are also held exactly in the ring
@@ -206,8 +209,8 @@ class FP8CacheLayer(FP8LayerBase):
         self.recent_start = max(self.recent_start, self.length - self.residual_length)
         if start == 0 and self.exact_prefill:
             return self._tagged(key_states, value_states) if waits else (key_states, value_states)
-        if self._serves_fp8_attention():
-            return self._tagged(self.keys, self.values)
+        if self._serves_fp8_attention():  # the whole buffers: that attention reads attention_inputs(), not the shape
+            return self._tagged(self._key_bytes.view(self.fmt.dtype), self._value_bytes.view(self.fmt.dtype))
         return self.dequantized()
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, valid) -> None:
@@ -215,7 +218,7 @@ class FP8CacheLayer(FP8LayerBase):
         self._set_onthefly_scales_from(key_states, value_states, valid)
         quantize_append_kv(
             key_states, value_states, self._key_bytes, self._value_bytes, start,
-            self.key_inv_scale, self.value_inv_scale, self.fmt,
+            self.key_inv_scale, self.value_inv_scale, self.fmt, memo=self._launches,
         )  # fmt: skip
 
     def attention_inputs(self, attention_mask: torch.Tensor | None) -> FP8AttentionInputs:
@@ -223,7 +226,7 @@ class FP8CacheLayer(FP8LayerBase):
         self._finish_pending_write(attention_mask)
         kv_start = self._row_starts(attention_mask, self._key_bytes.shape[0], self.device)
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, self.key_scale,
-                                  self.value_scale, self.fmt, self.recent_window)  # fmt: skip
+                                  self.value_scale, self.fmt, self.recent_window, launches=self._launches)  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next
@@ -232,7 +235,7 @@ class FP8CacheLayer(FP8LayerBase):
         key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length, D))
         dequantize_kv(
             self._key_bytes, self._value_bytes, self.length, self.key_scale, self.value_scale, self.fmt,
-            key_out, value_out,
+            key_out, value_out, memo=self._launches,
         )  # fmt: skip
         if self.recent_start < self.length:  # the exact window replaces its dequantized tokens
             ring_read(self._recent_keys, self.recent_start, self.length, out=key_out[:, :, self.recent_start :])

@@ -5,7 +5,9 @@ A cache layer serving that attention returns from ``update`` tensors that carry 
 prefill whose FP8 write waits for the padding mask. The attention then asks the layer one question,
 ``layer.attention_inputs(attention_mask) -> FP8AttentionInputs``, and reads only that bundle; for chunks the decode
 kernel does not take it asks ``layer.dequantized()``. It never reads or writes a layer's fields, so every layer
-kind (dynamic, static; later sliding, with sinks, on another device) extends the bundle, not the attention.
+kind (dynamic, static; full, sliding; on another device) extends the bundle, not the attention. What the bundle
+holds comes from the cache side (the layer's window); what comes from the model's attention module (learned sinks,
+logit softcapping, the scaling) arrives as that attention call's arguments.
 
 A leaf module: the caches and the attention both import it, neither imports the other.
 """
@@ -17,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .formats import FP8Format
-from .kernels import RecentWindow
+from .kernels import LaunchMemo, RecentWindow
 
 __all__ = ["ATTENTION_NAME", "FP8AttentionInputs"]
 
@@ -32,7 +34,8 @@ class FP8AttentionInputs(NamedTuple):
     positions filled; ``length`` is an int, or a one-element device tensor (the static cache, for CUDA graphs);
     ``kv_start``: int32 ``[B]``, the first attended position of each row (left padding); ``key_scale`` /
     ``value_scale``: float32 ``[1]`` or ``[H]`` dequantization scales; ``recent``: the exact K/V of the most recent
-    positions, or None.
+    positions, or None; ``sliding_window``: the layer's window W (a query at position p sees keys p - W < n <= p, in
+    the buffers' positions), None for a full-attention layer.
     """
 
     key_bytes: torch.Tensor
@@ -43,19 +46,34 @@ class FP8AttentionInputs(NamedTuple):
     value_scale: torch.Tensor
     fmt: FP8Format
     recent: RecentWindow | None
+    sliding_window: int | None = None
+    launches: LaunchMemo | None = None  # the layer's kernel launches, relaunched step after step (kernels/launch.py)
 
 
 def attended_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The key positions the last query row attends, bool ``[B, kv_length]`` (None without a mask: all of them).
-    With left padding and causality that row sees every non-padded position."""
+    """The key positions some query row attends, bool ``[B, kv_length]`` (None without a mask: all of them).
+
+    For causal masks with left padding and their sliding-window and chunked variants, these are the keys the first
+    query row sees, those the last row sees, and each query's own position (a query attends itself unless it is
+    padding): any earlier key a later row sees, the first row sees too. Reading three ``[B, kv_length]`` slices
+    instead of all rows keeps this cheap for a prefill's ``[B, 1, S, S]`` mask. With a full causal mask it is the
+    last row's keys (every non-padded position up to the last query)."""
     if attention_mask is None:
         return None
-    last = attention_mask[:, 0, -1, :]  # [B, L] (broadcast over heads)
-    return last if last.dtype == torch.bool else last == 0  # an additive float mask is 0 where attended
+    rows = attention_mask[:, 0]  # [B, Sq, L] (broadcast over heads)
+    queries, keys = rows.shape[-2:]
+    own = _attends(rows.diagonal(offset=keys - queries, dim1=-2, dim2=-1))  # [B, Sq]: query i at keys - Sq + i
+    attended = _attends(rows[:, 0]) | _attends(rows[:, -1])
+    return torch.cat([attended[:, : keys - queries], attended[:, keys - queries :] | own], dim=-1)
+
+
+def _attends(mask: torch.Tensor) -> torch.Tensor:
+    """A slice of a boolean mask as is; of an additive float mask, where it is 0."""
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def kv_start_from_mask(attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """First attended position of each row, int32 ``[batch]`` on ``device``, from the last query row of the mask."""
+    """First position some query row attends (``attended_positions``), int32 ``[batch]`` on ``device``."""
     attended = attended_positions(attention_mask)
     if attended is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)

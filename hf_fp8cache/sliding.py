@@ -1,15 +1,20 @@
 """FP8SlidingWindowLayer: the dynamic FP8 layer of sliding-window and chunked attention layers (Mistral, Gemma 2/3,
 GPT-OSS, Cohere 2, Llama 4's chunked layers), with the semantics of transformers' ``DynamicSlidingWindowLayer``.
 
-It keeps only the last ``sliding_window - 1`` tokens as FP8 (the window a next token can see besides itself): memory
-is bounded by the window, not by the sequence. ``update`` returns the kept tokens plus the new ones (what
-``get_mask_sizes`` announces to the mask), dequantized; ``get_seq_length`` counts every token seen. The first
-prefill returns its exact K/V (``exact_prefill``) and stores only its last ``sliding_window - 1`` tokens.
+It keeps the last ``sliding_window - 1`` tokens as FP8 (the window a next token can see besides itself), plus the
+tokens of the last update until the next one (its attention may still read them): memory is bounded by the window,
+not by the sequence. ``update`` returns the kept tokens plus the new ones (what ``get_mask_sizes`` announces to the
+mask); ``get_seq_length`` counts every token seen. The first prefill returns its exact K/V (``exact_prefill``) and
+stores only its last ``sliding_window - 1`` tokens.
 
-Read path: always the dequantized window, whatever the attention implementation -- the decode kernel reads no
-window yet, so ``attn_implementation="hf_fp8cache"`` runs SDPA over it with the model's sliding mask. Hence
-on-the-fly scales here cannot leave padding out (see ``cache_base``). The exact recent window (``residual_length``)
-is refused on these layers: the window itself is short.
+Read paths, as ``FP8CacheLayer``'s: with ``attn_implementation="hf_fp8cache"``, ``update`` returns fp8 views and
+``attention_inputs`` hands the decode kernel the buffers with the window (``FP8AttentionInputs.sliding_window``): a
+query at buffer position p sees keys p - W < n <= p, the mask's rule in the buffers' positions, and the kernel reads
+only the window's key blocks. Chunks longer than the kernel takes, and other attention implementations, get the
+dequantized tokens the mask covers. On-the-fly scales wait for the padding mask as on full layers (``cache_base``),
+over the whole first prompt, of which only the tail is stored. Chunked layers (Llama 4: same-chunk masks, which the
+kernel does not compute) always hand over dequantized tokens. The exact recent window (``residual_length``) is
+refused on these layers: the window itself is short.
 
 Crop follows transformers: within the window like a full layer; past it only after ``activate_past_recording()``
 (assisted decoding does that), which keeps every token until the next ``crop`` trims back to the window.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .cache_layer import FP8CacheLayer
+from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs
 
 __all__ = ["FP8SlidingWindowLayer"]
 
@@ -41,13 +47,16 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         self.sliding_window = sliding_window
         self.cumulative_length = 0  # every token seen; ``length`` counts the kept ones
         self.record_past = False
+        self.chunked = _is_chunked(self._attention_config, self.layer_idx)
+        self._served = 0  # the last tokens of the buffers that the last update returned (what the mask covers)
+        self._skip_on_write = 0  # leading tokens of the next write that set scales but are not stored
 
     def activate_past_recording(self) -> None:
         """Keep every token until the next ``crop`` (transformers' rule for rolling back past the window)."""
         self.record_past = True
 
     def _serves_fp8_attention(self) -> bool:
-        return False  # the decode kernel has no window yet: always hand over the dequantized window
+        return not self.chunked and super()._serves_fp8_attention()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -57,22 +66,53 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         new_tokens = key_states.shape[2]
         kept = self.sliding_window - 1
         if first_prefill and self.exact_prefill and not self.record_past and new_tokens > kept:
-            # only the last ``kept`` tokens are ever read again; the scales still come from the whole prompt
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            self._warn_padding_counts(key_states)
-            self._set_onthefly_scales_from(key_states, value_states, None)
-            tail = slice(new_tokens - kept, new_tokens)
-            super().update(key_states[:, :, tail], value_states[:, :, tail])
-            self.cumulative_length = new_tokens
-            return key_states, value_states
+            return self._store_prompt_tail(key_states, value_states, kept)
+        self._finish_pending_write(None)  # (a prefill whose attention never came) before any bytes move
+        if not self.record_past:
+            self._keep_last(kept)  # drop what the last update's attention read beyond the window
+        # what get_mask_sizes announced, as transformers returns it (set first: the update may dequantize it)
+        self._served = min(self.length, kept) + new_tokens
         keys, values = super().update(key_states, value_states)
         self.cumulative_length += new_tokens
-        if self.record_past:
-            visible = kept + new_tokens  # what get_mask_sizes announces, as transformers returns it
-            return keys[:, :, -visible:], values[:, :, -visible:]
-        self._keep_last(kept)
-        return keys, values
+        if self._served == self.length or getattr(keys, LAYER_ATTRIBUTE, None) is not None:
+            return keys, values  # all of it, or the fp8 buffers our attention reads through attention_inputs
+        return keys[:, :, -self._served :], values[:, :, -self._served :]  # recording the past: more held than served
+
+    def _store_prompt_tail(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, kept: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A first prefill longer than the window: only its last ``kept`` tokens are ever read again and stored, the
+        on-the-fly scales come from the whole prompt (waiting for the padding mask, as on full layers); the prompt
+        attends over its exact K/V."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
+        self._reserve(kept, key_states)
+        self._skip_on_write = key_states.shape[2] - kept
+        waits = self._write_or_defer(key_states, value_states, 0)
+        self.length = self._served = kept
+        self.cumulative_length = key_states.shape[2]
+        return self._tagged(key_states, value_states) if waits else (key_states, value_states)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, valid) -> None:
+        """Set on-the-fly scales over the ``valid`` positions of the whole chunk, then quantize into the buffers at
+        ``start`` all of it but the leading tokens ``_store_prompt_tail`` leaves out."""
+        skip, self._skip_on_write = self._skip_on_write, 0
+        self._set_onthefly_scales_from(key_states, value_states, valid)
+        super()._write(key_states[:, :, skip:], value_states[:, :, skip:], start, None)
+
+    def attention_inputs(self, attention_mask: torch.Tensor | None) -> FP8AttentionInputs:
+        """``FP8CacheLayer.attention_inputs`` with the window; row starts, which the mask gives in the positions of
+        what ``update`` returned, moved to buffer positions (they differ while recording the past)."""
+        inputs = super().attention_inputs(attention_mask)
+        unserved = self.length - self._served  # buffer positions before what the mask covers
+        kv_start = inputs.kv_start + unserved if unserved > 0 else inputs.kv_start
+        return inputs._replace(kv_start=kv_start, sliding_window=self.sliding_window)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens the last ``update`` returned, dequantized (``FP8CacheLayer.dequantized``)."""
+        keys, values = super().dequantized()
+        return keys[:, :, -self._served :], values[:, :, -self._served :]
 
     def _keep_last(self, tokens: int) -> None:
         """Drop all but the last ``tokens`` kept tokens (their bytes move to the front of the buffers)."""
@@ -96,7 +136,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.cumulative_length = 0
+        self.cumulative_length = self._served = self._skip_on_write = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """As transformers' sliding layer: a full layer's crop within the window; past it, only after
@@ -119,3 +159,14 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         self.length -= removed
         self.cumulative_length -= removed
         self._keep_last(self.sliding_window - 1)
+
+
+def _is_chunked(config, layer_idx: int) -> bool:
+    """Whether the model's layer ``layer_idx`` is a chunked-attention one (by transformers' own reading of the config's
+    layer types); False without a config."""
+    if config is None:
+        return False
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return layer_idx < len(layer_types) and layer_types[layer_idx] == "chunked_attention"

@@ -48,7 +48,10 @@ def test_update_hands_fp8_to_our_attention_and_workspace_to_others(tiny_model):
     tiny_model.set_attn_implementation(ATTENTION_NAME)  # the cache follows the model's config live
     try:
         k, v = cache.update(x[:, :, :1], x[:, :, :1], 0)
-        assert k.dtype == torch.float8_e4m3fn and k.shape == (1, 2, 6, 16) and k.hf_fp8cache_layer is cache.layers[0]
+        layer = cache.layers[0]
+        assert k.dtype == torch.float8_e4m3fn and k.hf_fp8cache_layer is layer and layer.length == 6
+        # the whole buffer as fp8: the attention reads attention_inputs, not the shape
+        assert k.shape == (1, 2, layer.capacity, 16) and k.data_ptr() == layer.key_bytes.data_ptr()
     finally:
         tiny_model.set_attn_implementation("sdpa")
     no_config = FP8Cache()
@@ -101,11 +104,35 @@ def test_smollm2_fused_equals_dequantize_path(smollm2, torch_path):
     assert_equal(fused, reference)
 
 
-def test_attention_sinks_are_refused_not_dropped():
-    """GPT-OSS passes its learned sinks as s_aux; SDPA has no such input and used to ignore them silently."""
+@pytest.mark.parametrize("option", [{"s_aux": torch.zeros(2)}, {"softcap": 30.0}])
+def test_sinks_and_softcap_outside_the_kernel_are_never_dropped(option):
+    """Without fp8 views (no FP8 cache, a first prefill) sinks and softcaps go to the family's own eager attention
+    (SDPA has no sinks and refuses softcaps); a module without one is refused clearly, not computed without them."""
     from hf_fp8cache.attention import fp8_attention_forward
 
     q = k = v = torch.randn(1, 2, 3, 16)
     module = torch.nn.Module()
-    with pytest.raises(ValueError, match=r"does not support learned attention sinks \(s_aux, GPT-OSS\) yet"):
-        fp8_attention_forward(module, q, k, v, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"Module passes attention sinks or a softcap, which only its own eager"):
+        fp8_attention_forward(module, q, k, v, None, **option)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", ATTENTION_NAME])
+def test_a_dropped_cache_is_freed_at_once_not_by_the_garbage_collector(implementation):
+    """No reference cycle ties a cache's layers to the tensors they hand attention: a fresh FP8Cache per generate
+    call (the usual use) frees its buffers as soon as the caller drops it, not at Python's next full collection (a
+    cycle once kept every dropped cache's bytes, raising generate's peak memory above DynamicCache's)."""
+    import gc
+    import weakref
+
+    model = tiny_llama(seed=4)
+    model.set_attn_implementation(implementation)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    cache = FP8Cache(model.config)
+    model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **{cache_keyword(model): cache})
+    layer = weakref.ref(cache.layers[0])
+    gc.disable()
+    try:
+        del cache
+        assert layer() is None
+    finally:
+        gc.enable()

@@ -4,6 +4,7 @@ memory bounded by the window."""
 
 import pytest
 import torch
+from helpers import left_padded_prompts
 from oracle import fake_fp8_cache
 from transformers import (
     AutoModelForCausalLM,
@@ -16,7 +17,9 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from hf_fp8cache import FP8Cache, FP8StaticCache
+from hf_fp8cache import FP8Cache
+from hf_fp8cache import attention as fp8_attention
+from hf_fp8cache.cache_layer import FP8CacheLayer
 from hf_fp8cache.contract import ATTENTION_NAME
 from hf_fp8cache.integration import cache_keyword
 from hf_fp8cache.sliding import FP8SlidingWindowLayer
@@ -33,12 +36,16 @@ FAMILIES = {
         lambda: Gemma3TextConfig(num_hidden_layers=4, sliding_window=WINDOW, sliding_window_pattern=2, **SIZES),
         ("sdpa", ATTENTION_NAME),
     ),  # fmt: skip
-    "gemma2": (lambda: Gemma2Config(num_hidden_layers=2, sliding_window=WINDOW, **SIZES), ("eager",)),  # softcapping
+    # logit softcapping small enough to change the tiny model's logits; scaling from query_pre_attn_scalar (256)
+    "gemma2": (
+        lambda: Gemma2Config(num_hidden_layers=2, sliding_window=WINDOW, attn_logit_softcapping=0.5, **SIZES),
+        ("eager", ATTENTION_NAME),
+    ),
     "gpt-oss": (
         lambda: GptOssConfig(
             num_hidden_layers=2, sliding_window=WINDOW, num_local_experts=2, num_experts_per_tok=1, **SIZES
         ),
-        ("eager",),
+        ("eager", ATTENTION_NAME),
     ),  # learned sinks  # fmt: skip
 }
 CASES = [(family, attention) for family, (_, attentions) in FAMILIES.items() for attention in attentions]
@@ -50,11 +57,8 @@ def _model(family: str, attention: str):
 
 
 def _prompts(batch=3, length=11):
-    ids = torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    """Left-padded prompts, row r padded by 2r tokens."""
+    return left_padded_prompts(batch, length, pads=lambda row: 2 * row, seed=1)
 
 
 def _generate(model, cache, **kwargs):
@@ -75,6 +79,57 @@ def test_generate_past_the_window_equals_the_oracle(family, attention, torch_pat
     sliding = [layer for layer in cache.layers if layer.is_sliding]
     assert sliding and all(isinstance(layer, FP8SlidingWindowLayer) for layer in sliding)
     assert all(layer.sliding_window == WINDOW for layer in sliding)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp8_attention_reads_the_fp8_window_with_the_kernel(family, torch_path, monkeypatch):
+    """With attn_implementation="hf_fp8cache" every decode step of every layer runs the decode kernel on the fp8
+    bytes (with the sliding layers' window, GPT-OSS's sinks, Gemma 2's softcap and Gemma's scaling): nothing is
+    dequantized."""
+    model = _model(family, ATTENTION_NAME)
+    calls = []
+
+    def no_dequantize(self):
+        raise AssertionError(f"layer {self.layer_idx} dequantized")
+
+    def decode(query, inputs, scale, sinks, softcap):
+        calls.append((inputs.sliding_window, sinks is not None, softcap, scale))
+        return kernel(query, inputs, scale, sinks, softcap)
+
+    kernel = fp8_attention._decode
+    monkeypatch.setattr(FP8CacheLayer, "dequantized", no_dequantize)
+    monkeypatch.setattr(FP8SlidingWindowLayer, "dequantized", no_dequantize)
+    monkeypatch.setattr(fp8_attention, "_decode", decode)
+    _generate(model, FP8Cache(model.config))
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 11 * layers  # 12 new tokens: 11 decode steps after the prefill
+    windows = {window for window, *_ in calls}
+    assert WINDOW in windows and (windows == {WINDOW}) == (family == "mistral")  # the others also have full layers
+    assert all(has_sinks == (family == "gpt-oss") for _, has_sinks, _, _ in calls)
+    assert all(softcap == (0.5 if family == "gemma2" else None) for _, _, softcap, _ in calls)
+    expected_scale = 256**-0.5 if family.startswith("gemma") else 16**-0.5  # query_pre_attn_scalar for Gemma
+    assert all(scale == pytest.approx(expected_scale) for *_, scale in calls)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gpt-oss"])
+def test_speculative_and_long_chunks_past_the_window_equal_the_oracle(family, torch_path):
+    """Teacher-forced chunks after a padded prompt: several queries a row (the kernel's window per query row) and a
+    chunk longer than the kernel takes (the dequantized tokens the mask covers), against the oracle's logits."""
+    model = _model(family, ATTENTION_NAME)
+    ids, mask = _prompts()
+    chunks = torch.randint(3, 256, (3, 3 + 1 + 20 + 2), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for cache in (FP8Cache(model.config), fake_fp8_cache(model.config)):
+        seen, outputs = mask, []
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=seen, **{cache_keyword(model): cache})
+            for lo, hi in ((0, 3), (3, 4), (4, 24), (24, 26)):
+                seen = torch.cat([seen, torch.ones(3, hi - lo, dtype=mask.dtype)], 1)
+                out = model(input_ids=chunks[:, lo:hi], attention_mask=seen, **{cache_keyword(model): cache})
+                outputs.append(out.logits)
+        logits.append(torch.cat(outputs, 1))
+    # fp32 logits of magnitude ~0.7; measured max |difference| (torch twin vs SDPA / eager): mistral 1.8e-7, gpt-oss 0
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-5
 
 
 def test_layers_follow_the_config_as_in_transformers(torch_path):
@@ -115,8 +170,9 @@ def test_memory_is_bounded_by_the_window(torch_path):
             cache.update(x[:, :, :1], x[:, :, :1], layer)
     sliding, full = cache.layers[0], cache.layers[1]
     assert sliding.get_seq_length() == full.get_seq_length() == 70
-    assert sliding.length == WINDOW - 1 and full.length == 70  # kept tokens
-    assert sliding.nbytes == 2 * 2 * 2 * (WINDOW - 1) * 16 + 8 and sliding.capacity <= 256  # FP8 K+V + 2 scales
+    # kept: the window's W - 1 tokens plus the one the last update added (its attention may read it until the next)
+    assert sliding.length == WINDOW and full.length == 70
+    assert sliding.nbytes == 2 * 2 * 2 * WINDOW * 16 + 8 and sliding.capacity <= 256  # FP8 K+V + 2 scales
 
 
 def test_mask_sizes_lengths_and_returned_shapes_match_transformers(torch_path):
@@ -151,13 +207,10 @@ def test_crop_follows_transformers_rules(torch_path):
     assert recording.get_seq_length() == 9 and recording.length == WINDOW - 1
 
 
-def test_exact_recent_window_and_static_cache_refuse_sliding_layers_clearly():
+def test_exact_recent_window_is_refused_on_sliding_layers_clearly():
     config = FAMILIES["mistral"][0]()
     with pytest.raises(ValueError, match=r"residual_length is not supported on sliding-window layers \(window 6\)"):
         FP8Cache(config, residual_length=4)
-    with pytest.raises(NotImplementedError, match=r"\['sliding_attention'\] layers; this FP8 cache supports "
-                                                  r"full_attention layers for now"):  # fmt: skip
-        FP8StaticCache(config, max_cache_len=32)
 
 
 def _layer_settings():
