@@ -28,6 +28,9 @@ our attention, over its unpadded positions: the write waits for the attention ca
 Capacity: a prompt longer than ``max_cache_len`` raises at once; a decode step past it fails a device-side check
 (``torch._assert_async``, as transformers' StaticCache fails its index copy), and the kernel never writes outside
 the buffers. Size ``max_cache_len`` for prompt + new tokens.
+
+Sliding-window and chunked layers (Mistral, Gemma 2/3, GPT-OSS, Llama 4) are ``FP8StaticSlidingLayer`` rings of the
+window's size (``static_sliding.py``), built from the config's layer types as transformers' ``StaticCache`` does.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache_base import (
+    SLIDING_LAYER_TYPES,
     DequantWorkspace,
     FP8LayerBase,
     check_model_scales,
@@ -200,21 +204,8 @@ class FP8StaticLayer(FP8LayerBase):
         self._finish_pending_write(None)  # a prefill whose attention never came: write it over all positions
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
         new_tokens = key_states.shape[2]
-        if tuple(key_states.shape) != (*self._key_bytes.shape[:2], new_tokens, self._key_bytes.shape[3]) or (
-            value_states.shape != key_states.shape
-        ):
-            raise ValueError(
-                f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} / value_states "
-                f"{tuple(value_states.shape)} do not fit this static cache {tuple(self._key_bytes.shape)}; "
-                "a new batch shape needs a new cache"
-            )
-        for name, t in (("key_states", key_states), ("value_states", value_states)):
-            if (t.dtype, t.device) != (self.dtype, self.device):
-                raise ValueError(
-                    f"layer {self.layer_idx}: {name} is {t.dtype} on {t.device} but this static cache holds "
-                    f"{self.dtype} on {self.device}"
-                )
         if new_tokens > self.max_cache_len:
             raise ValueError(f"layer {self.layer_idx}: {new_tokens} tokens exceed max_cache_len={self.max_cache_len}")
         first_prefill = self._first_prefill and new_tokens > 0
@@ -232,6 +223,24 @@ class FP8StaticLayer(FP8LayerBase):
             if waits
             else (key_out, value_out)
         )
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Refuse K/V whose batch, heads, head size, dtype or device differ from the buffers'."""
+        new_tokens = key_states.shape[2]
+        if tuple(key_states.shape) != (*self._key_bytes.shape[:2], new_tokens, self._key_bytes.shape[3]) or (
+            value_states.shape != key_states.shape
+        ):
+            raise ValueError(
+                f"layer {self.layer_idx}: key_states {tuple(key_states.shape)} / value_states "
+                f"{tuple(value_states.shape)} do not fit this static cache {tuple(self._key_bytes.shape)}; "
+                "a new batch shape needs a new cache"
+            )
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if (t.dtype, t.device) != (self.dtype, self.device):
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} is {t.dtype} on {t.device} but this static cache holds "
+                    f"{self.dtype} on {self.device}"
+                )
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: torch.Tensor, valid) -> None:
         """Quantize K/V into the buffers at the device position ``start`` (on-the-fly scales first, over ``valid``)."""
@@ -308,8 +317,11 @@ class FP8StaticCache(Cache):
     argument after ``max_cache_len`` is keyword-only.
 
     Args:
-        config: the model's config; one layer per decoder layer (full attention only).
-        max_cache_len: tokens per sequence the buffers hold (prompt plus new tokens).
+        config: the model's config; one layer per decoder layer, built from the config's layer types as
+            transformers' ``StaticCache`` builds them: full attention ``FP8StaticLayer``, sliding-window and
+            chunked attention ``FP8StaticSlidingLayer`` (``static_sliding.py``, a ring of the window's size).
+        max_cache_len: tokens per sequence the full-attention buffers hold (prompt plus new tokens); sliding layers
+            hold ``min(sliding_window, max_cache_len)``.
         max_batch_size: the largest batch (times beams) it accepts; the buffers are made for the batch of the
             first update. None: no limit.
         kv_cache_dtype, calculate_kv_scales, strategy, scales: as for ``QuantizedFP8Cache``.
@@ -338,22 +350,25 @@ class FP8StaticCache(Cache):
         self._workspace = DequantWorkspace(static=True)
         self._row_starts = StaticRowStarts()  # before the layers: a deepcopy of the cache copies it first
         check_model_scales(config, scales)
-        layers = [
-            FP8StaticLayer(
-                max_cache_len,
-                self.format,
-                self.strategy,
-                scales=layer_scales(scales, i),
-                calculate_kv_scales=calculate_kv_scales,
-                workspace=self._workspace,
-                layer_idx=i,
-                attention_config=config,
-                max_batch_size=max_batch_size,
-                row_starts=self._row_starts,
-            )
-            for i, _ in enumerate(model_layer_types(config, supported=("full_attention",)))
-        ]
+        settings = dict(fmt=self.format, strategy=self.strategy, calculate_kv_scales=calculate_kv_scales,
+                        workspace=self._workspace, attention_config=config, max_batch_size=max_batch_size)  # fmt: skip
+        types = model_layer_types(config, supported=("full_attention", *SLIDING_LAYER_TYPES))
+        layers = [  # by type: transformers <= 5.22 gives every layer the window in one dict of arguments
+            self._new_layer(i, kwargs["sliding_window"] if kind in SLIDING_LAYER_TYPES else None,
+                            scales=layer_scales(scales, i), **settings)
+            for i, (kind, kwargs) in enumerate(types)
+        ]  # fmt: skip
+        # the layer whose length bounds the step (sliding layers take any number of tokens)
+        self._capacity_layer = next((i for i, layer in enumerate(layers) if not layer.is_sliding), None)
         super().__init__(layers=layers)
+
+    def _new_layer(self, layer_idx: int, sliding_window: int | None, **settings) -> FP8StaticLayer:
+        """Layer ``layer_idx``: full attention (sharing the cache's row starts) or a sliding-window ring."""
+        if sliding_window is None:
+            return FP8StaticLayer(self._max_cache_len, layer_idx=layer_idx, row_starts=self._row_starts, **settings)
+        from .static_sliding import FP8StaticSlidingLayer  # it imports this module
+
+        return FP8StaticSlidingLayer(self._max_cache_len, sliding_window, layer_idx=layer_idx, **settings)
 
     @classmethod
     def from_pretrained(
@@ -385,7 +400,7 @@ class FP8StaticCache(Cache):
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"layer {layer_idx} is outside this cache's {len(self.layers)} layers")
         layer = self.layers[layer_idx]
-        if layer_idx == 0 and layer.is_initialized:  # once per forward: every layer holds the same length
+        if layer_idx == self._capacity_layer and layer.is_initialized:  # once per forward: all full layers agree
             layer.check_capacity(key_states.shape[2])
         return layer.update(key_states, value_states)
 

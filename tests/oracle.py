@@ -14,8 +14,14 @@ mask marks as real tokens only (left padding excluded); 1.0 where the amax is 0.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
@@ -58,9 +64,9 @@ class FakeFP8Layer(DynamicLayer):
         return keys, values
 
 
-class FakeFP8SlidingLayer(DynamicSlidingWindowLayer):
-    """transformers' sliding-window layer holding fake-quantized K/V with unit scales: it keeps and returns what its
-    parent does, the stored values fake-quantized; the first update of an empty layer returns the exact K/V."""
+class UnitFakeFP8:
+    """Mixed into one of transformers' K/V layer classes: its K/V stored fake-quantized with unit scales; it keeps
+    and returns what that class does, except that the first update of an empty layer returns the exact K/V."""
 
     def update(self, key_states, value_states, *args, **kwargs):
         empty = self.get_seq_length() == 0
@@ -69,6 +75,10 @@ class FakeFP8SlidingLayer(DynamicSlidingWindowLayer):
         if empty:
             return key_states, value_states
         return keys, values
+
+
+class FakeFP8SlidingLayer(UnitFakeFP8, DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer holding fake-quantized K/V with unit scales (``UnitFakeFP8``)."""
 
 
 def fake_fp8_cache(config, exact_prefill: bool = True, onthefly_mask: torch.Tensor | None = None) -> DynamicCache:
@@ -80,4 +90,74 @@ def fake_fp8_cache(config, exact_prefill: bool = True, onthefly_mask: torch.Tens
         else FakeFP8Layer(exact_prefill, onthefly_mask)
         for layer in cache.layers
     ]  # fmt: skip
+    return cache
+
+
+def _exact_where_written(returned: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """What a static layer returns from its first update with that update's positions (its first S) made exact."""
+    returned = returned.clone()
+    returned[:, :, : exact.shape[2]] = exact
+    return returned
+
+
+class FakeFP8StaticLayer(StaticLayer):
+    """transformers' static full-attention layer holding fake-quantized K/V with unit scales; the first update of an
+    empty layer returns the exact K/V in the positions it wrote."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        empty = int(self.get_seq_length()) == 0
+        one = torch.ones(1)
+        keys, values = super().update(fake_fp8(key_states, one), fake_fp8(value_states, one))
+        if empty:
+            return _exact_where_written(keys, key_states), _exact_where_written(values, value_states)
+        return keys, values
+
+
+class FakeFP8StaticSlidingLayer(StaticSlidingWindowLayer):
+    """transformers' static sliding-window layer holding fake-quantized K/V with unit scales: it keeps, returns and
+    masks what its parent does; the first update of an empty layer returns the exact K/V in the positions it wrote
+    (the first S of what it returns: the buffer when the prompt fits the window, else the prompt itself)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        empty = self.get_seq_length() == 0
+        one = torch.ones(1)
+        keys, values = super().update(fake_fp8(key_states, one), fake_fp8(value_states, one))
+        if empty:
+            return _exact_where_written(keys, key_states), _exact_where_written(values, value_states)
+        return keys, values
+
+
+def fake_fp8_static_cache(config, max_cache_len: int) -> StaticCache:
+    """A ``StaticCache`` for ``config`` whose layers (as transformers built them from the config) are
+    ``FakeFP8StaticLayer`` and ``FakeFP8StaticSlidingLayer``."""
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    cache.layers = [
+        # a sliding layer keeps min(window, max_cache_len) tokens as its max_cache_len: that min again is itself
+        FakeFP8StaticSlidingLayer(max_cache_len=layer.max_cache_len, sliding_window=layer.max_cache_len)
+        if isinstance(layer, StaticSlidingWindowLayer)
+        else FakeFP8StaticLayer(max_cache_len=max_cache_len)
+        for layer in cache.layers
+    ]  # fmt: skip
+    return cache
+
+
+class FakeFP8HybridLayer(UnitFakeFP8, LinearAttentionAndFullAttentionLayer):
+    """transformers' hybrid layer (linear-attention / SSM states and full-attention K/V, e.g. Falcon-H1) whose K/V
+    are fake-quantized with unit scales (``UnitFakeFP8``); its states are transformers' own, untouched."""
+
+
+def fake_fp8_hybrid_cache(config) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` (unit scales, exact first prefill) in which only the layers holding K/V are
+    replaced: full attention by ``FakeFP8Layer``, sliding by ``FakeFP8SlidingLayer``, full-attention hybrids by
+    ``FakeFP8HybridLayer``. Linear-attention, conv, KV-shared and cache-less layers stay as transformers built them."""
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = FakeFP8Layer()
+        elif type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[i] = FakeFP8SlidingLayer(layer.sliding_window)
+        elif type(layer) is LinearAttentionAndFullAttentionLayer:
+            cache.layers[i] = FakeFP8HybridLayer(number_of_states=layer.number_of_states)
+        elif isinstance(layer, DynamicLayer):
+            raise NotImplementedError(f"the oracle has no fake-quantized twin of {type(layer).__name__}")
     return cache
