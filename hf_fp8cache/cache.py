@@ -2,30 +2,160 @@
 
 With a model config its layers follow the config's layer types as transformers' ``DynamicCache`` builds them:
 full-attention layers are ``FP8CacheLayer`` (``cache_layer.py``: storage, read paths, first prefill), sliding-window
-and chunked layers ``FP8SlidingWindowLayer`` (``sliding.py``). Without a config, full-attention layers are made as
-the model updates them.
+and chunked layers ``FP8SlidingWindowLayer`` (``sliding.py``). Layers that keep no K/V are transformers' own:
+linear-attention, SSM and conv states (``LinearAttentionLayer``: Qwen3-Next, Qwen3.5, Jamba, Granite 4, LFM2), layers
+sharing another layer's K/V or without a cache (``DummyLayer``, Gemma 3n / Gemma 4). Hybrid layers that hold both
+(Falcon-H1) are ``FP8HybridLayer``: transformers' linear-attention code for the states, an FP8 layer for K/V. Without
+a config, full-attention layers are made as the model updates them.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, LinearAttentionLayer
 
 from .cache_base import (
-    SLIDING_LAYER_TYPES,
+    HYBRID_LAYER_TYPES,
+    KV_LAYER_TYPES,
     DequantWorkspace,
     RowStarts,
     check_model_scales,
     checkpoint_scales,
+    decoder_layer_types,
+    kv_layer_indices,
     layer_scales,
     model_layer_types,
     resolve_cache_options,
+    shared_kv_layers,
+    state_layer_types,
+    with_state_layer_placeholders,
 )
 from .cache_layer import FP8CacheLayer
+from .formats import resolve_format
 from .scales import KVScales
 from .sliding import FP8SlidingWindowLayer
 
-__all__ = ["QuantizedFP8Cache", "FP8Cache"]
+__all__ = ["FP8HybridLayer", "QuantizedFP8Cache", "FP8Cache", "build_layers"]
+
+
+class FP8HybridLayer(LinearAttentionLayer, CacheLayerMixin):
+    """A layer holding linear-attention / SSM states and K/V (transformers' ``hybrid`` and ``hybrid_sliding``
+    types, e.g. Falcon-H1). The states are transformers' own ``LinearAttentionLayer`` code and fields, untouched; K/V
+    live in ``attention`` (an FP8 layer, or any cache layer), which attention reads as usual. Every operation does
+    what transformers' ``LinearAttentionAndFullAttentionLayer`` / ``...SlidingWindowAttentionLayer`` do: reset,
+    reorder and crop both parts; batch repeat / select and the maximum length as transformers' hybrid layers (K/V
+    only; -1)."""
+
+    is_compileable = False  # as transformers' dynamic hybrid layers
+
+    def __init__(self, attention: CacheLayerMixin, number_of_states: int = 1, **kwargs) -> None:
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+        self.attention = attention
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.attention.update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.attention.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.attention.get_mask_sizes(query_length)
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.attention.is_sliding
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.attention.is_initialized
+
+    @property
+    def is_croppable(self) -> bool:
+        return LinearAttentionLayer.is_croppable.fget(self) and self.attention.is_croppable
+
+    @property
+    def keys(self):
+        return self.attention.keys
+
+    @property
+    def values(self):
+        return self.attention.values
+
+    @property
+    def nbytes(self) -> int:
+        return self.attention.nbytes
+
+    @property
+    def allocated_nbytes(self) -> int:
+        return self.attention.allocated_nbytes
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        self.attention.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        self.attention.reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        LinearAttentionLayer.crop(self, tokens_to_remove)
+        self.attention.crop(tokens_to_remove)
+
+    def activate_past_recording(self) -> None:
+        LinearAttentionLayer.activate_past_recording(self)
+        if hasattr(self.attention, "activate_past_recording"):
+            self.attention.activate_past_recording()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.attention.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices) -> None:
+        self.attention.batch_select_indices(indices)
+
+    def offload(self) -> None:
+        self.attention.offload()
+
+    def prefetch(self) -> None:
+        self.attention.prefetch()
+
+
+def build_layers(config, kv_layer) -> list:
+    """One cache layer per decoder layer of ``config``, as transformers' ``DynamicCache`` builds them, with K/V in
+    ``kv_layer(layer_idx, layer_type, sliding_window)`` (``layer_type``: ``"full_attention"`` or a sliding type):
+
+    - full, sliding and chunked attention: ``kv_layer``;
+    - hybrid (states and K/V): ``FP8HybridLayer`` around ``kv_layer``;
+    - linear attention, conv, KV-shared and cache-less layers: transformers' own class for that type.
+
+    Other types (e.g. the indexed sparse attention of DeepSeek V3.2) are refused, naming them."""
+    states = state_layer_types()
+    layers = []
+    for i, (layer_type, kwargs) in enumerate(model_layer_types(config, supported=(*KV_LAYER_TYPES, *states))):
+        if layer_type in states:
+            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        elif layer_type in HYBRID_LAYER_TYPES:
+            attention = kv_layer(i, HYBRID_LAYER_TYPES[layer_type], kwargs.get("sliding_window"))
+            layers.append(FP8HybridLayer(attention, **kwargs))
+        else:
+            layers.append(kv_layer(i, layer_type, kwargs.get("sliding_window")))
+    return layers
+
+
+def _has_state_layers(config) -> bool:
+    """Whether some decoder layer of ``config`` holds no K/V of its own (linear attention, SSM, conv, KV sharing)."""
+    return len(kv_layer_indices(config)) < config.get_text_config(decoder=True).num_hidden_layers
+
+
+def _kv_layer_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing: str, **options):
+    """``cache_base.checkpoint_scales`` for a model with layers that hold no K/V: the checkpoint needs scales on its
+    K/V layers only (matched by layer index); the others get 1.0, never read."""
+    from .checkpoint import read_checkpoint_scales, to_kv_scales
+
+    fmt = resolve_format(kv_cache_dtype)
+    found = read_checkpoint_scales(name_or_path, **options)
+    found = with_state_layer_placeholders(found, decoder_layer_types(config))
+    scales = to_kv_scales(found, missing=missing)
+    return fmt, scales.scaled(2.0) if fmt.name == "e4m3fnuz" else scales  # as checkpoint_scales: vLLM's ROCm rule
 
 
 class QuantizedFP8Cache(Cache):
@@ -33,9 +163,10 @@ class QuantizedFP8Cache(Cache):
     keyword-only.
 
     Args:
-        config: the model's config (optional). With it, layers are created up front, unsupported layer types
-            (sliding window, chunked, linear attention) are refused, and ``scales`` are checked against the model.
-            Without it, layers are created on first use.
+        config: the model's config (optional). With it, layers are created up front as transformers builds them
+            (``build_layers``: FP8 for every layer holding K/V, transformers' own for states and shared K/V), and
+            ``scales`` are checked against the model (one pair per layer index; only K/V layers read theirs).
+            Without it, full-attention layers are created on first use.
         kv_cache_dtype: ``"fp8"`` / ``"fp8_e4m3"`` (e4m3fn, default), ``"fp8_e5m2"``, or see ``formats.py``.
         calculate_kv_scales: compute scales from each layer's first prefill (``scales.onthefly_scale``).
         strategy: ``"tensor"`` or ``"attn_head"`` (per KV head). Defaults to the scales' own, else ``"tensor"``.
@@ -69,11 +200,12 @@ class QuantizedFP8Cache(Cache):
         self._workspace = DequantWorkspace()
         self._row_starts = RowStarts()
         self._attention_config = config
+        self._shared_kv_layers = set() if config is None else shared_kv_layers(config)
+        self._shared_kv_workspaces: list[DequantWorkspace] = []
         layers = []
         if config is not None:
             check_model_scales(config, scales)
-            types = model_layer_types(config, supported=("full_attention", *SLIDING_LAYER_TYPES))
-            layers = [self._new_layer(i, kwargs.get("sliding_window")) for i, (_, kwargs) in enumerate(types)]
+            layers = build_layers(config, lambda i, layer_type, window: self._new_layer(i, window))
         super().__init__(layers=layers)
 
     @classmethod
@@ -100,15 +232,24 @@ class QuantizedFP8Cache(Cache):
             missing, revision, token, cache_dir, local_files_only: as for ``checkpoint.load_kv_scales``.
             kwargs: the other constructor arguments (``exact_prefill``, ``residual_length``).
         """
-        fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, missing=missing, revision=revision, token=token,
-                                        cache_dir=cache_dir, local_files_only=local_files_only)  # fmt: skip
+        options = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        if config is not None and _has_state_layers(config):
+            fmt, scales = _kv_layer_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing, **options)
+        else:
+            fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, missing=missing, **options)
         return cls(config=config, kv_cache_dtype=fmt, scales=scales, **kwargs)
 
     def _new_layer(self, layer_idx: int, sliding_window: int | None = None) -> FP8CacheLayer:
-        """Layer ``layer_idx``: a full-attention layer, or a sliding-window one (sliding and chunked layers)."""
+        """Layer ``layer_idx``: a full-attention layer, or a sliding-window one (sliding and chunked layers). A layer
+        whose K/V later layers read too (KV sharing) dequantizes into a workspace of its own: the shared one is
+        overwritten by the next layer's update before those layers read it."""
+        workspace = self._workspace
+        if layer_idx in self._shared_kv_layers:
+            workspace = DequantWorkspace()
+            self._shared_kv_workspaces.append(workspace)
         settings = dict(fmt=self.format, strategy=self.strategy, scales=layer_scales(self.scales, layer_idx),
                         calculate_kv_scales=self.calculate_kv_scales, exact_prefill=self.exact_prefill,
-                        workspace=self._workspace, layer_idx=layer_idx, attention_config=self._attention_config,
+                        workspace=workspace, layer_idx=layer_idx, attention_config=self._attention_config,
                         residual_length=self.residual_length, row_starts=self._row_starts)  # fmt: skip
         if sliding_window is None:
             return FP8CacheLayer(**settings)
@@ -122,19 +263,26 @@ class QuantizedFP8Cache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
     @property
+    def kv_layers(self) -> list:
+        """The layers holding FP8 K/V (hybrid layers included); the others keep transformers' states or nothing."""
+        return [layer for layer in self.layers if isinstance(layer, (FP8CacheLayer, FP8HybridLayer))]
+
+    @property
     def nbytes(self) -> int:
-        """Bytes holding cached tokens in every layer (FP8 K and V, the exact recent windows, scales)."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes holding cached tokens in every K/V layer (FP8 K and V, the exact recent windows, scales); the
+        linear-attention / SSM states transformers keeps are not counted."""
+        return sum(layer.nbytes for layer in self.kv_layers)
 
     @property
     def allocated_nbytes(self) -> int:
         """Bytes of all FP8 buffers including spare capacity, plus the exact recent windows and scales."""
-        return sum(layer.allocated_nbytes for layer in self.layers)
+        return sum(layer.allocated_nbytes for layer in self.kv_layers)
 
     @property
     def workspace_nbytes(self) -> int:
-        """Bytes of the shared dequantization workspace (one layer's K/V in the model dtype)."""
-        return self._workspace.nbytes
+        """Bytes of the dequantization workspaces (one layer's K/V in the model dtype; plus one per layer whose K/V
+        other layers share)."""
+        return self._workspace.nbytes + sum(workspace.nbytes for workspace in self._shared_kv_workspaces)
 
     def __repr__(self) -> str:
         return (

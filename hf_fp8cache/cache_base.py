@@ -215,18 +215,38 @@ class FP8LayerBase(CacheLayerMixin):
 
 
 SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")  # transformers keeps both in a sliding layer
+# transformers' layers holding linear-attention / SSM states and K/V together -> the attention type of their K/V
+HYBRID_LAYER_TYPES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
+# the layer types that hold their own K/V: the FP8 bytes of a cache (all other types keep states or nothing)
+KV_LAYER_TYPES = ("full_attention", *SLIDING_LAYER_TYPES, *HYBRID_LAYER_TYPES)
+# which layer types take each constructor argument (transformers <= 5.22 gives one dict for every layer)
+_LAYER_ARGUMENT_TYPES = {
+    "sliding_window": (*SLIDING_LAYER_TYPES, "hybrid_sliding"),
+    "number_of_states": ("conv", "linear_attention", "hybrid", "hybrid_sliding"),
+}
+
+
+def state_layer_types() -> tuple[str, ...]:
+    """The layer types transformers' ``DynamicCache`` builds with a class that keeps no K/V: linear attention and
+    conv states (``LinearAttentionLayer``), layers without a cache or sharing another's K/V (``DummyLayer``, 5.23+;
+    ``moe`` / ``mlp`` before). The FP8 cache builds these with transformers' own classes."""
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin
+
+    return tuple(t for t, cls in DYNAMIC_LAYER_TYPE_MAPPING.items() if not issubclass(cls, CacheLayerMixin))
 
 
 def model_layer_types(config, *, supported: tuple[str, ...]) -> list[tuple[str, dict]]:
     """(layer type, its cache layer's keyword arguments) for every decoder layer, exactly as transformers' own
     caches build them (``cache_utils.get_layer_types_and_kwargs``: ``layer_types``, or ``sliding_window`` /
-    ``attention_chunk_size`` when absent; chunked layers get the chunk size as their window). Types outside
-    ``supported`` are refused, naming them."""
+    ``attention_chunk_size`` when absent; chunked layers get the chunk size as their window). Each layer gets only
+    the arguments of its type (transformers <= 5.22 gives every layer one dict: a full layer of a model with sliding
+    layers would see a window). Types outside ``supported`` are refused, naming them."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text_config = config.get_text_config(decoder=True)
     layer_types, kwargs = get_layer_types_and_kwargs(text_config)
-    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(layer_types)  # one dict for all before 5.23
+    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(layer_types)
+    per_layer = [_arguments_of(layer_type, arguments) for layer_type, arguments in zip(layer_types, per_layer)]
     unsupported = sorted(set(layer_types) - set(supported))
     if unsupported:
         raise NotImplementedError(
@@ -234,6 +254,62 @@ def model_layer_types(config, *, supported: tuple[str, ...]) -> list[tuple[str, 
             f"{', '.join(supported)} layers for now"
         )
     return list(zip(layer_types, per_layer))
+
+
+def _arguments_of(layer_type: str, arguments: dict) -> dict:
+    """The constructor arguments in ``arguments`` that a layer of ``layer_type`` takes."""
+    takes = lambda name: layer_type in _LAYER_ARGUMENT_TYPES.get(name, (layer_type,))
+    return {name: value for name, value in arguments.items() if takes(name)}
+
+
+def decoder_layer_types(config) -> list[str]:
+    """Each decoder layer's cache layer type as transformers builds it (``cache_utils.get_layer_types_and_kwargs``),
+    one per ``num_hidden_layers``: layers sharing another's K/V are ``"dummy"`` (5.23+; before, transformers leaves
+    them out at the end)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_config = config.get_text_config(decoder=True)
+    layer_types, _ = get_layer_types_and_kwargs(text_config)
+    return list(layer_types) + ["dummy"] * (text_config.num_hidden_layers - len(layer_types))
+
+
+def kv_layer_indices(config) -> list[int]:
+    """Indices of the decoder layers that keep their own K/V (full, sliding, chunked, hybrid): the layers that have
+    KV scales. Layers of linear attention, SSM or conv states, layers sharing another's K/V and layers without a
+    cache have none."""
+    return [i for i, layer_type in enumerate(decoder_layer_types(config)) if layer_type in KV_LAYER_TYPES]
+
+
+def shared_kv_layers(config) -> set[int]:
+    """Indices of the layers whose K/V later layers read too (KV sharing, Gemma 3n / Gemma 4): what their ``update``
+    returns must outlive the next layer's update. transformers 5.23+ marks them ``"store"`` in ``kv_sharing_modes``;
+    before, they are the last layer of each type before the ``num_kv_shared_layers`` consumers (the models' rule)."""
+    text_config = config.get_text_config(decoder=True)
+    modes = getattr(text_config, "kv_sharing_modes", None)
+    if modes is not None:
+        return {i for i, mode in enumerate(modes) if mode == "store"}
+    shared = getattr(text_config, "num_kv_shared_layers", 0) or 0
+    layer_types = getattr(text_config, "layer_types", None)
+    if shared <= 0 or layer_types is None:
+        return set()
+    first_consumer = text_config.num_hidden_layers - shared
+    producers = {layer_type: i for i, layer_type in enumerate(layer_types[:first_consumer])}  # the last of each type
+    return set(producers.values())
+
+
+def with_state_layer_placeholders(found, layer_types: list[str]):
+    """A checkpoint's scales (``checkpoint.CheckpointScales``) with 1.0 at the decoder layers whose type
+    (``layer_types``, from ``decoder_layer_types``) holds no K/V (linear attention, SSM, conv, KV sharing): a hybrid
+    model's checkpoint has scales on its attention layers only (llm-compressor's and vLLM's layout) and still loads
+    by layer index. Those placeholders are never read."""
+    import dataclasses
+
+    tensors = {kind: dict(per_layer) for kind, per_layer in found.tensors.items()}
+    for kind in ("k", "v"):
+        for i, layer_type in enumerate(layer_types):
+            if layer_type not in KV_LAYER_TYPES:
+                tensors.setdefault(kind, {}).setdefault(i, (f"layers.{i} (no K/V)", torch.ones(1)))
+    return dataclasses.replace(found, tensors=tensors, num_layers=len(layer_types))
 
 
 def resolve_cache_options(
@@ -257,7 +333,9 @@ def resolve_cache_options(
 
 
 def check_model_scales(config, scales: KVScales | None) -> None:
-    """Refuse scales that do not fit the model's layers and KV heads."""
+    """Refuse scales that do not fit the model's layers and KV heads. Scales are indexed by decoder layer, as in
+    checkpoints: a model whose layers are not all attention (linear attention, SSM, conv, KV sharing) has one for every
+    layer index, and only those of ``kv_layer_indices`` are read."""
     if scales is not None:
         text_config = config.get_text_config(decoder=True)
         scales.check_model(text_config.num_hidden_layers, text_config.num_key_value_heads)

@@ -197,15 +197,32 @@ def _describe(tensor: torch.Tensor | None, low: float = SMALLEST_SCALE, high: fl
 
 
 def _check_inspect(args):
-    """The checkpoint exists and its files read: what ``_inspect`` shows."""
+    """The checkpoint exists and its files read: what ``_inspect`` shows, with the model's layer types when its
+    config.json names a model transformers knows (None otherwise, e.g. a scales-only directory)."""
     from .checkpoint import read_checkpoint_scales
 
-    return read_checkpoint_scales(args.checkpoint, revision=args.revision)
+    return read_checkpoint_scales(args.checkpoint, revision=args.revision), _layer_types(args)
 
 
-def _inspect(args, found) -> int:
+def _layer_types(args) -> list[str] | None:
+    """Each decoder layer's cache type as transformers builds it (``"linear_attention"``, ``"full_attention"``, ...;
+    shared and cache-less layers ``"dummy"``), or None when the checkpoint's config is no model transformers knows."""
+    from transformers import AutoConfig
+
+    from .cache_base import decoder_layer_types
+
+    try:
+        config = AutoConfig.from_pretrained(args.checkpoint, revision=args.revision)
+    except (OSError, ValueError, KeyError):
+        return None
+    return decoder_layer_types(config)
+
+
+def _inspect(args, checked) -> int:
+    from .cache_base import KV_LAYER_TYPES, with_state_layer_placeholders
     from .checkpoint import SANE_Q_SCALE, to_kv_scales
 
+    found, layer_types = checked
     layers = found.num_layers or 1 + max(i for kind in found.tensors.values() for i in kind)
     print(f"{found.source}: {found.producer}, strategy {found.strategy}, {layers} layers, "
           f"{found.num_kv_heads} KV heads")  # fmt: skip
@@ -216,9 +233,12 @@ def _inspect(args, found) -> int:
             _describe(found.tensors[kind].get(i, (None, None))[1], *(SANE_Q_SCALE if kind == "q" else ()))
             for kind in shown
         ]
+        if layer_types is not None and layer_types[i] not in KV_LAYER_TYPES and all(c == "missing" for c in cells):
+            cells = [f"none: {layer_types[i]} layer"] * len(shown)  # no K/V there, so no scales expected
         print(f"{i:>5}  " + "  ".join(f"{c:<24}" for c in cells))
     try:
-        scales = to_kv_scales(found)
+        # as FP8Cache.from_pretrained loads it for that model: layers without K/V need no scales
+        scales = to_kv_scales(found if layer_types is None else with_state_layer_placeholders(found, layer_types))
     except ValueError as error:
         print(f"NOT USABLE: {error}")
         return 1

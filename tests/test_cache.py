@@ -318,11 +318,12 @@ def test_dtype_and_shape_changes_between_updates_are_errors():
 
 
 def test_layer_types_without_an_fp8_layer_are_refused_naming_them():
-    """Sliding layers are built (test_sliding.py); linear-attention layers are not yet."""
+    """Sliding layers are built (test_sliding.py), linear-attention ones too (test_hybrid.py); indexed sparse
+    attention (DeepSeek V3.2) is not."""
     assert FP8Cache(MistralConfig(num_hidden_layers=2, sliding_window=64)).layers[0].is_sliding
     config = LlamaConfig(num_hidden_layers=2)
-    config.layer_types = ["full_attention", "linear_attention"]
-    refusal = r"LlamaConfig has \['linear_attention'\] layers; this FP8 cache supports full_attention, sliding_att"
+    config.layer_types = ["full_attention", "indexed_attention"]
+    refusal = r"LlamaConfig has \['indexed_attention'\] layers; this FP8 cache supports full_attention, sliding_att"
     with pytest.raises(NotImplementedError, match=refusal):
         FP8Cache(config)
 
