@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .formats import FP8Format, resolve_format
 from .scales import KVScales, check_strategy
+from .sharding import gather_observation
 
 __all__ = ["DATASET_SUFFIXES", "OBSERVERS", "Observation", "Observer", "calibrate", "observe"]
 
@@ -101,9 +102,15 @@ class _ObservingLayer(CacheLayerMixin):
 
 
 class _ObservingCache(Cache):
-    def __init__(self, session: Observation) -> None:
+    """Observing layers where the model keeps K/V; with ``config``, every other layer as transformers builds it
+    (linear-attention / SSM states, KV sharing: ``cache.build_layers``), so hybrid models run as usual."""
+
+    def __init__(self, session: Observation, config=None) -> None:
+        from .cache import build_layers
+
         self.session = session
-        super().__init__(layers=[])
+        layers = [] if config is None else build_layers(config, lambda i, _type, _window: _ObservingLayer(session, i))
+        super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -118,6 +125,8 @@ class Observation:
         self.seed = seed
         self.observers: dict[tuple[str, int], Observer] = {}
         self.valid: torch.Tensor | None = None  # [B, S] bool, True for real tokens
+        # (decoder layers, those holding K/V) of the model observed; None: every observed layer holds K/V
+        self.model_layers: tuple[int, list[int]] | None = None
 
     def observe(self, kind: str, layer_idx: int, states: torch.Tensor) -> None:
         rows = states.transpose(1, 2)  # [B, S, H, D]
@@ -136,11 +145,21 @@ class Observation:
         layers = sorted({layer for kind, layer in self.observers if kind == "k"})
         if not layers:
             raise ValueError("no attention layer wrote to the cache during calibration; is this a decoder model?")
-        if layers != list(range(len(layers))):
-            raise ValueError(f"observed layers {layers} are not 0..{len(layers) - 1}")
-        scale = lambda kind, i: self.observers[(kind, i)].scale(fmt, strategy, observer)
-        queries = [scale("q", i) if ("q", i) in self.observers else None for i in layers] if query else None
-        return KVScales([scale("k", i) for i in layers], [scale("v", i) for i in layers], strategy, query=queries)
+        count, expected = self.model_layers or (len(layers), list(range(len(layers))))
+        if layers != expected:
+            raise ValueError(f"observed layers {layers} are not the model's K/V layers {expected}")
+        width = 1 if strategy == "tensor" else self.observers[("k", layers[0])].amax.numel()  # type: ignore[union-attr]
+
+        def scale(kind: str, i: int) -> torch.Tensor:
+            """Indexed by decoder layer, as checkpoints are: a layer without K/V (linear attention, SSM) gets 1.0,
+            never read."""
+            if i not in layers:
+                return torch.ones(width)
+            return self.observers[(kind, i)].scale(fmt, strategy, observer)
+
+        queries = [scale("q", i) if ("q", i) in self.observers else None for i in range(count)] if query else None
+        return KVScales([scale("k", i) for i in range(count)], [scale("v", i) for i in range(count)], strategy,
+                        query=queries)  # fmt: skip
 
 
 _OBSERVE_ATTENTION = "hf_fp8cache_calibration"
@@ -194,6 +213,13 @@ def _texts(dataset, tokenizer, split: str | None, text_column: str | None, num_s
     return [row[text_column] for row in dataset]
 
 
+def _model_layers(config) -> tuple[int, list[int]]:
+    """The model's decoder layer count and the indices of its layers holding K/V (``cache_base.kv_layer_indices``)."""
+    from .cache_base import kv_layer_indices
+
+    return config.get_text_config(decoder=True).num_hidden_layers, kv_layer_indices(config)
+
+
 @torch.no_grad()
 def observe(
     model,
@@ -232,6 +258,7 @@ def observe(
         raise ValueError(f"all {len(texts)} calibration samples are shorter than 2 tokens")
     samples.sort(key=len, reverse=True)
     observation = Observation(seed)
+    observation.model_layers = _model_layers(model.config)
     keyword = cache_keyword(model)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -254,7 +281,7 @@ def observe(
                 valid[row, : len(sample)] = True
             observation.valid = valid
             model(input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=True,
-                  **{keyword: _ObservingCache(observation)})  # fmt: skip
+                  **{keyword: _ObservingCache(observation, model.config)})  # fmt: skip
     finally:
         if include_query:
             model.set_attn_implementation(original_attention)
@@ -309,4 +336,5 @@ def calibrate(
     observation = observe(model, tokenizer, dataset, num_samples=num_samples, max_seq_len=max_seq_len,
                           batch_size=batch_size, include_query=include_query, split=split, text_column=text_column,
                           seed=seed, progress=progress)  # fmt: skip
+    gather_observation(observation, model.config)  # tensor parallelism: every head's statistics (sharding.py)
     return observation.scales(fmt, strategy, observer=observer, query=include_query)
