@@ -153,3 +153,58 @@ def test_bad_settings_are_refused_by_name_before_building_a_model(kwargs, match,
     monkeypatch.setattr(generate, "build_model", lambda *args: pytest.fail("built a model for bad settings"))
     with pytest.raises(ValueError, match=match):
         run_generate_benchmark(**{"device": "cpu", "out_dir": tmp_path, **kwargs})
+
+
+# GPT-OSS- and Gemma-3-shaped tiny models (one sliding layer of window 8, one full layer; 2 KV heads of d=16), run
+# with the configurations the GPU run of issue 15 measures
+FAMILY_CONFIGS = ["dynamic", "fp8+attn", "fp8-static+attn"]
+WINDOW, FAMILY_L, FAMILY_N = 8, 20, 4
+TOKEN_BYTES = 2 * B * KV_HEADS * HEAD_DIM  # K and V of one token in one layer, one byte an element
+
+
+@pytest.fixture(scope="module", params=["tiny-gpt-oss", "tiny-gemma-3"])
+def family_run(request, tmp_path_factory):
+    printed = io.StringIO()
+    with quick_cpu(), contextlib.redirect_stdout(printed):
+        rows = run_generate_benchmark(cases=((B, FAMILY_L),), model_shape=request.param, new_tokens=FAMILY_N,
+                                      device="cpu", dtype=torch.bfloat16, configs=FAMILY_CONFIGS,
+                                      out_dir=tmp_path_factory.mktemp(request.param))  # fmt: skip
+    return request.param, {row["config"]: row for row in rows}
+
+
+def test_family_shapes_run_every_measured_configuration(family_run):
+    shape, by = family_run
+    assert list(by) == FAMILY_CONFIGS
+    for row in by.values():
+        assert row["status"] == "ok", row
+        assert row["ms_per_token"] > 0 and row["model_shape"] == shape
+    baseline = "eager (no SDPA: attention sinks)" if shape == "tiny-gpt-oss" else "SDPA"
+    assert by["dynamic"]["description"] == f"DynamicCache + {baseline}"
+
+
+def test_family_shapes_kv_bytes_half_and_sliding_layers_bounded(family_run):
+    _, by = family_run
+    tokens = FAMILY_L + FAMILY_N
+    # bf16: the full layer holds every token, the sliding one its window less one (transformers' sliding layer)
+    assert by["dynamic"]["kv_bytes"] == 2 * TOKEN_BYTES * (tokens + WINDOW - 1)
+    for name in ("fp8+attn", "fp8-static+attn"):
+        assert by[name]["kv_bytes_vs_dynamic"] == pytest.approx(0.5, abs=0.05)  # + the scales
+    # the sliding layer is bounded by its window, not the sequence: far below two full layers' bytes
+    assert by["fp8+attn"]["kv_bytes"] <= 1.05 * TOKEN_BYTES * (tokens + WINDOW)
+    static = TOKEN_BYTES * (tokens + 1 + WINDOW)  # max_cache_len = L + N + 1 tokens; the ring holds the window
+    assert static <= by["fp8-static+attn"]["kv_bytes"] <= 1.05 * static
+    assert by["fp8-static+attn"]["kv_bytes"] < TOKEN_BYTES * 2 * (tokens + 1)
+
+
+@pytest.mark.parametrize("name", ["hf-quantized-fp8", f"fp8+attn+exact{generate.RECENT_EXACT}"])
+def test_caches_refusing_sliding_layers_are_skipped_with_the_reason(name):
+    layer_types = ["sliding_attention", "full_attention"]
+    configuration = generate.for_family(CONFIGURATIONS[name], "sdpa", layer_types)
+    assert "full-attention layers only; the model has sliding_attention" in configuration.missing()
+    assert generate.for_family(CONFIGURATIONS[name], "sdpa", ["full_attention"]) is CONFIGURATIONS[name]
+
+
+def test_family_baseline_attention_replaces_sdpa_only():
+    flex = generate.for_family(CONFIGURATIONS["fp8"], "flex_attention", None)
+    assert flex.attention == "flex_attention" and "flex_attention (no SDPA: attention sinks)" in flex.description
+    assert generate.for_family(CONFIGURATIONS["fp8+attn"], "flex_attention", None) is CONFIGURATIONS["fp8+attn"]

@@ -20,20 +20,47 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
-    "MODEL_SHAPES", "SDPA_BACKENDS", "environment", "git_revision", "build_model", "parameter_bytes", "sync",
+    "MODEL_SHAPES", "SHAPE_FAMILIES", "SDPA_BACKENDS", "model_family", "baseline_attention", "environment",
+    "git_revision", "build_model", "parameter_bytes", "sync",
     "free_memory", "sdpa_backend", "copy_ceiling_tb_s", "write_rows", "plot_bars", "print_aligned", "parse_cases",
     "cases_argument", "cases_text",
 ]  # fmt: skip
 
-MODEL_SHAPES: dict[str, dict[str, int]] = {
+# Config keyword arguments per shape: random weights, real published layer counts, head counts and head dims.
+# Memory at 8x32768 (one H200, 141 GB), bf16 weights + bf16 K/V (K and V: 2 * H_kv * d * 2 bytes a token a layer):
+# - llama-3.1-8b: 8.0e9 params = 16.1 GB; 32 layers * 4096 B * 262144 tokens = 34.4 GB of K/V.
+# - gpt-oss-20b (openai/gpt-oss-20b's config.json; transformers' GptOssConfig defaults are the 120b: 36 layers,
+#   128 experts): 24 layers alternating 128-token sliding / full, 64 q / 8 kv heads, d=64, 32 experts (top 4),
+#   every expert kept. 20.9e9 params = 41.8 GB in bf16 (the published MXFP4 experts are 13 GB); K/V: 12 full
+#   layers * 2048 B * 262144 = 6.4 GB, the 12 sliding layers ~25 MB. Fits, with ~90 GB for prefill activations.
+# - gemma-3-12b (google/gemma-3-12b-it's text_config; transformers' Gemma3TextConfig defaults are the 2B: 26
+#   layers, d=256): 48 layers, 5 sliding (1024 tokens) : 1 full, 16 q / 8 kv heads, d=256 (query_pre_attn_scalar
+#   256), tied embeddings; the full-attention RoPE's linear factor 8 is left out (no cost difference). 11.8e9
+#   params = 23.5 GB; K/V: 8 full layers * 8192 B * 262144 = 17.2 GB, the 40 sliding layers 2.7 GB. Fits.
+# tiny-*: the same families for CPU tests (one sliding and one full layer, window 8).
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),
+    "gpt-oss-20b": dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                        sliding_window=128, vocab_size=201088,
+                        layer_types=["sliding_attention", "full_attention"] * 12),
+    "tiny-gpt-oss": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                         sliding_window=8, vocab_size=256, layer_types=["sliding_attention", "full_attention"]),
+    "gemma-3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                        vocab_size=262208, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 8),
+    "tiny-gemma-3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                         vocab_size=256, layer_types=["sliding_attention", "full_attention"]),
 }  # fmt: skip
+SHAPE_FAMILIES = {"gpt-oss-20b": "gpt_oss", "tiny-gpt-oss": "gpt_oss", "gemma-3-12b": "gemma3",
+                  "tiny-gemma-3": "gemma3"}  # fmt: skip  # any other shape: llama
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # names of torch.nn.attention.SDPBackend members, below
 
 
@@ -65,18 +92,53 @@ def git_revision() -> str:
     return f"{sha}+dirty" if dirty else sha or "unknown"
 
 
-def build_model(model_shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A randomly initialised Llama of the given shape (``MODEL_SHAPES``) with SDPA attention, created directly on
-    ``device`` in ``dtype``, in eval mode."""
+def model_family(model_shape: str) -> str:
+    """The transformers model type of a shape: ``llama``, ``gpt_oss`` or ``gemma3``."""
+    return SHAPE_FAMILIES.get(model_shape, "llama")
+
+
+def baseline_attention(family: str, device: torch.device) -> str:
+    """The attention implementation a family's baseline rows use: SDPA, as transformers picks by default -- except
+    GPT-OSS, whose learned sinks SDPA lacks (transformers refuses it). There transformers' default is ``eager``
+    (without the kernels hub), which holds ``[B, 64, L, L]`` scores: 1.1 TB at 8x32768. So on CUDA its baseline is
+    ``flex_attention``, transformers' memory-efficient implementation that applies the sinks exactly (LSE
+    renormalization); on CPU, where flex attention refuses sinks, ``eager``."""
+    if family != "gpt_oss":
+        return "sdpa"
+    return "flex_attention" if device.type == "cuda" else "eager"
+
+
+def _family_classes(family: str):
+    """(config class, causal-LM class, extra config keywords) of a family."""
+    if family == "gpt_oss":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        return GptOssConfig, GptOssForCausalLM, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        return Gemma3TextConfig, Gemma3ForCausalLM, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaConfig, LlamaForCausalLM, dict(max_position_embeddings=131072, rope_theta=500000, pad_token_id=0,
+                                               bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
+def build_model(model_shape: str, device: torch.device, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    """A randomly initialised causal LM of the given shape (``MODEL_SHAPES``; Llama, GPT-OSS or Gemma 3 by
+    ``SHAPE_FAMILIES``) with the family's ``baseline_attention``, created directly on ``device`` in ``dtype``, in
+    eval mode."""
     if model_shape not in MODEL_SHAPES:
         raise ValueError(f"model_shape must be one of {sorted(MODEL_SHAPES)}, got {model_shape!r}")
-    config = LlamaConfig(**MODEL_SHAPES[model_shape], max_position_embeddings=131072, rope_theta=500000,
-                         attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    family = model_family(model_shape)
+    config_class, model_class, extra = _family_classes(family)
+    config = config_class(**MODEL_SHAPES[model_shape], **extra,
+                          attn_implementation=baseline_attention(family, torch.device(device)))  # fmt: skip
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # never materialise fp32 weights (32 GB for the 8B shape)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)  # no .to(dtype): keeps the fp32 RoPE buffers, as from_pretrained does
+            model = model_class(config)  # no .to(dtype): keeps the fp32 RoPE buffers, as from_pretrained does
     finally:
         torch.set_default_dtype(previous)
     return model.eval()

@@ -1,7 +1,11 @@
 """Decode speed through ``model.generate``, the way users call it, with each cache (``hf-fp8cache bench``'s default).
 
 Model: a random-weight Llama -- the ``llama-3.1-8b`` shape in bf16 on the GPU, ``tiny`` in fp32 for CPU smoke
-runs -- with SDPA unless a configuration switches to our attention (``model.set_attn_implementation``). Prompt:
+runs -- with SDPA unless a configuration switches to our attention (``model.set_attn_implementation``). The
+``gpt-oss-20b`` / ``gemma-3-12b`` shapes (and their ``tiny-*`` CPU variants) measure those families: there every
+configuration written "+ SDPA" below runs the family's baseline attention (``common.baseline_attention``: SDPA for
+Gemma 3; for GPT-OSS, whose sinks SDPA lacks, ``flex_attention`` on CUDA and ``eager`` on CPU), and its row's
+description names it. Prompt:
 random ids ``[B, L]``; greedy, ``min_new_tokens = max_new_tokens`` (no early stop).
 
 Per token: ``(t(generate N+1 tokens) - t(generate 1 token)) / N`` (N = 64 by default): the prefill and generate's
@@ -33,6 +37,7 @@ memory in one configuration gives an ``OOM`` row and the run goes on. Prints a t
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -51,11 +56,13 @@ from ..static_cache import FP8StaticCache
 from .common import (
     MODEL_SHAPES,
     SDPA_BACKENDS,
+    baseline_attention,
     build_model,
     cases_argument,
     cases_text,
     environment,
     free_memory,
+    model_family,
     plot_bars,
     print_aligned,
     sdpa_backend,
@@ -66,6 +73,7 @@ from .common import (
 __all__ = [
     "CONFIGURATIONS",
     "Configuration",
+    "for_family",
     "GPU_CASES",
     "CPU_CASES",
     "kv_nbytes",
@@ -106,6 +114,7 @@ class Configuration:
     make_cache: Callable[[Any, int], Any] | None
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
     reuse_cache: bool = False
+    full_attention_only: str = ""  # why the cache refuses sliding-window layers, "" when it takes them
     missing: Callable[[], str | None] = lambda: None  # why this environment cannot run it, or None
 
 
@@ -114,11 +123,12 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
     Configuration("static", "transformers static cache + SDPA, compiled by generate", "sdpa", None,
                   {"cache_implementation": "static"}),
     Configuration("hf-quantized-fp8", "transformers QuantizedCache(backend='fp8') + SDPA", "sdpa", _hf_fp8_cache,
-                  missing=_hf_fp8_missing),
+                  full_attention_only="QuantizedCache takes full-attention layers only", missing=_hf_fp8_missing),
     Configuration("fp8", "FP8Cache dequantized for SDPA", "sdpa", lambda config, _: FP8Cache(config)),
     Configuration("fp8+attn", "FP8Cache + hf_fp8cache attention", ATTENTION_NAME, lambda config, _: FP8Cache(config)),
     Configuration(f"fp8+attn+exact{RECENT_EXACT}", f"FP8Cache(residual_length={RECENT_EXACT}) + hf_fp8cache attention",
-                  ATTENTION_NAME, lambda config, _: FP8Cache(config, residual_length=RECENT_EXACT)),
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, residual_length=RECENT_EXACT),
+                  full_attention_only="FP8Cache's residual_length is for full-attention layers only"),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
 )}  # fmt: skip
@@ -217,13 +227,28 @@ def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor
             "peak_bytes": peak, "kv_bytes": kv, "kv_allocated_bytes": allocated, "compiled": compiled}  # fmt: skip
 
 
+def for_family(configuration: Configuration, baseline: str, layer_types: Sequence[str] | None) -> Configuration:
+    """The configuration as a model family runs it: "sdpa" becomes the family's ``baseline`` attention (named in
+    the description); a cache that refuses sliding layers is skipped on a model with any (``layer_types``)."""
+    changes: dict[str, Any] = {}
+    if configuration.attention == "sdpa" and baseline != "sdpa":
+        changes["attention"] = baseline
+        changes["description"] = configuration.description.replace("SDPA", f"{baseline} (no SDPA: attention sinks)")
+    sliding = sorted({kind for kind in layer_types or () if kind != "full_attention"})
+    if configuration.full_attention_only and sliding:
+        changes["missing"] = lambda: f"{configuration.full_attention_only}; the model has {', '.join(sliding)}"
+    return dataclasses.replace(configuration, **changes) if changes else configuration
+
+
 def _unmeasured(status: str) -> dict[str, Any]:
     return {"ms_per_token": None, "tokens_per_s": None, "ttft_ms": None, "generate_ms": None, "peak_bytes": None,
             "kv_bytes": None, "kv_allocated_bytes": None, "compiled": None, "status": status}  # fmt: skip
 
 
 def _run_configuration(model, configuration: Configuration, inputs, new_tokens: int, repeats: int,
-                       backend: str | None) -> dict[str, Any]:  # fmt: skip
+                       backend: str | None, baseline: str = "sdpa") -> dict[str, Any]:  # fmt: skip
+    """One configuration's measured fields (or an ``OOM`` / ``skipped: ...`` row); the model goes back to its
+    ``baseline`` attention after it."""
     missing = configuration.missing()
     if missing:
         return _unmeasured(f"skipped: {missing}")
@@ -236,7 +261,7 @@ def _run_configuration(model, configuration: Configuration, inputs, new_tokens: 
     except torch.cuda.OutOfMemoryError:
         measured = _unmeasured("OOM")
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(baseline)
         _forget_generate_state(model)
         free_memory(device)
     return measured
@@ -295,6 +320,7 @@ def run_generate_benchmark(
     if sdpa is not None and sdpa not in SDPA_BACKENDS:
         raise ValueError(f"sdpa must be one of {SDPA_BACKENDS} or None, got {sdpa!r}")
     model = build_model(model_shape, dev, dtype)
+    baseline = baseline_attention(model_family(model_shape), dev)
     env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
            "repeats": repeats, "sdpa_backend": sdpa or "default", **environment(dev)}  # fmt: skip
     generator = torch.Generator().manual_seed(0)
@@ -304,8 +330,8 @@ def run_generate_benchmark(
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         case_rows = []
         for name in configs:
-            configuration = CONFIGURATIONS[name]
-            measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa)
+            configuration = for_family(CONFIGURATIONS[name], baseline, getattr(model.config, "layer_types", None))
+            measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa, baseline)
             case_rows.append({"case": f"{B}x{L}", "B": B, "L": L, "config": name,
                               "description": configuration.description, **measured})  # fmt: skip
         _add_ratios(case_rows)
