@@ -22,6 +22,8 @@ MODES: dict[str, tuple[str, str]] = {
     "compiled": ("compiled", "compiled decode steps, FP8StaticCache vs StaticCache and the bandwidth floors (GPU)"),
     "attention": ("attention", "the decode attention kernel vs SDPA, CUDA-graph timed; --sweep tunes it (GPU)"),
     "layer": ("layer", "one layer's decode-step cache update, FP8 vs DynamicLayer (GPU)"),
+    "prefill": ("prefill", "one layer's attention of a q-token chunk over an L-token FP8 history vs SDPA (issue 17)"),
+    "multigpu": ("multigpu", "TP=2 decode at 8x32768 per cache, and the largest batch one GPU holds, bf16 vs FP8"),
 }  # fmt: skip
 DEFAULT_MODE = "generate"
 
