@@ -17,8 +17,9 @@ scales, format, exact recent window, sliding window -- and:
   asks for that the layer does not hold, dropout in training), ask the layer for its dequantized K/V;
 - the first prefill of an empty cache (exact K/V), and any call without an FP8 cache, run on what they were given.
 
-Everything not served by the kernel runs SDPA, or -- when the call brings sinks or a softcap, which SDPA lacks --
-the model family's own eager attention (its module's ``eager_attention_forward``) with the mask made additive.
+Everything not served by the kernel runs SDPA: with learned sinks, SDPA with each sink as one more key
+(``_sdpa_with_sinks``: no L x L tensor); with a softcap, which SDPA lacks, the model family's own eager attention
+(its module's ``eager_attention_forward``) with the mask made additive.
 
 The decode kernel reads the padding mask as one start position per row (left padding, as ``generate`` builds it)
 plus causality and the layer's window.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -63,16 +65,50 @@ def _kernel_serves(module, query: torch.Tensor, inputs: FP8AttentionInputs, drop
     return query.shape[2] <= MAX_DECODE_QUERIES and same_window and not training_dropout
 
 
+_SINK_DIMS = 8  # head dims added to carry the sink logit (SDPA's fused kernels take head dims in multiples of 8)
+
+
+def _sdpa_with_sinks(module, query, key, value, attention_mask, scaling=None, dropout=0.0, s_aux=None, **kwargs):
+    """SDPA with learned attention sinks (GPT-OSS): each query head's sink ``s_aux[h]`` joins the softmax as one more
+    key, placed first, whose value is zero. The query carries the sink -- one more head dim set to ``s_aux[h] /
+    scale``, where the sink key holds a 1 and every other key a 0 -- so K and V keep their KV heads (GQA) and, without
+    a padding mask, causality is ``causal_lower_right`` (nothing of size L x L is built, unlike eager attention)."""
+    B, Hq, Sq, D = query.shape
+    scale = scaling if scaling is not None else D**-0.5
+    sink_dims = query.new_zeros(B, Hq, Sq, _SINK_DIMS)
+    sink_dims[..., 0] = (s_aux.float() / scale).to(query.dtype)[None, :, None]
+    sink_key = key.new_zeros(B, key.shape[1], 1, D + _SINK_DIMS)
+    sink_key[..., D] = 1
+    key = torch.cat([sink_key, torch.cat([key, key.new_zeros(*key.shape[:3], _SINK_DIMS)], -1)], 2)
+    value = torch.cat([value, value.new_zeros(*value.shape[:3], _SINK_DIMS)], -1)
+    value = torch.cat([value.new_zeros(B, value.shape[1], 1, D + _SINK_DIMS), value], 2)
+    if attention_mask is not None:  # the sink column is always attended
+        sink_column = (
+            torch.ones_like(attention_mask[..., :1])
+            if attention_mask.dtype == torch.bool
+            else torch.zeros_like(attention_mask[..., :1])
+        )
+        attention_mask = torch.cat([sink_column.expand(*attention_mask.shape[:-1], 1), attention_mask], -1)
+    elif Sq > 1 and getattr(module, "is_causal", True):
+        attention_mask = causal_lower_right(Sq, key.shape[2])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        torch.cat([query, sink_dims], -1), key, value, attn_mask=attention_mask,
+        dropout_p=dropout if module.training else 0.0, scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return out[..., :D].transpose(1, 2).contiguous(), None
+
+
 def _model_attention(module, kwargs: dict):
-    """The attention that runs what the kernel does not: SDPA, or -- for calls with sinks or a softcap, which SDPA
-    lacks -- the eager attention of the module's model family, on an additive mask."""
-    if kwargs.get("s_aux") is None and kwargs.get("softcap") is None:
-        return sdpa_attention_forward
+    """The attention that runs what the kernel does not: SDPA; with learned sinks, SDPA with the sinks as one more
+    key (``_sdpa_with_sinks``); with a softcap, which SDPA lacks, the eager attention of the module's model family,
+    on an additive mask."""
+    if kwargs.get("softcap") is None:
+        return sdpa_attention_forward if kwargs.get("s_aux") is None else _sdpa_with_sinks
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         raise ValueError(
-            f"{type(module).__name__} passes attention sinks or a softcap, which only its own eager attention "
-            f"computes, and its module has no eager_attention_forward; load the model with attn_implementation='eager'"
+            f"{type(module).__name__} passes a logit softcap, which only its own eager attention computes, and its "
+            f"module has no eager_attention_forward; load the model with attn_implementation='eager'"
         )
 
     def attend(module, query, key, value, attention_mask, **arguments):

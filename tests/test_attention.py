@@ -3,9 +3,10 @@
 import pytest
 import torch
 from helpers import assert_equal, left_padded_prompts, tiny_llama
+from transformers import AutoModelForCausalLM
 
 from hf_fp8cache import FP8Cache, attach, detach
-from hf_fp8cache.attention import ATTENTION_NAME
+from hf_fp8cache.attention import ATTENTION_NAME, fp8_attention_forward
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
@@ -104,16 +105,13 @@ def test_smollm2_fused_equals_dequantize_path(smollm2, torch_path):
     assert_equal(fused, reference)
 
 
-@pytest.mark.parametrize("option", [{"s_aux": torch.zeros(2)}, {"softcap": 30.0}])
-def test_sinks_and_softcap_outside_the_kernel_are_never_dropped(option):
-    """Without fp8 views (no FP8 cache, a first prefill) sinks and softcaps go to the family's own eager attention
-    (SDPA has no sinks and refuses softcaps); a module without one is refused clearly, not computed without them."""
-    from hf_fp8cache.attention import fp8_attention_forward
-
+def test_a_softcap_outside_the_kernel_is_never_dropped():
+    """Without fp8 views (no FP8 cache, a first prefill) a softcap goes to the family's own eager attention (SDPA
+    refuses softcaps); a module without one is refused clearly, not computed without it."""
     q = k = v = torch.randn(1, 2, 3, 16)
     module = torch.nn.Module()
-    with pytest.raises(ValueError, match=r"Module passes attention sinks or a softcap, which only its own eager"):
-        fp8_attention_forward(module, q, k, v, None, **option)
+    with pytest.raises(ValueError, match=r"Module passes a logit softcap, which only its own eager attention"):
+        fp8_attention_forward(module, q, k, v, None, softcap=30.0)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", ATTENTION_NAME])
@@ -136,3 +134,27 @@ def test_a_dropped_cache_is_freed_at_once_not_by_the_garbage_collector(implement
         assert layer() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("queries, keys, padded", [(6, 6, False), (6, 6, True), (3, 9, False)])
+def test_calls_with_sinks_outside_the_kernel_equal_gpt_oss_eager_attention(queries, keys, padded):
+    """A prompt or a long chunk with learned sinks (GPT-OSS) runs SDPA with each sink as one more key: the same as the
+    family's eager attention (which builds L x L scores), with causality bottom-right, with and without padding."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    config = GptOssConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                          vocab_size=256, layer_types=["full_attention"])  # fmt: skip
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(config, attn_implementation="eager").model.layers[0].self_attn.eval()
+    with torch.no_grad():
+        module.sinks.copy_(torch.randn(4) * 3)
+    q, k, v = torch.randn(2, 4, queries, 16), torch.randn(2, 2, keys, 16), torch.randn(2, 2, keys, 16)
+    causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    attended = torch.ones(2, keys, dtype=torch.bool)
+    attended[1, :2] = not padded
+    mask = (causal & attended[:, None])[:, None]
+    expected, _ = eager_attention_forward(module, q, k, v, torch.where(mask, 0.0, -1e30), scaling=0.25)
+    ours, _ = fp8_attention_forward(module, q, k, v, mask if padded else None, scaling=0.25, s_aux=module.sinks)
+    assert (ours - expected).abs().max() < 2e-6  # measured 2.4e-7 (fp32)

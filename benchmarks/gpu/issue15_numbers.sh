@@ -4,7 +4,7 @@
 # Estimated wall time (H200): install ~10 s; attention benches ~2 x 40 s (timeouts 60); GPT-OSS-20B shape at
 # 8x32768 ~200 s: build ~15 s (41.8 GB random bf16), dynamic (flex_attention) 4 prefills x ~8 s + flex compiles
 # ~60 s + 132 decode steps ~15 s; fp8 (FP8Cache dequantized for flex) about the same without the compiles;
-# fp8+attn / fp8-static+attn expected to stop at once with OOM (their sink prefill is eager: 1.1 TB of scores).
+# fp8+attn / fp8-static+attn: their prefill runs SDPA with the sinks as one more key (no L x L scores), about as dynamic.
 # Worst case by the timeouts: 10 + 60 + 60 + 280 = 410 s, then GPT-OSS at 1x8192 (fits eager prefill) <= 120 s.
 # Total <= 530 s (8.8 min).
 set -u
