@@ -171,8 +171,9 @@ def test_hundred_thousand_tokens_in_chunks_cost_their_bytes(torch_path, one_thre
     assert length * token_bytes < cache.allocated_nbytes <= (length * 17 // 16 + 256) * token_bytes + 2 * 4
     # measured (2026-11-30): the process grew by the tokens' bytes plus 7-95 KiB (the last, partly filled page of
     # each head's rows) after most chunks, with single spikes up to 1.36 MB on a loaded machine (the allocator keeping
-    # a freed buffer resident for a while) and no trend; one chunk's FP8 bytes (1 MB) kept per chunk would reach
-    # ~100 MB by the end
+    # a freed buffer resident for a while) and no trend; with three test processes on the two cores the freed old
+    # buffers went back gradually (up to 4.9 MB, median of the last ten 1.6 MB). One chunk's FP8 bytes (1 MB) kept
+    # per chunk would reach ~100 MB by the end, 64 KB kept per chunk 6.4 MB
     settled = statistics.median(others[-10:])
-    assert settled <= 1 << 20, f"the process grew besides the cache's tokens: {others}"
+    assert settled <= 4 << 20, f"the process grew besides the cache's tokens: {others}"
     assert max(map(abs, others)) <= 16 << 20, f"the process grew besides the cache's tokens: {others}"
