@@ -22,8 +22,8 @@ import torch
 import transformers
 
 __all__ = [
-    "MODEL_SHAPES", "SHAPE_FAMILIES", "SDPA_BACKENDS", "model_family", "baseline_attention", "environment",
-    "git_revision", "build_model", "parameter_bytes", "sync",
+    "MODEL_SHAPES", "LLAMA_SHAPES", "SHAPE_FAMILIES", "SDPA_BACKENDS", "model_family", "baseline_attention",
+    "environment", "git_revision", "build_model", "parameter_bytes", "sync",
     "free_memory", "sdpa_backend", "copy_ceiling_tb_s", "write_rows", "plot_bars", "print_aligned", "parse_cases",
     "cases_argument", "cases_text",
 ]  # fmt: skip
@@ -61,6 +61,8 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 SHAPE_FAMILIES = {"gpt-oss-20b": "gpt_oss", "tiny-gpt-oss": "gpt_oss", "gemma-3-12b": "gemma3",
                   "tiny-gemma-3": "gemma3"}  # fmt: skip  # any other shape: llama
+# the shapes of the modes whose arithmetic and baselines assume a Llama (compiled, forward-loop, multigpu)
+LLAMA_SHAPES = tuple(name for name in MODEL_SHAPES if name not in SHAPE_FAMILIES)
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # names of torch.nn.attention.SDPBackend members, below
 
 

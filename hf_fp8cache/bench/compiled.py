@@ -32,7 +32,7 @@ from ..attention import ATTENTION_NAME
 from ..integration import cache_keyword
 from ..static_cache import FP8StaticCache
 from .common import (
-    MODEL_SHAPES,
+    LLAMA_SHAPES,
     build_model,
     cases_argument,
     copy_ceiling_tb_s,
@@ -179,7 +179,7 @@ def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--cases", type=cases_argument, default=((1, 4096), (8, 32768)), help="e.g. 1x4096,8x32768")
-    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--model-shape", choices=LLAMA_SHAPES, default="llama-3.1-8b")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out-dir", default="results")

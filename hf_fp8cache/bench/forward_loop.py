@@ -29,7 +29,7 @@ from ..attention import ATTENTION_NAME
 from ..cache import FP8Cache
 from ..integration import cache_keyword
 from .common import (
-    MODEL_SHAPES,
+    LLAMA_SHAPES,
     SDPA_BACKENDS,
     build_model,
     cases_argument,
@@ -210,7 +210,7 @@ def save_rows(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--cases", type=cases_argument, default=((1, 4096), (8, 8192)), help="e.g. 1x4096,8x8192")
-    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--model-shape", choices=LLAMA_SHAPES, default="llama-3.1-8b")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda")

@@ -40,7 +40,7 @@ from ..cache import FP8Cache
 from ..integration import cache_keyword
 from ..kernels import cpu_backend
 from ..static_cache import FP8StaticCache
-from .common import MODEL_SHAPES, build_model, environment, free_memory, print_aligned, sync, write_rows
+from .common import LLAMA_SHAPES, MODEL_SHAPES, build_model, environment, free_memory, print_aligned, sync, write_rows
 
 __all__ = ["fp8_capacity_tokens", "kv_bytes_per_sequence", "estimated_batch", "largest_fitting_batch", "add_ratios",
            "table_lines", "add_arguments", "run"]  # fmt: skip
@@ -312,7 +312,7 @@ def _run_capacity(args, device: torch.device, dtype: torch.dtype) -> list[dict[s
 
 def add_arguments(parser) -> None:
     parser.add_argument("--parts", default="capacity,tp", help="comma list among capacity, tp (default both)")
-    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default=None,
+    parser.add_argument("--model-shape", choices=LLAMA_SHAPES, default=None,
                         help="default llama-3.1-8b on GPU, tiny on CPU")  # fmt: skip
     parser.add_argument("--length", type=int, default=None, help="cached tokens per sequence (default 32768; CPU 32)")
     parser.add_argument("--tp-batch", type=int, default=8, help="batch of the TP part (default 8)")
