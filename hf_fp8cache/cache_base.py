@@ -183,6 +183,14 @@ class FP8LayerBase(CacheLayerMixin):
                 stacklevel=5,
             )
 
+    def _begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """What every layer's ``update`` does first: write a prefill whose attention never came (over all
+        positions), initialize the layer on its first K/V, and check the states against it (``_check_states``)."""
+        self._finish_pending_write(None)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
+
     def _finish_pending_write(self, attention_mask: torch.Tensor | None) -> None:
         """Do the write ``_write_or_defer`` kept back, leaving out positions ``attention_mask`` does not attend."""
         if self._pending_write is None:

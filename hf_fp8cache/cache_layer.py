@@ -195,10 +195,7 @@ class FP8CacheLayer(FP8LayerBase):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append K/V ``[B, H, S, D]`` as FP8 and return what attention reads (see the module docstring)."""
-        self._finish_pending_write(None)  # a prefill whose attention never came: write it over all positions
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
+        self._begin_update(key_states, value_states)
         start = self.length
         self._reserve(start + key_states.shape[2], key_states)
         waits = self._write_or_defer(key_states, value_states, start)

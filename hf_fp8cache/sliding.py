@@ -84,9 +84,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         """A first prefill longer than the window: only its last ``kept`` tokens are ever read again and stored, the
         on-the-fly scales come from the whole prompt (waiting for the padding mask, as on full layers); the prompt
         attends over its exact K/V."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
+        self._begin_update(key_states, value_states)
         self._reserve(kept, key_states)
         self._skip_on_write = key_states.shape[2] - kept
         waits = self._write_or_defer(key_states, value_states, 0)

@@ -201,10 +201,7 @@ class FP8StaticLayer(FP8LayerBase):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write K/V ``[B, H, S, D]`` as FP8 at the filled length and return what attention reads."""
-        self._finish_pending_write(None)  # a prefill whose attention never came: write it over all positions
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
+        self._begin_update(key_states, value_states)
         new_tokens = key_states.shape[2]
         if new_tokens > self.max_cache_len:
             raise ValueError(f"layer {self.layer_idx}: {new_tokens} tokens exceed max_cache_len={self.max_cache_len}")

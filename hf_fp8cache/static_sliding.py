@@ -90,9 +90,7 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store K/V ``[B, H, S, D]`` in the ring and return what transformers' static sliding layer returns."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
+        self._begin_update(key_states, value_states)
         seen, new, window = self.cumulative_length_int, key_states.shape[2], self.max_cache_len
         if seen + new <= window:  # not wrapped: slot == position, the whole ring as transformers returns it
             self._store(key_states, value_states)
