@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Issue 15's numbers, part 1 of 2 (part 2: issue15_numbers_2.sh, Gemma 3). From the repo root, $OUT set:
-#   bash benchmarks/gpu/issue15_numbers.sh
-# Estimated wall time (H200): install ~10 s; attention benches ~2 x 40 s (timeouts 60); GPT-OSS-20B shape at
-# 8x32768 ~200 s: build ~15 s (41.8 GB random bf16), dynamic (flex_attention) 4 prefills x ~8 s + flex compiles
-# ~60 s + 132 decode steps ~15 s; fp8 (FP8Cache dequantized for flex) about the same without the compiles;
-# fp8+attn / fp8-static+attn: their prefill runs SDPA with the sinks as one more key (no L x L scores), about as dynamic.
-# Worst case by the timeouts: 10 + 60 + 60 + 280 = 410 s, then GPT-OSS at 1x8192 (fits eager prefill) <= 120 s.
-# Total <= 530 s (8.8 min).
+# Issue 15's numbers in two GPU calls (each under the 10-minute limit). From the repo root, $OUT set:
+#   bash benchmarks/gpu/issue15_numbers.sh gpt-oss    # the window kernel, then the GPT-OSS-20B shape
+#   bash benchmarks/gpu/issue15_numbers.sh gemma      # the Gemma-3-12B shape at 8x32768
+# gpt-oss, estimated (H200): install ~10 s; attention benches ~2 x 40 s (timeouts 60); GPT-OSS-20B at 8x32768
+#   ~200 s: build ~15 s (41.8 GB random bf16), dynamic (flex_attention) 4 prefills x ~8 s + flex compiles ~60 s +
+#   132 decode steps ~15 s; fp8 about the same without the compiles; fp8+attn / fp8-static+attn: their prefill runs
+#   SDPA with the sinks as one more key (no L x L scores), about as dynamic. Then 1x8192 <= 120 s. Total <= 530 s.
+# gemma, estimated: one 8x32768 prefill ~25-30 s (5.7e15 FLOP of matmuls ~9 s; SDPA over the sliding layers'
+#   [8, 1, 32768, 32768] mask runs the masked kernel over all L^2: ~15-20 s). Each configuration prefills 4 times:
+#   dynamic ~130 s, fp8+attn ~140 s, fp8-static+attn ~120 s + the 48-layer step's compile ~60-90 s; ~480 s, timeout
+#   540 s. Rows are written once the case ends: if it times out, run the configurations in two calls, each with
+#   dynamic (ratios are to the same run's dynamic row).
 set -u
+part=${1:?usage: issue15_numbers.sh gpt-oss|gemma}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.."
 python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || tail -5 /tmp/pip.txt
@@ -19,8 +24,14 @@ step() {  # step NAME TIMEOUT ARGS...: run the bench, log to $OUT/NAME.txt, prin
   echo "$name rc=$?"
   grep -v Warn "$OUT/$name.txt" | tail -12
 }
-CONFIGS=dynamic,fp8,fp8+attn,fp8-static+attn
-step win 60 attention --window 4096 --cases 8x32768
-step full 60 attention --cases 8x4096
-step gptoss 280 generate --model-shape gpt-oss-20b --cases 8x32768 --configs "$CONFIGS"
-step gptoss_1x8192 120 generate --model-shape gpt-oss-20b --cases 1x8192 --configs "$CONFIGS"
+case $part in
+  gpt-oss)
+    configs=dynamic,fp8,fp8+attn,fp8-static+attn
+    step win 60 attention --window 4096 --cases 8x32768
+    step full 60 attention --cases 8x4096
+    step gptoss 280 generate --model-shape gpt-oss-20b --cases 8x32768 --configs "$configs"
+    step gptoss_1x8192 120 generate --model-shape gpt-oss-20b --cases 1x8192 --configs "$configs" ;;
+  gemma)
+    step gemma 540 generate --model-shape gemma-3-12b --cases 8x32768 --configs dynamic,fp8+attn,fp8-static+attn ;;
+  *) echo "unknown part $part: gpt-oss or gemma"; exit 2 ;;
+esac
