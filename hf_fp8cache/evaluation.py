@@ -50,7 +50,11 @@ def compare_caches(
     """
     reference = generation_logits(model, input_ids, prefix_len, DynamicCache(config=model.config), step=step)
     ours = generation_logits(model, input_ids, prefix_len, make_cache(), step=step)
-    targets = input_ids[:, prefix_len:].to(ours.device)
+    return _metrics(reference, ours, input_ids[:, prefix_len:].to(ours.device))
+
+
+def _metrics(reference: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The module docstring's metrics of logits ``ours`` against ``reference`` for the true next ``targets``."""
     log_ref, log_ours = reference.log_softmax(-1), ours.log_softmax(-1)
     nll = lambda logp: -logp.gather(-1, targets.unsqueeze(-1)).mean().item()
     ppl, ppl_reference = math.exp(nll(log_ours)), math.exp(nll(log_ref))
@@ -81,15 +85,19 @@ def evaluate_configurations(
     *,
     step: int = 1,
 ) -> list[dict]:
-    """``compare_caches`` for each named cache factory; one row (name + metrics) per configuration.
+    """``compare_caches`` for each named cache factory, the reference run once; one row (name + metrics) per
+    configuration.
 
     Args:
         model, input_ids, prefix_len, step: as for ``compare_caches``.
         configurations: name -> cache factory, in the order of the rows.
     """
+    reference = generation_logits(model, input_ids, prefix_len, DynamicCache(config=model.config), step=step)
+    targets = input_ids[:, prefix_len:].to(reference.device)
     rows = []
     for name, make_cache in configurations.items():
-        rows.append({"configuration": name, **compare_caches(model, input_ids, prefix_len, make_cache, step=step)})
+        ours = generation_logits(model, input_ids, prefix_len, make_cache(), step=step)
+        rows.append({"configuration": name, **_metrics(reference, ours, targets)})
     return rows
 
 
