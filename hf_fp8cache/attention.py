@@ -35,7 +35,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, FP8AttentionInputs
+from .contract import ATTENTION_NAME, FP8AttentionInputs, layer_of
 from .kernels import decode_attention, ops
 
 __all__ = ["MAX_DECODE_QUERIES", "fp8_attention_forward"]
@@ -121,7 +121,7 @@ def _model_attention(module, kwargs: dict):
 
 def fp8_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``query`` [B, Hq, Sq, D]; returns ([B, Sq, Hq, D], weights or None)."""
-    layer = getattr(key, LAYER_ATTRIBUTE, None)
+    layer = layer_of(key)
     if layer is not None:
         inputs = layer.attention_inputs(attention_mask)
         if key.dtype == inputs.fmt.dtype:  # fp8 views: attention reads the cache

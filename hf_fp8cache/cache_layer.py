@@ -23,10 +23,12 @@ attention call, which brings the padding mask, so padded positions never enter t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .cache_base import DequantWorkspace, FP8LayerBase, RowStarts
-from .contract import FP8AttentionInputs
+from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs, layer_of
 from .formats import FP8Format
 from .kernels import LaunchMemo, RecentWindow, dequantize_kv, quantize_append_kv
 from .kernels.recent_window import ring_read, ring_write
@@ -75,6 +77,7 @@ class FP8CacheLayer(FP8LayerBase):
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
         self._launches = LaunchMemo()  # this layer's kernel launches, relaunched step after step (kernels/launch.py)
+        self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (key buffer, fp8 K, fp8 V)
         self._recent_keys: torch.Tensor | None = None  # model dtype [B, H, residual_length, D], a ring buffer
         self._recent_values: torch.Tensor | None = None
         self.recent_start = 0  # positions [recent_start, length) are also held exactly in the ring
@@ -146,7 +149,7 @@ class FP8CacheLayer(FP8LayerBase):
             or self._key_bytes.shape[:2] != (B, H)
             or self._key_bytes.shape[3] != D
         ):
-            self._key_bytes = self._value_bytes = None  # reused after reset() only when the shape still fits
+            self._key_bytes = self._value_bytes = self._views = None  # reused after reset() only when the shape fits
         ring_shape = (B, H, self.residual_length, D)
         if self.residual_length and (
             self._recent_keys is None
@@ -189,7 +192,7 @@ class FP8CacheLayer(FP8LayerBase):
         if self.length > 0:
             key_bytes[:, :, : self.length] = self._key_bytes[:, :, : self.length]
             value_bytes[:, :, : self.length] = self._value_bytes[:, :, : self.length]
-        self._key_bytes, self._value_bytes = key_bytes, value_bytes
+        self._key_bytes, self._value_bytes, self._views = key_bytes, value_bytes, None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -207,8 +210,21 @@ class FP8CacheLayer(FP8LayerBase):
         if start == 0 and self.exact_prefill:
             return self._tagged(key_states, value_states) if waits else (key_states, value_states)
         if self._serves_fp8_attention():  # the whole buffers: that attention reads attention_inputs(), not the shape
-            return self._tagged(self._key_bytes.view(self.fmt.dtype), self._value_bytes.view(self.fmt.dtype))
+            return self._fp8_views()
         return self.dequantized()
+
+    def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers as fp8 tensors naming this layer, for our attention: made once per pair of buffers and
+        handed out step after step (no tensor made on the hot path). They name the layer through a weak reference, so
+        the layer and its views form no reference cycle: a dropped cache is freed at once."""
+        views = self._views
+        # (a deepcopy copies the views with the weak reference to the original layer: made anew for the copy)
+        if views is None or views[0] is not self._key_bytes or layer_of(views[1]) is not self:
+            key, value = self._key_bytes.view(self.fmt.dtype), self._value_bytes.view(self.fmt.dtype)
+            setattr(key, LAYER_ATTRIBUTE, weakref.ref(self))
+            setattr(value, LAYER_ATTRIBUTE, weakref.ref(self))
+            views = self._views = (self._key_bytes, key, value)
+        return views[1], views[2]
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, valid) -> None:
         """Quantize K/V into the buffers at ``start`` (setting on-the-fly scales first, over ``valid`` positions)."""
@@ -275,7 +291,7 @@ class FP8CacheLayer(FP8LayerBase):
             new = torch.empty((chosen.shape[0], *old.shape[1:]), dtype=old.dtype, device=old.device)
             new[:, :, : self.length] = chosen
             buffers.append(new)
-        self._key_bytes, self._value_bytes = buffers
+        self._key_bytes, self._value_bytes, self._views = (*buffers, None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

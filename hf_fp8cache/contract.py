@@ -14,6 +14,7 @@ A leaf module: the caches and the attention both import it, neither imports the 
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -21,10 +22,17 @@ import torch
 from .formats import FP8Format
 from .kernels import LaunchMemo, RecentWindow
 
-__all__ = ["ATTENTION_NAME", "FP8AttentionInputs"]
+__all__ = ["ATTENTION_NAME", "FP8AttentionInputs", "layer_of"]
 
 ATTENTION_NAME = "hf_fp8cache"
 LAYER_ATTRIBUTE = "hf_fp8cache_layer"  # set on the tensors a layer's update returns to this attention
+
+
+def layer_of(tensor: torch.Tensor):
+    """The cache layer ``tensor`` (a K or V an FP8 layer's ``update`` returned) names, or None: held directly, or
+    through a weak reference (``weakref.ref``) by the layers whose views outlive one step."""
+    layer = getattr(tensor, LAYER_ATTRIBUTE, None)
+    return layer() if type(layer) is weakref.ref else layer
 
 
 class FP8AttentionInputs(NamedTuple):

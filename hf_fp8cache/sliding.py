@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .cache_layer import FP8CacheLayer
-from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs
+from .contract import FP8AttentionInputs, layer_of
 
 __all__ = ["FP8SlidingWindowLayer"]
 
@@ -74,7 +74,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         self._served = min(self.length, kept) + new_tokens
         keys, values = super().update(key_states, value_states)
         self.cumulative_length += new_tokens
-        if self._served == self.length or getattr(keys, LAYER_ATTRIBUTE, None) is not None:
+        if self._served == self.length or layer_of(keys) is not None:
             return keys, values  # all of it, or the fp8 buffers our attention reads through attention_inputs
         return keys[:, :, -self._served :], values[:, :, -self._served :]  # recording the past: more held than served
 

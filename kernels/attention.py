@@ -416,6 +416,18 @@ class DecodePlan:
         return self.splits + self.window
 
 
+def _partials(
+    memo: LaunchMemo | None, shape: tuple[int, int], D: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The float32 partial results (m, l ``shape``; acc ``shape + (D,)``) of the splits: the caller's memo keeps them
+    from step to step."""
+    if memo is None:
+        return (torch.empty(shape, dtype=torch.float32, device=device), torch.empty(shape, dtype=torch.float32,
+                device=device), torch.empty(*shape, D, dtype=torch.float32, device=device))  # fmt: skip
+    return (memo.scratch("part_m", shape, torch.float32, device), memo.scratch("part_l", shape, torch.float32, device),
+            memo.scratch("part_acc", (*shape, D), torch.float32, device))  # fmt: skip
+
+
 @functools.lru_cache(maxsize=256)  # one pair per plan and options: decode asks again every step
 def _launch_meta(plan: DecodePlan, e4m3: bool, fp32_query: bool, length_in_memory: bool, sliding: bool, softcap: bool,
                  sinks: bool, num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
@@ -514,9 +526,7 @@ def decode_attention(
                                  num_warps=num_warps)  # fmt: skip
     rows = G * Sq
     if plan.slots > 1:
-        part_m = torch.empty(B * H * rows, plan.slots, dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B * H * rows, plan.slots, D, dtype=torch.float32, device=query.device)
+        part_m, part_l, part_acc = _partials(memo, (B * H * rows, plan.slots), D, query.device)
     else:
         part_m = part_l = part_acc = out  # unused: the attention kernel writes out directly
 

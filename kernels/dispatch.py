@@ -19,7 +19,7 @@ import torch
 from . import reference
 from .checks import check_decode_attention, check_dequantize_kv, check_quantize_append_kv
 from .formats import FP8Format
-from .launch import LaunchMemo
+from .launch import LaunchMemo, current_cuda_device
 from .recent_window import RecentWindow
 
 __all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton", "cpu_backend"]
@@ -44,7 +44,7 @@ def _on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make ``tensor``'s GPU the current device for a launch: Triton launches on the current device and its stream,
     and a layer of a model spread over GPUs (``device_map``) may sit on another one. Nothing to switch (and no host
     work) when it already is the current one."""
-    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+    if tensor.is_cuda and tensor.device.index != current_cuda_device():
         return torch.cuda.device(tensor.device)
     return _ON_CURRENT_DEVICE
 

@@ -13,6 +13,8 @@ The torch twins are ``reference.encode_fp8_ref`` / ``reference.decode_fp8_ref`` 
 clamping to +-FMAX); tests check all 256 codes and random fp32 values bit for bit.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -21,6 +23,7 @@ import triton.language as tl
 _ELEMENTS_PER_PROGRAM = 4096
 
 
+@functools.lru_cache(maxsize=1024)  # integers in, integers out: every update asks (triton.cdiv costs us on the host)
 def token_tiles(B: int, H: int, S: int, D: int) -> tuple[tuple[int, int], int, int]:
     """(grid, BLOCK_S, BLOCK_D) of the per-token kernels: one program per (b, h) row and block of BLOCK_S tokens."""
     BLOCK_D = triton.next_power_of_2(D)

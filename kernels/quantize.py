@@ -15,6 +15,8 @@ update is a single launch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -76,16 +78,20 @@ def quantize_append_kv(
     if S == 0 or B == 0:
         return
     grid, BLOCK_S, BLOCK_D = token_tiles(B, H, S, D)
-    c = fmt.codec_constants()
     args = (
         key, value, key_cache, value_cache, key_inv_scale, value_inv_scale, start if start_in_memory else key_cache,
         *key.stride(), *value.stride(), *key_cache.stride()[:3],
         0 if key_inv_scale.numel() == 1 else 1,
         H, S, D, 0 if start_in_memory else start, key_cache.shape[2],
     )  # fmt: skip
-    meta = dict(
+    launch(_quantize_append_kv_kernel, grid, args, _launch_meta(BLOCK_S, BLOCK_D, fmt, start_in_memory), memo)
+
+
+@functools.lru_cache(maxsize=256)  # every update asks: one shared read-only dict (the memo compares by identity first)
+def _launch_meta(BLOCK_S: int, BLOCK_D: int, fmt: FP8Format, start_in_memory: bool) -> dict:
+    c = fmt.codec_constants()
+    return dict(
         BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D,
         MANTISSA_BITS=c["MANTISSA_BITS"], BIAS=c["BIAS"], FMAX=c["FMAX"], FNUZ=c["FNUZ"],
         START_IN_MEMORY=start_in_memory,
     )  # fmt: skip
-    launch(_quantize_append_kv_kernel, grid, args, meta, memo)

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_fp8cache import FP8Cache, attach, detach
 from hf_fp8cache.attention import ATTENTION_NAME, fp8_attention_forward
+from hf_fp8cache.contract import layer_of
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
@@ -50,7 +51,7 @@ def test_update_hands_fp8_to_our_attention_and_workspace_to_others(tiny_model):
     try:
         k, v = cache.update(x[:, :, :1], x[:, :, :1], 0)
         layer = cache.layers[0]
-        assert k.dtype == torch.float8_e4m3fn and k.hf_fp8cache_layer is layer and layer.length == 6
+        assert k.dtype == torch.float8_e4m3fn and layer_of(k) is layer and layer.length == 6
         # the whole buffer as fp8: the attention reads attention_inputs, not the shape
         assert k.shape == (1, 2, layer.capacity, 16) and k.data_ptr() == layer.key_bytes.data_ptr()
     finally:

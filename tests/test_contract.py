@@ -1,12 +1,14 @@
 """The cache <-> attention contract (``contract.py``), checked the same way over both layer kinds: what ``update``
 hands our attention, and what ``attention_inputs(mask)`` returns for it."""
 
+import copy
+
 import pytest
 import torch
 from helpers import tiny_llama
 
 from hf_fp8cache import FP8Cache, FP8StaticCache
-from hf_fp8cache.contract import ATTENTION_NAME, LAYER_ATTRIBUTE, FP8AttentionInputs
+from hf_fp8cache.contract import ATTENTION_NAME, FP8AttentionInputs, layer_of
 
 KINDS = ["dynamic", "static"]
 PADS = [0, 3, 1]  # left padding of each row
@@ -52,7 +54,19 @@ def _filled(kind, config, prompt=6):
 def test_update_hands_our_attention_fp8_views_that_name_their_layer(kind, config, torch_path):
     cache, returned = _filled(kind, config)
     for layer, key in zip(cache.layers, returned):
-        assert key.dtype == torch.float8_e4m3fn and getattr(key, LAYER_ATTRIBUTE) is layer
+        assert key.dtype == torch.float8_e4m3fn and layer_of(key) is layer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copied_cache_hands_views_naming_its_own_layers(kind, config, torch_path):
+    # the dynamic layer keeps its views from step to step, naming itself weakly: a deepcopy must not hand out the
+    # original's views (attention would read the original cache)
+    cache, _ = _filled(kind, config)
+    copied_cache = copy.deepcopy(cache)
+    step = torch.randn(len(PADS), 2, 1, 16, generator=torch.Generator().manual_seed(1))
+    for index, (original, copied) in enumerate(zip(cache.layers, copied_cache.layers)):
+        key = copied_cache.update(step, step, index)[0]
+        assert layer_of(key) is copied and layer_of(key) is not original
 
 
 @pytest.mark.parametrize("kind", KINDS)

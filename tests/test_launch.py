@@ -49,7 +49,7 @@ class FakeKernel:
 @pytest.fixture
 def direct(monkeypatch):
     monkeypatch.setattr(launch, "_DIRECT", True)
-    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "current_cuda_device", lambda: 0)
     monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
 
 
@@ -123,3 +123,13 @@ def test_the_memo_does_not_keep_old_buffers_alive(direct):
     assert gone() is None  # a cache layer's grown-out buffer is freed
     memo.launch(kernel, (4,), (torch.zeros(64, dtype=torch.uint8), 4097, 0.5), {"BLOCK": 64})
     assert [entry[0] for entry in kernel.log] == ["direct"]
+
+
+def test_scratch_buffers_are_kept_while_shape_dtype_and_device_hold():
+    memo = launch.LaunchMemo()
+    first = memo.scratch("part", (4, 8), torch.float32, torch.device("cpu"))
+    assert memo.scratch("part", (4, 8), torch.float32, torch.device("cpu")) is first
+    assert memo.scratch("other", (4, 8), torch.float32, torch.device("cpu")) is not first  # its own name
+    grown = memo.scratch("part", (4, 16), torch.float32, torch.device("cpu"))
+    assert grown is not first and grown.shape == (4, 16)
+    assert memo.scratch("part", (4, 16), torch.float64, torch.device("cpu")).dtype == torch.float64

@@ -102,6 +102,8 @@ def measure(B, L):
         D**-0.5,
     )
     record(case, "decode_attention", time_us(lambda: ka.decode_attention(*args)))
+    record(case, "decode_attention with the layer's memo",
+           time_us(lambda: ka.decode_attention(*args, memo=layer._launches)))  # fmt: skip
     record(case, "check_decode_attention", time_us(lambda: check_decode_attention(*args[:8], None, None)))
     record(
         case,
@@ -132,6 +134,9 @@ def measure(B, L):
             )
         ),
     )
+    record(case, "quantize_append_kv with the layer's memo",
+           time_us(lambda: quantize_append_kv(x, x, inp.key_bytes, inp.value_bytes, inp.length, layer.key_inv_scale,
+                                              layer.value_inv_scale, inp.fmt, memo=layer._launches)))  # fmt: skip
     # combine kernel: jit launch vs compiled handle
     S = 16
     pm = torch.zeros(B * Hq, S, device=dev)
