@@ -5,157 +5,29 @@ full-attention layers are ``FP8CacheLayer`` (``cache_layer.py``: storage, read p
 and chunked layers ``FP8SlidingWindowLayer`` (``sliding.py``). Layers that keep no K/V are transformers' own:
 linear-attention, SSM and conv states (``LinearAttentionLayer``: Qwen3-Next, Qwen3.5, Jamba, Granite 4, LFM2), layers
 sharing another layer's K/V or without a cache (``DummyLayer``, Gemma 3n / Gemma 4). Hybrid layers that hold both
-(Falcon-H1) are ``FP8HybridLayer``: transformers' linear-attention code for the states, an FP8 layer for K/V. Without
-a config, full-attention layers are made as the model updates them.
+(Falcon-H1) are ``FP8HybridLayer``: transformers' linear-attention code for the states, an FP8 layer for K/V
+(``hybrid.py``). Without a config, full-attention layers are made as the model updates them.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, LinearAttentionLayer
+from transformers.cache_utils import Cache
 
 from .cache_base import (
-    HYBRID_LAYER_TYPES,
-    KV_LAYER_TYPES,
     DequantWorkspace,
     RowStarts,
     check_model_scales,
-    checkpoint_scales,
-    decoder_layer_types,
-    kv_layer_indices,
     layer_scales,
-    model_layer_types,
     resolve_cache_options,
     shared_kv_layers,
-    state_layer_types,
-    with_state_layer_placeholders,
 )
 from .cache_layer import FP8CacheLayer
-from .formats import resolve_format
+from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .scales import KVScales
 from .sliding import FP8SlidingWindowLayer
 
-__all__ = ["FP8HybridLayer", "QuantizedFP8Cache", "FP8Cache", "build_layers"]
-
-
-class FP8HybridLayer(LinearAttentionLayer, CacheLayerMixin):
-    """A layer holding linear-attention / SSM states and K/V (transformers' ``hybrid`` and ``hybrid_sliding``
-    types, e.g. Falcon-H1). The states are transformers' own ``LinearAttentionLayer`` code and fields, untouched; K/V
-    live in ``attention`` (an FP8 layer, or any cache layer), which attention reads as usual. Every operation does
-    what transformers' ``LinearAttentionAndFullAttentionLayer`` / ``...SlidingWindowAttentionLayer`` do: reset,
-    reorder and crop both parts; batch repeat / select and the maximum length as transformers' hybrid layers (K/V
-    only; -1)."""
-
-    is_compileable = False  # as transformers' dynamic hybrid layers
-
-    def __init__(self, attention: CacheLayerMixin, number_of_states: int = 1, **kwargs) -> None:
-        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
-        self.attention = attention
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return self.attention.update(key_states, value_states, *args, **kwargs)
-
-    def get_seq_length(self) -> int:
-        return self.attention.get_seq_length()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.attention.get_mask_sizes(query_length)
-
-    @property
-    def is_sliding(self) -> bool:
-        return self.attention.is_sliding
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.attention.is_initialized
-
-    @property
-    def is_croppable(self) -> bool:
-        return LinearAttentionLayer.is_croppable.fget(self) and self.attention.is_croppable
-
-    @property
-    def keys(self):
-        return self.attention.keys
-
-    @property
-    def values(self):
-        return self.attention.values
-
-    @property
-    def nbytes(self) -> int:
-        return self.attention.nbytes
-
-    @property
-    def allocated_nbytes(self) -> int:
-        return self.attention.allocated_nbytes
-
-    def reset(self) -> None:
-        LinearAttentionLayer.reset(self)
-        self.attention.reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        LinearAttentionLayer.reorder_cache(self, beam_idx)
-        self.attention.reorder_cache(beam_idx)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        LinearAttentionLayer.crop(self, tokens_to_remove)
-        self.attention.crop(tokens_to_remove)
-
-    def activate_past_recording(self) -> None:
-        LinearAttentionLayer.activate_past_recording(self)
-        if hasattr(self.attention, "activate_past_recording"):
-            self.attention.activate_past_recording()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.attention.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices) -> None:
-        self.attention.batch_select_indices(indices)
-
-    def offload(self) -> None:
-        self.attention.offload()
-
-    def prefetch(self) -> None:
-        self.attention.prefetch()
-
-
-def build_layers(config, kv_layer) -> list:
-    """One cache layer per decoder layer of ``config``, as transformers' ``DynamicCache`` builds them, with K/V in
-    ``kv_layer(layer_idx, layer_type, sliding_window)`` (``layer_type``: ``"full_attention"`` or a sliding type):
-
-    - full, sliding and chunked attention: ``kv_layer``;
-    - hybrid (states and K/V): ``FP8HybridLayer`` around ``kv_layer``;
-    - linear attention, conv, KV-shared and cache-less layers: transformers' own class for that type.
-
-    Other types (e.g. the indexed sparse attention of DeepSeek V3.2) are refused, naming them."""
-    states = state_layer_types()
-    layers = []
-    for i, (layer_type, kwargs) in enumerate(model_layer_types(config, supported=(*KV_LAYER_TYPES, *states))):
-        if layer_type in states:
-            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
-        elif layer_type in HYBRID_LAYER_TYPES:
-            attention = kv_layer(i, HYBRID_LAYER_TYPES[layer_type], kwargs.get("sliding_window"))
-            layers.append(FP8HybridLayer(attention, **kwargs))
-        else:
-            layers.append(kv_layer(i, layer_type, kwargs.get("sliding_window")))
-    return layers
-
-
-def _has_state_layers(config) -> bool:
-    """Whether some decoder layer of ``config`` holds no K/V of its own (linear attention, SSM, conv, KV sharing)."""
-    return len(kv_layer_indices(config)) < config.get_text_config(decoder=True).num_hidden_layers
-
-
-def _kv_layer_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing: str, **options):
-    """``cache_base.checkpoint_scales`` for a model with layers that hold no K/V: the checkpoint needs scales on its
-    K/V layers only (matched by layer index); the others get 1.0, never read."""
-    from .checkpoint import read_checkpoint_scales, to_kv_scales
-
-    fmt = resolve_format(kv_cache_dtype)
-    found = read_checkpoint_scales(name_or_path, **options)
-    found = with_state_layer_placeholders(found, decoder_layer_types(config))
-    scales = to_kv_scales(found, missing=missing)
-    return fmt, scales.scaled(2.0) if fmt.name == "e4m3fnuz" else scales  # as checkpoint_scales: vLLM's ROCm rule
+__all__ = ["QuantizedFP8Cache", "FP8Cache"]
 
 
 class QuantizedFP8Cache(Cache):
@@ -233,10 +105,7 @@ class QuantizedFP8Cache(Cache):
             kwargs: the other constructor arguments (``exact_prefill``, ``residual_length``).
         """
         options = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-        if config is not None and _has_state_layers(config):
-            fmt, scales = _kv_layer_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing, **options)
-        else:
-            fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, missing=missing, **options)
+        fmt, scales = model_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing=missing, **options)
         return cls(config=config, kv_cache_dtype=fmt, scales=scales, **kwargs)
 
     def _new_layer(self, layer_idx: int, sliding_window: int | None = None) -> FP8CacheLayer:

@@ -103,10 +103,10 @@ class _ObservingLayer(CacheLayerMixin):
 
 class _ObservingCache(Cache):
     """Observing layers where the model keeps K/V; with ``config``, every other layer as transformers builds it
-    (linear-attention / SSM states, KV sharing: ``cache.build_layers``), so hybrid models run as usual."""
+    (linear-attention / SSM states, KV sharing: ``hybrid.build_layers``), so hybrid models run as usual."""
 
     def __init__(self, session: Observation, config=None) -> None:
-        from .cache import build_layers
+        from .hybrid import build_layers
 
         self.session = session
         layers = [] if config is None else build_layers(config, lambda i, _type, _window: _ObservingLayer(session, i))

@@ -41,17 +41,16 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache_base import (
-    SLIDING_LAYER_TYPES,
     DequantWorkspace,
     FP8LayerBase,
     check_model_scales,
-    checkpoint_scales,
     layer_scales,
-    model_layer_types,
     resolve_cache_options,
+    shared_kv_layers,
 )
 from .contract import FP8AttentionInputs, kv_start_from_mask
 from .formats import FP8Format
+from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .kernels import ops
 from .scales import KVScales
 
@@ -316,7 +315,9 @@ class FP8StaticCache(Cache):
     Args:
         config: the model's config; one layer per decoder layer, built from the config's layer types as
             transformers' ``StaticCache`` builds them: full attention ``FP8StaticLayer``, sliding-window and
-            chunked attention ``FP8StaticSlidingLayer`` (``static_sliding.py``, a ring of the window's size).
+            chunked attention ``FP8StaticSlidingLayer`` (``static_sliding.py``, a ring of the window's size), layers
+            keeping only states (linear attention, SSM, conv) or nothing (KV sharing) transformers' own classes,
+            hybrid layers (states and K/V) ``FP8HybridLayer`` around an FP8 static layer (``hybrid.py``).
         max_cache_len: tokens per sequence the full-attention buffers hold (prompt plus new tokens); sliding layers
             hold ``min(sliding_window, max_cache_len)``.
         max_batch_size: the largest batch (times beams) it accepts; the buffers are made for the batch of the
@@ -348,15 +349,19 @@ class FP8StaticCache(Cache):
         self._row_starts = StaticRowStarts()  # before the layers: a deepcopy of the cache copies it first
         check_model_scales(config, scales)
         settings = dict(fmt=self.format, strategy=self.strategy, calculate_kv_scales=calculate_kv_scales,
-                        workspace=self._workspace, attention_config=config, max_batch_size=max_batch_size)  # fmt: skip
-        types = model_layer_types(config, supported=("full_attention", *SLIDING_LAYER_TYPES))
-        layers = [  # by type: transformers <= 5.22 gives every layer the window in one dict of arguments
-            self._new_layer(i, kwargs["sliding_window"] if kind in SLIDING_LAYER_TYPES else None,
-                            scales=layer_scales(scales, i), **settings)
-            for i, (kind, kwargs) in enumerate(types)
-        ]  # fmt: skip
-        # the layer whose length bounds the step (sliding layers take any number of tokens)
-        self._capacity_layer = next((i for i, layer in enumerate(layers) if not layer.is_sliding), None)
+                        attention_config=config, max_batch_size=max_batch_size)  # fmt: skip
+        shared = shared_kv_layers(config)  # their dequantized K/V must outlive the next layer's update: own workspace
+
+        def kv_layer(i: int, layer_type: str, window: int | None) -> FP8StaticLayer:
+            workspace = DequantWorkspace(static=True) if i in shared else self._workspace
+            return self._new_layer(i, window, scales=layer_scales(scales, i), workspace=workspace, **settings)
+
+        layers = build_layers(config, kv_layer)
+        # the layer whose length bounds the step: the first full-attention one (sliding layers take any number of
+        # tokens; state layers hold no tokens)
+        self._capacity_layer = next(
+            (i for i, layer in enumerate(layers) if getattr(layer, "is_sliding", True) is False), None
+        )
         super().__init__(layers=layers)
 
     def _new_layer(self, layer_idx: int, sliding_window: int | None, **settings) -> FP8StaticLayer:
@@ -388,7 +393,7 @@ class FP8StaticCache(Cache):
             loader_options: ``checkpoint.load_kv_scales``'s ``missing``, ``revision``, ``token``, ``cache_dir``,
                 ``local_files_only``.
         """
-        fmt, scales = checkpoint_scales(name_or_path, kv_cache_dtype, **loader_options)
+        fmt, scales = model_checkpoint_scales(name_or_path, config, kv_cache_dtype, **loader_options)
         return cls(config, max_cache_len, max_batch_size=max_batch_size, kv_cache_dtype=fmt, scales=scales)
 
     def update(
@@ -398,7 +403,7 @@ class FP8StaticCache(Cache):
             raise ValueError(f"layer {layer_idx} is outside this cache's {len(self.layers)} layers")
         layer = self.layers[layer_idx]
         if layer_idx == self._capacity_layer and layer.is_initialized:  # once per forward: all full layers agree
-            layer.check_capacity(key_states.shape[2])
+            getattr(layer, "attention", layer).check_capacity(key_states.shape[2])  # (a hybrid layer's K/V part)
         return layer.update(key_states, value_states)
 
     @property
@@ -406,9 +411,14 @@ class FP8StaticCache(Cache):
         return self._max_cache_len
 
     @property
+    def kv_layers(self) -> list:
+        """The layers holding FP8 K/V (hybrid layers included); the others keep transformers' states or nothing."""
+        return [layer for layer in self.layers if isinstance(layer, (FP8StaticLayer, FP8HybridLayer))]
+
+    @property
     def allocated_nbytes(self) -> int:
         """Bytes of all FP8 buffers (``max_cache_len`` tokens each) and scales."""
-        return sum(layer.allocated_nbytes for layer in self.layers)
+        return sum(layer.allocated_nbytes for layer in self.kv_layers)
 
     def __repr__(self) -> str:
         return (

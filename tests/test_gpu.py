@@ -92,3 +92,17 @@ def test_generate_compiles_the_static_cache_and_equals_eager_fp8(cache_kwargs):
         compiled = _greedy(model, static, ids, mask, 16)
         assert_equal(compiled, _greedy(model, FP8Cache(model.config, **cache_kwargs), ids, mask, 16))
     assert hasattr(model, "_compiled_call")  # generate took its compiled path
+
+
+@pytest.mark.parametrize("family", ["qwen3-next", "falcon-h1"])
+def test_generate_compiles_the_static_cache_of_a_hybrid_model_and_equals_eager_fp8(family):
+    """A linear-attention hybrid (Qwen3-Next) and a mamba+attention one (Falcon-H1): the static cache, compiled by
+    generate, keeps transformers' states and gives the eager dynamic FP8 cache's tokens."""
+    from test_hybrid import _model
+
+    model = _model(family, ATTENTION_NAME).cuda()  # fp32, as above
+    ids, mask = left_padded_prompts(2, 24, pads=lambda row: 5 * row, pad_id=None, seed=0, device="cuda")
+    static = FP8StaticCache(model.config, max_cache_len=48)
+    assert static.is_compileable
+    assert_equal(_greedy(model, static, ids, mask, 12), _greedy(model, FP8Cache(model.config), ids, mask, 12))
+    assert hasattr(model, "_compiled_call")

@@ -9,15 +9,16 @@ import pytest
 import torch
 from helpers import left_padded_prompts
 from oracle import fake_fp8_cache, fake_fp8_hybrid_cache
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-from hf_fp8cache import FP8Cache, KVScales, calibrate
-from hf_fp8cache.cache import FP8HybridLayer
+from hf_fp8cache import FP8Cache, FP8StaticCache, KVScales, calibrate
 from hf_fp8cache.cache_base import kv_layer_indices
 from hf_fp8cache.cache_layer import FP8CacheLayer
 from hf_fp8cache.contract import ATTENTION_NAME
+from hf_fp8cache.hybrid import FP8HybridLayer
 from hf_fp8cache.integration import cache_keyword
+from hf_fp8cache.static_cache import FP8StaticLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -89,6 +90,22 @@ def test_generate_equals_the_oracle(family, attention, torch_path):
         assert holds_kv or type(ours) is type(their), (type(ours), type(their))
         assert isinstance(ours, LinearAttentionCacheLayerMixin) == isinstance(their, LinearAttentionCacheLayerMixin)
     assert cache.kv_layers and cache.nbytes > 0
+
+
+@pytest.mark.parametrize("family, attention", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+def test_the_static_cache_builds_the_same_layers_and_equals_the_oracle(family, attention, torch_path):
+    model = _model(family, attention)
+    ids, mask = _prompts()
+    cache = FP8StaticCache(model.config, max_cache_len=ids.shape[1] + 5)
+    ours, oracle = (_generate(model, c, ids, mask) for c in (cache, fake_fp8_hybrid_cache(model.config)))
+    assert torch.equal(ours, oracle)
+    theirs = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 5).layers
+    assert len(cache.layers) == len(theirs)
+    for ours, their in zip(cache.layers, theirs):  # transformers' own class wherever no K/V is kept
+        holds_kv = isinstance(ours, (FP8StaticLayer, FP8HybridLayer))
+        assert holds_kv or type(ours) is type(their), (type(ours), type(their))
+        assert isinstance(ours, LinearAttentionCacheLayerMixin) == isinstance(their, LinearAttentionCacheLayerMixin)
+    assert cache.kv_layers and cache.allocated_nbytes > 0
 
 
 @pytest.mark.parametrize("family", ["qwen3-next", "falcon-h1"])
