@@ -83,13 +83,16 @@ def test_generate_equals_the_oracle(family, attention, torch_path):
         assert not torch.equal(
             ours.logits[-1], _generate(model, DynamicCache(config=model.config), **logits).logits[-1]
         )
-    theirs = DynamicCache(config=model.config).layers
-    assert len(cache.layers) == len(theirs)
-    for ours, their in zip(cache.layers, theirs):  # transformers' own class wherever no K/V is kept
-        holds_kv = isinstance(ours, (FP8CacheLayer, FP8HybridLayer))
-        assert holds_kv or type(ours) is type(their), (type(ours), type(their))
-        assert isinstance(ours, LinearAttentionCacheLayerMixin) == isinstance(their, LinearAttentionCacheLayerMixin)
+    _assert_layers_as_transformers(cache.layers, DynamicCache(config=model.config).layers, FP8CacheLayer)
     assert cache.kv_layers and cache.nbytes > 0
+
+
+def _assert_layers_as_transformers(ours: list, theirs: list, kv_layer: type) -> None:
+    """One layer per transformers layer; transformers' own class wherever no K/V is kept."""
+    assert len(ours) == len(theirs)
+    for layer, their in zip(ours, theirs):
+        assert isinstance(layer, (kv_layer, FP8HybridLayer)) or type(layer) is type(their), (type(layer), type(their))
+        assert isinstance(layer, LinearAttentionCacheLayerMixin) == isinstance(their, LinearAttentionCacheLayerMixin)
 
 
 @pytest.mark.parametrize("family, attention", CASES, ids=[f"{f}-{a}" for f, a in CASES])
@@ -100,11 +103,7 @@ def test_the_static_cache_builds_the_same_layers_and_equals_the_oracle(family, a
     ours, oracle = (_generate(model, c, ids, mask) for c in (cache, fake_fp8_hybrid_cache(model.config)))
     assert torch.equal(ours, oracle)
     theirs = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 5).layers
-    assert len(cache.layers) == len(theirs)
-    for ours, their in zip(cache.layers, theirs):  # transformers' own class wherever no K/V is kept
-        holds_kv = isinstance(ours, (FP8StaticLayer, FP8HybridLayer))
-        assert holds_kv or type(ours) is type(their), (type(ours), type(their))
-        assert isinstance(ours, LinearAttentionCacheLayerMixin) == isinstance(their, LinearAttentionCacheLayerMixin)
+    _assert_layers_as_transformers(cache.layers, theirs, FP8StaticLayer)
     assert cache.kv_layers and cache.allocated_nbytes > 0
 
 
