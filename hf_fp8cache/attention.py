@@ -9,7 +9,9 @@ When the model runs with it, the FP8 caches' ``update`` hands attention tensors 
 scales, format, exact recent window, sliding window -- and:
 
 - decode (up to ``MAX_DECODE_QUERIES`` new tokens over fp8 views) runs ``kernels.decode_attention``: split-KV
-  attention straight from the FP8 bytes, scales folded in; no bf16 copy of the history ever exists. A length held
+  attention straight from the FP8 bytes, scales folded in; no bf16 copy of the history ever exists. A dynamic full
+  layer leaves a decode step's one token unwritten (``FP8AttentionInputs.new_tokens``): the kernel claims it and
+  writes it as it attends, one launch for both. A length held
   on the device (the static cache) goes through the compileable operator. The layer's sliding window, and the
   module's learned sinks (``s_aux``, GPT-OSS), logit softcapping (``softcap``, Gemma 2) and ``scaling`` (Gemma's
   ``query_pre_attn_scalar``) go to the kernel;
@@ -52,9 +54,10 @@ def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks
         return ops.decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
                                     inputs.key_scale, inputs.value_scale, inputs.fmt.name, scale,
                                     **options)  # fmt: skip
+    new = None if inputs.new_tokens is None else inputs.new_tokens.claim()  # the launch writes the step's token
     return decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
                             inputs.key_scale, inputs.value_scale, inputs.fmt, scale, recent=inputs.recent,
-                            memo=inputs.launches, **options)  # fmt: skip
+                            memo=inputs.launches, new=new, **options)  # fmt: skip
 
 
 def _kernel_serves(module, query: torch.Tensor, inputs: FP8AttentionInputs, dropout: float, kwargs: dict) -> bool:

@@ -13,8 +13,9 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, attended_positions, kv_start_from_mask
+from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, PendingWrite, attended_positions, kv_start_from_mask
 from .formats import FP8Format, resolve_format
+from .kernels import NewTokens
 from .scales import ONTHEFLY_HEADROOM, KVScales, check_scale_range, check_strategy, onthefly_scale, outlier_warning
 from .sharding import agree_across_ranks, local_head_scales
 
@@ -114,7 +115,7 @@ class FP8LayerBase(CacheLayerMixin):
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self._scales_pending = False  # on-the-fly scales come from the next prefill
-        self._pending_write: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (K, V, start) awaiting the mask
+        self._pending_write: PendingWrite | None = None  # K/V an update kept back
 
     def _first_scales(self, key_states: torch.Tensor, unit_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Take dtype and device from the first K; return the given scales there (checked against its heads), or
@@ -165,7 +166,8 @@ class FP8LayerBase(CacheLayerMixin):
         (a warning says so for batches of more than one row)."""
         if self._scales_pending and key_states.shape[2] > 0 and self._serves_fp8_attention():
             frozen_start = start.clone() if isinstance(start, torch.Tensor) else start  # the caller advances its own
-            self._pending_write = (key_states, value_states, frozen_start)
+            tokens = NewTokens(key_states, value_states, self.key_inv_scale, self.value_inv_scale)
+            self._pending_write = PendingWrite(tokens, frozen_start, claimable=False)
             return True
         self._warn_padding_counts(key_states)
         self._write(key_states, value_states, start, None)
@@ -192,11 +194,12 @@ class FP8LayerBase(CacheLayerMixin):
         self._check_states(key_states, value_states)
 
     def _finish_pending_write(self, attention_mask: torch.Tensor | None) -> None:
-        """Do the write ``_write_or_defer`` kept back, leaving out positions ``attention_mask`` does not attend."""
-        if self._pending_write is None:
+        """Do the write an update kept back (``contract.PendingWrite``) unless the decode kernel claimed it, leaving
+        out positions ``attention_mask`` does not attend (they matter to on-the-fly scales only)."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is None or pending.claimed:
             return
-        key_states, value_states, start = self._pending_write
-        self._pending_write = None
+        key_states, value_states, start = pending.tokens.keys, pending.tokens.values, pending.start
         attended = attended_positions(attention_mask)
         valid = None if attended is None else attended[:, start : start + key_states.shape[2]].to(key_states.device)
         self._write(key_states, value_states, start, valid)

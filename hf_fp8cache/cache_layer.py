@@ -28,9 +28,9 @@ import weakref
 import torch
 
 from .cache_base import DequantWorkspace, FP8LayerBase, RowStarts
-from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs, layer_of
+from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs, PendingWrite, layer_of
 from .formats import FP8Format
-from .kernels import LaunchMemo, RecentWindow, dequantize_kv, quantize_append_kv
+from .kernels import LaunchMemo, NewTokens, RecentWindow, dequantize_kv, quantize_append_kv
 from .kernels.recent_window import ring_read, ring_write
 
 __all__ = ["FP8CacheLayer"]
@@ -56,6 +56,7 @@ class FP8CacheLayer(FP8LayerBase):
     """
 
     is_compileable = False
+    claims_decode_writes = True  # a decode step's token is written by our attention's kernel as it attends
 
     def __init__(
         self,
@@ -90,10 +91,12 @@ class FP8CacheLayer(FP8LayerBase):
     @property
     def keys(self) -> torch.Tensor | None:
         """The cached keys as fp8 ``[B, H, S, D]`` (a view; multiply by ``key_scale`` to dequantize)."""
+        self._finish_pending_write(None)
         return None if self._key_bytes is None else self._key_bytes[:, :, : self.length].view(self.fmt.dtype)
 
     @property
     def values(self) -> torch.Tensor | None:
+        self._finish_pending_write(None)
         return None if self._value_bytes is None else self._value_bytes[:, :, : self.length].view(self.fmt.dtype)
 
     @property
@@ -201,7 +204,11 @@ class FP8CacheLayer(FP8LayerBase):
         self._begin_update(key_states, value_states)
         start = self.length
         self._reserve(start + key_states.shape[2], key_states)
-        waits = self._write_or_defer(key_states, value_states, start)
+        if self._decode_write_waits(key_states, start):  # the decode kernel will write it as it attends
+            tokens = NewTokens(key_states, value_states, self.key_inv_scale, self.value_inv_scale)
+            self._pending_write, waits = PendingWrite(tokens, start, claimable=True), False
+        else:
+            waits = self._write_or_defer(key_states, value_states, start)
         self.length = start + key_states.shape[2]
         if self._recent_keys is not None:
             ring_write(self._recent_keys, key_states, start)
@@ -212,6 +219,18 @@ class FP8CacheLayer(FP8LayerBase):
         if self._serves_fp8_attention():  # the whole buffers: that attention reads attention_inputs(), not the shape
             return self._fp8_views()
         return self.dequantized()
+
+    def _decode_write_waits(self, key_states: torch.Tensor, start: int) -> bool:
+        """Whether a decode step's token is left to our attention's kernel to write (``contract.PendingWrite``): one
+        token after a prefill, scales set, no exact window, the layer's ``claims_decode_writes``."""
+        return (
+            self.claims_decode_writes
+            and key_states.shape[2] == 1
+            and start > 0
+            and self._recent_keys is None
+            and not self._scales_pending
+            and self._serves_fp8_attention()
+        )
 
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole buffers as fp8 tensors naming this layer, for our attention: made once per pair of buffers and
@@ -235,15 +254,21 @@ class FP8CacheLayer(FP8LayerBase):
         )  # fmt: skip
 
     def attention_inputs(self, attention_mask: torch.Tensor | None) -> FP8AttentionInputs:
-        """What the FP8 attention reads (``contract.py``); finishes a write that waited for the mask."""
-        self._finish_pending_write(attention_mask)
+        """What the FP8 attention reads (``contract.py``); finishes a write that waited for the mask, and offers a
+        decode step's token to the kernel (``new_tokens``)."""
+        pending = self._pending_write
+        if pending is None or not pending.claimable:
+            self._finish_pending_write(attention_mask)
+            pending = None
         kv_start = self._row_starts(attention_mask, self._key_bytes.shape[0], self.device)
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, self.key_scale,
-                                  self.value_scale, self.fmt, self.recent_window, launches=self._launches)  # fmt: skip
+                                  self.value_scale, self.fmt, self.recent_window, launches=self._launches,
+                                  new_tokens=pending)  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next
         update of any layer)."""
+        self._finish_pending_write(None)
         B, H, _, D = self._key_bytes.shape
         key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length, D))
         dequantize_kv(
@@ -272,6 +297,7 @@ class FP8CacheLayer(FP8LayerBase):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Negative: drop that many tokens from the end. Positive: keep that many (transformers <= 5.19 meaning)."""
+        self._finish_pending_write(None)
         if tokens_to_remove > 0:
             self.length = min(self.length, tokens_to_remove)
         else:

@@ -5,7 +5,10 @@ A cache layer serving that attention returns from ``update`` tensors that carry 
 prefill whose FP8 write waits for the padding mask. The attention then asks the layer one question,
 ``layer.attention_inputs(attention_mask) -> FP8AttentionInputs``, and reads only that bundle; for chunks the decode
 kernel does not take it asks ``layer.dequantized()``. It never reads or writes a layer's fields, so every layer
-kind (dynamic, static; full, sliding; on another device) extends the bundle, not the attention. What the bundle
+kind (dynamic, static; full, sliding; on another device) extends the bundle, not the attention. A bundle may offer
+K/V the layer has not written yet (``new_tokens``, a ``PendingWrite``): the decode kernel ``claim()``s them and
+writes them in its launch; otherwise the layer writes them before anything reads its buffers (``dequantized()``,
+the next update). What the bundle
 holds comes from the cache side (the layer's window); what comes from the model's attention module (learned sinks,
 logit softcapping, the scaling) arrives as that attention call's arguments.
 
@@ -20,9 +23,9 @@ from typing import NamedTuple
 import torch
 
 from .formats import FP8Format
-from .kernels import LaunchMemo, RecentWindow
+from .kernels import LaunchMemo, NewTokens, RecentWindow
 
-__all__ = ["ATTENTION_NAME", "FP8AttentionInputs", "layer_of"]
+__all__ = ["ATTENTION_NAME", "FP8AttentionInputs", "PendingWrite", "layer_of"]
 
 ATTENTION_NAME = "hf_fp8cache"
 LAYER_ATTRIBUTE = "hf_fp8cache_layer"  # set on the tensors a layer's update returns to this attention
@@ -33,6 +36,24 @@ def layer_of(tensor: torch.Tensor):
     through a weak reference (``weakref.ref``) by the layers whose views outlive one step."""
     layer = getattr(tensor, LAYER_ATTRIBUTE, None)
     return layer() if type(layer) is weakref.ref else layer
+
+
+class PendingWrite:
+    """K/V a layer's ``update`` kept back, to be written at position ``start``: by the decode kernel as it attends
+    (the attention ``claim()``s them from ``FP8AttentionInputs.new_tokens`` and hands them to the kernel: one launch
+    writes and attends), otherwise by the layer before anything reads its buffers. Only ``claimable`` writes (a
+    decode step's one token) are offered to the attention; the others (a first prefill waiting for the padding mask
+    to set its scales) the layer writes itself."""
+
+    __slots__ = ("tokens", "start", "claimable", "claimed")
+
+    def __init__(self, tokens: NewTokens, start, *, claimable: bool) -> None:
+        self.tokens, self.start, self.claimable, self.claimed = tokens, start, claimable, False
+
+    def claim(self) -> NewTokens:
+        """The K/V for ``decode_attention(new=...)``, whose launch writes them; the layer will not write them again."""
+        self.claimed = True
+        return self.tokens
 
 
 class FP8AttentionInputs(NamedTuple):
@@ -56,6 +77,7 @@ class FP8AttentionInputs(NamedTuple):
     recent: RecentWindow | None
     sliding_window: int | None = None
     launches: LaunchMemo | None = None  # the layer's kernel launches, relaunched step after step (kernels/launch.py)
+    new_tokens: PendingWrite | None = None  # the step's K/V, not yet written: the decode kernel claims and writes them
 
 
 def attended_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

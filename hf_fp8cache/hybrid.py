@@ -37,7 +37,6 @@ class FP8HybridLayer(LinearAttentionLayer, CacheLayerMixin):
     reorder and crop both parts; batch repeat / select and the maximum length as transformers' hybrid layers (K/V
     only; -1)."""
 
-
     def __init__(self, attention: CacheLayerMixin, number_of_states: int = 1, **kwargs) -> None:
         LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
         self.attention = attention

@@ -34,6 +34,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
     """One sliding-window (or chunked) attention layer's FP8 K/V (see the module docstring)."""
 
     is_sliding = True
+    claims_decode_writes = False  # its update moves bytes itself (the window's trim): every write happens here
 
     def __init__(self, sliding_window: int, **layer_kwargs) -> None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:

@@ -13,16 +13,19 @@ tier:
   graphs.
 
 Around them: ``formats.py`` (the fp8 encodings), ``checks.py`` (argument checks), ``recent_window.py`` (the exact
-recent window and its ring buffers), ``fp8_codec.py`` (the Triton fp8 codec), ``launch.py`` (relaunching a compiled
+recent window and its ring buffers), ``new_tokens.py`` (a decode step's K/V, written by the attention launch),
+``fp8_codec.py`` (the Triton fp8 codec), ``launch.py`` (relaunching a compiled
 kernel without Triton's per-call binding).
 """
 
 from .dispatch import cpu_backend, decode_attention, dequantize_kv, quantize_append_kv, uses_triton
 from .launch import LaunchMemo
+from .new_tokens import NewTokens
 from .recent_window import RecentWindow
 
 __all__ = [
     "LaunchMemo",
+    "NewTokens",
     "RecentWindow",
     "quantize_append_kv",
     "dequantize_kv",

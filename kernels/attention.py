@@ -55,6 +55,10 @@ Design:
   see split_plan). With one partial (one split, no window) the attention kernel normalizes and writes ``out``
   itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel``
   merges them (one program per query row) and writes ``out``.
+- The step's own token (``new``, ``NEW_TOKEN``; one query token): the program whose keys hold position L - 1
+  quantizes its K/V with ``fp8_codec.encode_fp8`` (bit for bit what ``quantize_append_kv`` writes), stores the codes
+  and attends over them from registers in its masked tail block (the unmasked blocks end before L - 1), so a decode
+  step is one launch instead of two (plus the combine).
 - The launcher ``decode_attention`` validates, plans (``plan_decode_attention``: block sizes, program shape and
   splits as a ``DecodePlan``, host integers only), allocates the partials and launches.
 - Offsets into the caches: a 64-bit block pointer plus int32 offsets inside the block; other offsets are int64.
@@ -73,8 +77,9 @@ import triton.language as tl
 
 from .checks import check_decode_attention
 from .formats import FP8Format
-from .fp8_codec import round_to_output
+from .fp8_codec import encode_fp8, round_to_output
 from .launch import LaunchMemo, launch
+from .new_tokens import NewTokens
 from .recent_window import RecentWindow
 
 # exp(x) == exp2(x * log2(e)); the factor is folded into the logit scale.
@@ -159,15 +164,18 @@ def _output_factor(m, total, v_scale, sink_ptrs, sink_mask, HAS_SINKS: tl.conste
 @triton.jit
 def _attend_fp8_blocks(
     q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
-    softcap, m_i, l_i, acc,
+    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+    NEW_TOKEN: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax over the fp8 key blocks at lo, lo + BLOCK_N, ... below hi of the (b, h) whose keys start at
     block_base (contiguous rows of D bytes). Addressing: a 64-bit block pointer plus int32 offsets inside the block
     (8 % faster at 8x32768 on the H200 than int64 offsets per element), the row stride a compile-time D (14 fewer
     registers a thread than a stride argument), no head-dim mask when BLOCK_D == D. MASKED=False: the caller
-    guarantees that every key in [lo, hi) is valid and visible to every row, and nothing is masked."""
+    guarantees that every key in [lo, hi) is valid and visible to every row, and nothing is masked. NEW_TOKEN
+    (masked blocks only): position new_position takes the codes new_k_codes / new_v_codes ``[BLOCK_D]`` from
+    registers (the step's own token, which this program also writes to the cache), not from memory."""
     k_block = k_cache_ptr + block_base + lo.to(tl.int64) * D
     v_block = v_cache_ptr + block_base + lo.to(tl.int64) * D
     tile = tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
@@ -179,8 +187,14 @@ def _attend_fp8_blocks(
             kv_mask = n_valid[:, None] & tile_d_valid
         else:
             kv_mask = tile_d_valid
-        k = tl.load(k_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-        v = tl.load(v_block + tile, mask=kv_mask, other=0).to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+        k = tl.load(k_block + tile, mask=kv_mask, other=0)
+        v = tl.load(v_block + tile, mask=kv_mask, other=0)
+        if NEW_TOKEN:
+            is_new = (n == new_position)[:, None]
+            k = tl.where(is_new, new_k_codes[None, :], k)
+            v = tl.where(is_new, new_v_codes[None, :], v)
+        k = k.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
+        v = v.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
         m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
                                       acc, DOT_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
         k_block += BLOCK_N * D
@@ -201,17 +215,20 @@ def _first_key_block(L, SQ, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr
 @triton.jit(do_not_specialize=["L", "num_slots", "first_slot", "blocks_per_split", "recent_start"])
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr, length_ptr,
-    recent_k_ptr, recent_v_ptr, sink_ptr,
+    recent_k_ptr, recent_v_ptr, sink_ptr, new_k_ptr, new_v_ptr, k_inv_scale_ptr, v_inv_scale_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_cb, stride_ch,
     stride_rb, stride_rh, stride_rs,
+    stride_nkb, stride_nkh, stride_nkd, stride_nvb, stride_nvh, stride_nvd,
     scale_stride_h,
     H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start, window, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
+    NEW_TOKEN: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
+    FNUZ: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -276,21 +293,44 @@ def _decode_attention_kernel(
         if SLIDING:  # the last row's window starts at L - window
             inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(L - window, 0), BLOCK_N) * BLOCK_N)
         inner_lo = tl.minimum(inner_lo, hi)
-        inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
+        if NEW_TOKEN:  # the new token (position L - 1) stays in a masked block: it is read from registers
+            inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - 1) // BLOCK_N) * BLOCK_N)
+        else:
+            inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
         block_base = b * stride_cb + h * stride_ch
+        new_position = L - 1
+        new_k_codes = tl.zeros([BLOCK_D], tl.uint8)
+        new_v_codes = tl.zeros([BLOCK_D], tl.uint8)
+        if NEW_TOKEN:
+            # the step's one new token: the program whose keys hold position L - 1 quantizes its K/V (as
+            # quantize_append_kv, bit for bit), writes the codes to the cache and attends over them from registers
+            at_new = d * 0 + new_position  # [BLOCK_D]: tensor comparisons (the interpreter masks with no scalars)
+            owner_mask = d_valid & (at_new >= lo) & (at_new < hi)
+            new_k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d * stride_nkd, mask=owner_mask, other=0.0)
+            new_v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d * stride_nvd, mask=owner_mask, other=0.0)
+            new_k_codes = encode_fp8(new_k.to(tl.float32) * tl.load(k_inv_scale_ptr + h * scale_stride_h),
+                                     MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+            new_v_codes = encode_fp8(new_v.to(tl.float32) * tl.load(v_inv_scale_ptr + h * scale_stride_h),
+                                     MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+            new_offsets = block_base + new_position.to(tl.int64) * D + d
+            tl.store(k_cache_ptr + new_offsets, new_k_codes, mask=owner_mask)
+            tl.store(v_cache_ptr + new_offsets, new_v_codes, mask=owner_mask)
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, D, BLOCK_N, BLOCK_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
-                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, D, BLOCK_N, BLOCK_D,
+                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1, SLIDING=SLIDING,
+                                           SOFTCAP=SOFTCAP, NEW_TOKEN=NEW_TOKEN)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, D, BLOCK_N, BLOCK_D, FP8_DTYPE, DOT_DTYPE, MASKED=False,
-                                           STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, D, BLOCK_N, BLOCK_D,
+                                           FP8_DTYPE, DOT_DTYPE, MASKED=False, STAGES=None, SLIDING=SLIDING,
+                                           SOFTCAP=SOFTCAP)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, D, BLOCK_N, BLOCK_D, FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
-                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, D, BLOCK_N, BLOCK_D,
+                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1, SLIDING=SLIDING,
+                                           SOFTCAP=SOFTCAP, NEW_TOKEN=NEW_TOKEN)  # fmt: skip
 
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
@@ -428,16 +468,25 @@ def _partials(
             memo.scratch("part_acc", (*shape, D), torch.float32, device))  # fmt: skip
 
 
+def _strides_without_s(x: torch.Tensor) -> tuple[int, int, int]:
+    """The b, h and d strides of a ``[B, H, 1, D]`` tensor."""
+    stride_b, stride_h, _, stride_d = x.stride()
+    return stride_b, stride_h, stride_d
+
+
 @functools.lru_cache(maxsize=256)  # one pair per plan and options: decode asks again every step
-def _launch_meta(plan: DecodePlan, e4m3: bool, fp32_query: bool, length_in_memory: bool, sliding: bool, softcap: bool,
-                 sinks: bool, num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
+def _launch_meta(plan: DecodePlan, fmt: FP8Format, fp32_query: bool, length_in_memory: bool, sliding: bool,
+                 softcap: bool, sinks: bool, new_token: bool, num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
     """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
     read-only: the launch memo compares them by identity first)."""
+    codec = fmt.codec_constants()
     meta = dict(
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        FP8_DTYPE=tl.float8e4nv if e4m3 else tl.float8e5, DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
+        FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
+        DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
         WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
-        SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E,
+        SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token,
+        MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"], FNUZ=codec["FNUZ"],
         num_warps=plan.num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     return dict(meta, EXACT_WINDOW=False), dict(meta, EXACT_WINDOW=True, num_warps=plan.window_warps)
@@ -498,17 +547,19 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     memo: LaunchMemo | None = None,
+    new: NewTokens | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` tokens -> ``[B, Sq, Hq, D]``: fp8
     tokens, except those of the exact ``recent`` window when given, with an optional ``sliding_window``, learned
-    ``sinks`` and logit ``softcap`` (see ``kernels.decode_attention``).
+    ``sinks`` and logit ``softcap`` (see ``kernels.decode_attention``). With ``new`` (Sq = 1), the query's own K/V
+    is quantized into the cache at ``kv_length - 1`` by the same launch (``new_tokens.py``).
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``. ``memo``: the caller's
     ``LaunchMemo`` (``launch.py``), which relaunches the compiled kernels with less host work.
     """
     check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
-                           recent, sliding_window, sinks, softcap)  # fmt: skip
+                           recent, sliding_window, sinks, softcap, new)  # fmt: skip
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H
@@ -533,20 +584,28 @@ def decode_attention(
     if not plan.window:  # the ring pointers are never read
         recent = RecentWindow(key_cache, value_cache, kv_length)
     scale_stride_h = 0 if key_scale.numel() == 1 else 1
+    new_token = new is not None
+    if new is None:  # the pointers are never read
+        new = NewTokens(query, query, key_scale, value_scale)
+        new_strides = (0,) * 6
+    else:
+        new_strides = (*_strides_without_s(new.keys), *_strides_without_s(new.values))
     arguments = (
         query, key_cache, value_cache, kv_start, key_scale, value_scale,
         kv_start if length_tensor is None else length_tensor,
         recent.keys, recent.values, value_scale if sinks is None else sinks,
+        new.keys, new.values, new.key_inv_scale, new.value_inv_scale,
         out, part_acc, part_m, part_l,
         *query.stride(),
         *key_cache.stride()[:2],
         *recent.keys.stride()[:3],
+        *new_strides,
         scale_stride_h,
         H, G, Sq, D, kv_length, plan.slots,
     )  # fmt: skip
-    fp8_meta, window_meta = _launch_meta(plan, fmt.exponent_bits == 4, query.dtype == torch.float32,
-                                         length_tensor is not None, sliding_window is not None, softcap is not None,
-                                         sinks is not None, num_stages)  # fmt: skip
+    fp8_meta, window_meta = _launch_meta(plan, fmt, query.dtype == torch.float32, length_tensor is not None,
+                                         sliding_window is not None, softcap is not None, sinks is not None,
+                                         new_token, num_stages)  # fmt: skip
     # with a softcap the logit scale carries the tanh's 2 / softcap, and softcap * log2(e) rescales (_softcapped)
     logit_scale = sm_scale * _LOG2E if softcap is None else sm_scale * 2 * _LOG2E / softcap
     window_args = (logit_scale, recent.keys.shape[2], recent.start, sliding_window or 0, (softcap or 0.0) * _LOG2E)

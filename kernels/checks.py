@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .formats import FP8Format
+from .new_tokens import NewTokens
 from .recent_window import RecentWindow
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "check_dequantize_kv",
     "check_decode_attention",
     "check_attention_options",
+    "check_new_tokens",
 ]
 
 
@@ -99,6 +101,7 @@ def check_decode_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    new: NewTokens | None = None,
 ) -> None:
     """Validate the arguments of ``decode_attention`` (shared by the dispatch and the Triton launcher)."""
     if fmt.fnuz:
@@ -130,6 +133,8 @@ def check_decode_attention(
     check_scales("scales", key_scale, value_scale, H)
     if out is not None and (tuple(out.shape) != (B, Sq, Hq, D) or out.dtype != query.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {query.dtype} {(B, Sq, Hq, D)}, got {out.dtype} {tuple(out.shape)}")
+    if new is not None:
+        check_new_tokens(new, query, H, kv_length, recent)
     if recent is not None:
         ring = recent.keys
         if ring.dim() != 4 or ring.shape[:2] != (B, H) or ring.shape[3] != D or ring.shape[2] == 0:
@@ -169,3 +174,21 @@ def check_attention_options(
         )
     if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+
+
+def check_new_tokens(
+    new: NewTokens, query: torch.Tensor, heads: int, kv_length: int | torch.Tensor, recent: RecentWindow | None
+) -> None:
+    """The step's own K/V that ``decode_attention`` writes (``new_tokens.py``): one query token, an int length, no
+    exact window, K/V ``[B, H, 1, D]`` in the query's dtype on its device."""
+    B, _, Sq, D = query.shape
+    if Sq != 1 or isinstance(kv_length, torch.Tensor) or recent is not None:
+        raise ValueError(
+            f"new tokens need one query token, an int kv_length and no exact window; got {Sq} query tokens, "
+            f"kv_length {type(kv_length).__name__}, recent window {recent is not None}"
+        )
+    for name, x in (("new keys", new.keys), ("new values", new.values)):
+        if tuple(x.shape) != (B, heads, 1, D) or x.dtype != query.dtype or x.device != query.device:
+            raise ValueError(f"{name} must be {query.dtype} {(B, heads, 1, D)} on {query.device}, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")  # fmt: skip
+    check_scales("new tokens' inverse scales", new.key_inv_scale, new.value_inv_scale, heads)

@@ -20,6 +20,7 @@ from . import reference
 from .checks import check_decode_attention, check_dequantize_kv, check_quantize_append_kv
 from .formats import FP8Format
 from .launch import LaunchMemo, current_cuda_device
+from .new_tokens import NewTokens
 from .recent_window import RecentWindow
 
 __all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton", "cpu_backend"]
@@ -134,6 +135,7 @@ def decode_attention(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     memo: LaunchMemo | None = None,
+    new: NewTokens | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
 
@@ -150,15 +152,17 @@ def decode_attention(
     positions p - W < n <= p of its own p (and >= kv_start); ``sinks``, float32 ``[Hq]``, one learned logit per
     query head that joins the softmax sum without a value (GPT-OSS ``s_aux``); ``softcap``, logits become
     ``softcap * tanh(logits / softcap)`` before masking (Gemma 2). ``sm_scale`` is the model's own scaling
-    (Gemma's ``query_pre_attn_scalar ** -0.5``). ``memo``: as for ``quantize_append_kv``.
+    (Gemma's ``query_pre_attn_scalar ** -0.5``). ``memo``: as for ``quantize_append_kv``. ``new`` (one query
+    token): its own K/V, written into the cache at ``kv_length - 1`` first, by the same launch on the Triton path
+    (``new_tokens.py``); the cache then holds what ``quantize_append_kv`` would have written.
     """
     arguments = (query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt)
     if not uses_triton(query):
-        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap)
+        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap, new)
         return reference.decode_attention_ref(*arguments, sm_scale, out, recent, sliding_window=sliding_window,
-                                              sinks=sinks, softcap=softcap)  # fmt: skip
+                                              sinks=sinks, softcap=softcap, new=new)  # fmt: skip
     from .attention import decode_attention as run  # validates the arguments itself
 
     with _on_device_of(query):
         return run(*arguments, sm_scale, out, recent, sliding_window=sliding_window, sinks=sinks, softcap=softcap,
-                   memo=memo)  # fmt: skip
+                   memo=memo, new=new)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .formats import FP8Format
+from .new_tokens import NewTokens
 from .recent_window import RecentWindow, ring_read
 
 
@@ -79,8 +80,10 @@ def decode_attention_ref(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    new: NewTokens | None = None,
 ) -> torch.Tensor:
-    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``.
+    """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``
+    (with ``new``, the query's own K/V are first quantized into the cache at ``kv_length - 1``).
 
     Math attention in fp32 on the dequantized cache, the positions of the ``recent`` window (a
     ``kernels.RecentWindow``) taken exactly from its ring: query row i (position ``kv_length - Sq + i``) sees positions
@@ -89,6 +92,9 @@ def decode_attention_ref(
     (into ``out`` when given).
     """
     kv_length = int(kv_length)  # an int or a one-element tensor
+    if new is not None:
+        quantize_append_kv_ref(new.keys, new.values, key_cache, value_cache, kv_length - 1, new.key_inv_scale,
+                               new.value_inv_scale, fmt)  # fmt: skip
     B, Hq, Sq, _ = query.shape
     G = Hq // key_cache.shape[1]
     positions = torch.arange(kv_length, device=query.device)

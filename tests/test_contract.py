@@ -80,9 +80,36 @@ def test_attention_inputs_describe_what_the_layer_holds(kind, config, torch_path
     assert inputs.kv_start.dtype == torch.int32 and inputs.kv_start.tolist() == PADS
     for buffer in (inputs.key_bytes, inputs.value_bytes):
         assert buffer.dtype == torch.uint8 and buffer.shape[:2] == (3, 2) and buffer.shape[3] == 16
-    # the bytes and scales are the layer's: dequantized by hand they are what the dequantize path returns
+    # the bytes and scales are the layer's: dequantized by hand they are what the dequantize path returns (which
+    # first writes a decode token the bundle offered the kernel: new_tokens)
+    dequantized = layer.dequantized()[0][:, :, :7]
     by_hand = inputs.key_bytes[:, :, :7].view(torch.float8_e4m3fn).float() * inputs.key_scale
-    assert torch.equal(by_hand, layer.dequantized()[0][:, :, :7])
+    assert torch.equal(by_hand, dequantized)
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+def test_a_decode_token_is_offered_to_the_kernel_and_otherwise_written_by_the_layer(claimed, config, torch_path):
+    cache, _ = _filled("dynamic", config)  # a 6-token prompt, then one decode token each layer has not written
+    layer = cache.layers[1]
+    inputs = layer.attention_inputs(_mask(7))
+    assert inputs.new_tokens is not None and inputs.new_tokens.start == 6
+    token = inputs.new_tokens.tokens.keys[:, :, 0]  # unit scales: its codes are torch's own fp8 cast
+    written = token.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    layer.key_bytes[:, :, 6] = 0x7F  # NaN codes: what the buffer holds until someone writes the token
+    if claimed:  # the decode kernel's launch writes what it claims; the layer must not write it again
+        tokens = inputs.new_tokens.claim()
+        assert tokens.keys.shape == (3, 2, 1, 16) and tokens.key_inv_scale is layer.key_inv_scale
+    layer.dequantized()
+    assert torch.equal(layer.key_bytes[:, :, 6], torch.full_like(written, 0x7F) if claimed else written)
+    assert layer.attention_inputs(_mask(7)).new_tokens is None  # offered once
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_a_dynamic_full_layers_decode_token_waits(kind, config, torch_path):
+    cache, _ = _filled(kind, config)
+    waits = [layer.attention_inputs(_mask(7 if kind == "dynamic" else 16)).new_tokens is not None
+             for layer in cache.layers]  # fmt: skip
+    assert waits == [kind == "dynamic"] * 2
 
 
 @pytest.mark.parametrize("kind", KINDS)

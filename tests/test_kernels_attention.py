@@ -557,3 +557,97 @@ def test_rejects_bad_arguments(change, message):
         kernels.decode_attention(*args, **extra)
     with pytest.raises(ValueError, match=message), kernels.cpu_backend("torch"):  # the reference path validates too
         kernels.decode_attention(*args, **extra)
+
+
+def _new_token_case(L, *, fmt, dtype, per_head, seed, B=2, H=4, D=64):
+    """A decode step's case: the fp8 cache holds L - 1 tokens (position L - 1 poisoned) and the step's own K/V."""
+    starts = [min(3 * b, L - 1) for b in range(B)]
+    args = list(_case(B, H, 4, 1, D, L, starts, fmt=fmt, dtype=dtype, per_head=per_head, seed=seed))
+    for cache in args[1:3]:
+        cache[:, :, L - 1] = NAN_CODE  # not written yet: a kernel reading it from memory gives NaN
+    g = torch.Generator().manual_seed(seed + 1)
+    new_kv = [(torch.randn(B, 1, H, D, generator=g) * 3).to(dtype).to(DEVICE).transpose(1, 2) for _ in "kv"]
+    inverse = [1.0 / scale for scale in args[5:7]]
+    return args, kernels.NewTokens(new_kv[0], new_kv[1], inverse[0], inverse[1])
+
+
+@pytest.mark.parametrize(
+    "L, fmt, dtype, per_head, num_splits, sliding_window",
+    [
+        (1, FMTS[0], torch.float32, True, None, None),  # the first decode token of a one-token prompt
+        (64, FMTS[0], torch.float16, False, None, None),  # the new token ends a full key block
+        (65, FMTS[1], torch.bfloat16, True, None, None),  # ... starts one
+        (128, FMTS[0], torch.float32, True, 3, None),  # split boundaries forced
+        (200, FMTS[1], torch.float16, True, 1, 37),  # one split, a sliding window
+        (300, FMTS[0], torch.bfloat16, False, None, None),
+    ],
+)
+def test_a_new_token_is_written_as_quantize_append_does_and_attended(L, fmt, dtype, per_head, num_splits,
+                                                                      sliding_window):  # fmt: skip
+    _check_new_token(_new_token_case(L, fmt=fmt, dtype=dtype, per_head=per_head, seed=L), num_splits,
+                     sliding_window)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [4096, 4097, 32768])
+def test_a_new_token_on_gpu_shapes(L):
+    """The compiled kernel at decode shapes (one-warp programs over real splits, as in generate at 8 rows)."""
+    case = _new_token_case(L, fmt=FMTS[0], dtype=torch.bfloat16, per_head=True, seed=L, B=8, H=8, D=128)
+    _check_new_token(case, None, None)
+
+
+def _check_new_token(case, num_splits, sliding_window):
+    """One launch with the new token equals quantize_append_kv then attention: every cache byte, and the output; so
+    does the torch twin."""
+    args, new = case
+    dtype, fmt, L = args[0].dtype, args[7], args[3]
+    options = dict(sliding_window=sliding_window)
+    separate = [tensor.clone() for tensor in args[1:3]]  # the two-launch path: quantize_append_kv, then attention
+    kernels.quantize_append_kv(new.keys, new.values, *separate, L - 1, new.key_inv_scale, new.value_inv_scale, fmt)
+    separate_args = (args[0], *separate, *args[3:])
+    expected_out = attention.decode_attention(*separate_args, num_splits=num_splits, **options)
+    out = attention.decode_attention(*args, num_splits=num_splits, new=new, **options)
+    assert torch.equal(args[1], separate[0]) and torch.equal(args[2], separate[1])  # every byte, position L - 1 too
+    assert _relative_error(out, _oracle(*separate_args, **options)) < TOLERANCE[dtype]
+    # the interpreter runs both paths' arithmetic identically; on the GPU they may round their last bits apart
+    assert (
+        torch.equal(out, expected_out)
+        if DEVICE == "cpu"
+        else _relative_error(out, expected_out.double().cpu()) < TOLERANCE[dtype]
+    )
+    twin_caches = [tensor.clone() for tensor in separate]
+    for cache in twin_caches:
+        cache[:, :, L - 1] = NAN_CODE
+    twin = reference.decode_attention_ref(args[0], *twin_caches, *args[3:], new=new, **options)
+    assert torch.equal(twin_caches[0], separate[0]) and torch.equal(twin_caches[1], separate[1])
+    assert _relative_error(twin, expected_out.double().cpu()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("two query tokens", "one query token"),
+        ("length on the device", "an int kv_length"),
+        ("wrong heads", "new keys must be"),
+        ("wrong dtype", "new values must be"),
+        ("bad inverse scale", "inverse scales"),
+    ],
+)
+def test_rejects_bad_new_tokens(change, message):
+    args, new = _new_token_case(80, fmt=FMTS[0], dtype=torch.float16, per_head=True, seed=3)
+    if change == "two query tokens":
+        args[0] = torch.cat([args[0], args[0]], dim=2)
+    elif change == "length on the device":
+        args[3] = torch.tensor(80, device=DEVICE)
+    elif change == "wrong heads":
+        new = new._replace(keys=new.keys[:, :2])
+    elif change == "wrong dtype":
+        new = new._replace(values=new.values.float())
+    else:
+        new = new._replace(key_inv_scale=new.key_inv_scale.double())
+    for backend in ("triton", "torch"):
+        with (
+            pytest.raises(ValueError, match=message),
+            kernels.cpu_backend(backend) if DEVICE == "cpu" else nullcontext(),
+        ):
+            kernels.decode_attention(*args, new=new)
