@@ -130,8 +130,9 @@ def _bench_case(
     fp8 = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm, sliding_window=window)
     if window is not None:  # a bf16 sliding cache holds the window's last tokens: what SDPA reads
         return _window_rows(B, L, window, q, fp8, kd[:, :, -window:], vd[:, :, -window:], ceiling)
-    window = RecentWindow(k[:, :, -_WINDOW:].contiguous(), v[:, :, -_WINDOW:].contiguous(), L - _WINDOW)  # L % 16 == 0
-    fp8_window = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm, recent=window)
+    # (its own name: the fp8 lambda reads `window` when called)
+    recent = RecentWindow(k[:, :, -_WINDOW:].contiguous(), v[:, :, -_WINDOW:].contiguous(), L - _WINDOW)  # L % 16 == 0
+    fp8_window = lambda: decode_attention(q, kb, vb, L, start, scale, scale, fmt, sm, recent=recent)
     reference = torch.nn.functional.scaled_dot_product_attention(q.float(), kd.float(), vd.float(), enable_gqa=True)
     error = ((fp8().transpose(1, 2).float() - reference).norm() / reference.norm()).item()
     fp8_bytes, bf16_bytes = 2 * B * kv_heads * L * head_dim, 4 * B * kv_heads * L * head_dim

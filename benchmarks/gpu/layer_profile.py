@@ -1,0 +1,57 @@
+"""One layer's decode update + our attention in a loop (1x4096, Llama-8B head shape): host us a step, then cProfile."""
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+from transformers import LlamaConfig
+
+from hf_fp8cache import FP8Cache
+from hf_fp8cache.attention import fp8_attention_forward
+
+dev = torch.device("cuda")
+H, Hq, D, B, L = 8, 32, 128, 1, 4096
+config = LlamaConfig(num_hidden_layers=1, num_attention_heads=Hq, num_key_value_heads=H, head_dim=D,
+                     hidden_size=Hq * D)  # fmt: skip
+config._attn_implementation = "hf_fp8cache"
+
+
+class Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = Hq // H
+
+
+module = Module()
+query = torch.randn(B, 1, Hq, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)  # a transposed view, as models pass
+token = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16)
+prompt = torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16)
+cache = FP8Cache(config)
+cache.update(prompt, prompt, 0)
+layer = cache.layers[0]
+
+
+def step() -> None:
+    key, value = cache.update(token, token, 0)
+    fp8_attention_forward(module, query, key, value, None, scaling=D**-0.5)
+    layer.length -= 1  # the same length every step
+
+
+for _ in range(50):
+    step()
+torch.cuda.synchronize()
+start = time.perf_counter()
+for _ in range(1000):
+    step()
+print("host us/step", (time.perf_counter() - start) * 1e3)
+torch.cuda.synchronize()
+profiler = cProfile.Profile()
+profiler.enable()
+for _ in range(2000):
+    step()
+profiler.disable()
+torch.cuda.synchronize()
+text = io.StringIO()
+pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+print(text.getvalue())
