@@ -2,7 +2,8 @@
 
 ``kernel[grid](*args, **meta)`` binds and specializes every argument on each call before it launches: 10 to 25 us
 of host time for our 11 to 34 arguments on the H200 machine's host, against about 6 us for the launch itself
-(``benchmarks/results/host_breakdown.json``). A decode step launches three kernels per layer, so in an eager
+(``benchmarks/results/host_breakdown.json``). A decode step launches two or three kernels per layer (the attention
+with the step's token, the combine; the quantize when the attention does not write the token), so in an eager
 ``generate`` that binding is much of what the FP8 cache adds to a layer's host time.
 
 A ``LaunchMemo`` belongs to one caller that launches the same kernels with mostly the same arguments step after step
