@@ -23,6 +23,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 from hf_fp8cache import FP8Cache, FP8StaticCache
 from hf_fp8cache.attention import ATTENTION_NAME
+from hf_fp8cache.contract import layer_of
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = [
@@ -416,7 +417,12 @@ def states(batch: int, heads: int, tokens: int, seed: int) -> torch.Tensor:
 
 
 def read(returned: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` positions of what ``update`` returned, as values (fp8 views are unit-scaled here)."""
+    """The first ``length`` positions of what ``update`` returned, as values (fp8 views are unit-scaled here). Our
+    attention's fp8 views are read through the layer they name, as that attention does: a decode step's token is
+    written by the attention kernel's launch, or by the layer's own reads (``keys`` here) when no kernel ran."""
+    layer = layer_of(returned)
+    if layer is not None and returned.dtype == layer.fmt.dtype:
+        returned = layer.keys if returned.data_ptr() == layer.key_bytes.data_ptr() else layer.values
     return returned[:, :, :length].float()
 
 
