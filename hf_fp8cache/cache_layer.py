@@ -204,7 +204,8 @@ class FP8CacheLayer(FP8LayerBase):
         self._begin_update(key_states, value_states)
         start = self.length
         self._reserve(start + key_states.shape[2], key_states)
-        if self._decode_write_waits(key_states, start):  # the decode kernel will write it as it attends
+        serves_fp8_attention = self._serves_fp8_attention()  # (read once: a config attribute, every step)
+        if serves_fp8_attention and self._decode_write_waits(key_states, start):  # the kernel writes it as it attends
             tokens = NewTokens(key_states, value_states, self.key_inv_scale, self.value_inv_scale)
             self._pending_write, waits = PendingWrite(tokens, start, claimable=True), False
         else:
@@ -216,20 +217,20 @@ class FP8CacheLayer(FP8LayerBase):
         self.recent_start = max(self.recent_start, self.length - self.residual_length)
         if start == 0 and self.exact_prefill:
             return self._tagged(key_states, value_states) if waits else (key_states, value_states)
-        if self._serves_fp8_attention():  # the whole buffers: that attention reads attention_inputs(), not the shape
+        if serves_fp8_attention:  # the whole buffers: that attention reads attention_inputs(), not the shape
             return self._fp8_views()
         return self.dequantized()
 
     def _decode_write_waits(self, key_states: torch.Tensor, start: int) -> bool:
-        """Whether a decode step's token is left to our attention's kernel to write (``contract.PendingWrite``): one
-        token after a prefill, scales set, no exact window, the layer's ``claims_decode_writes``."""
+        """Whether a decode step's token is left to our attention's kernel to write (``contract.PendingWrite``), on
+        that attention's path: one token after a prefill, scales set, no exact window, the layer's
+        ``claims_decode_writes``."""
         return (
             self.claims_decode_writes
             and key_states.shape[2] == 1
             and start > 0
             and self._recent_keys is None
             and not self._scales_pending
-            and self._serves_fp8_attention()
         )
 
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:

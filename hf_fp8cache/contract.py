@@ -8,9 +8,9 @@ kernel does not take it asks ``layer.dequantized()``. It never reads or writes a
 kind (dynamic, static; full, sliding; on another device) extends the bundle, not the attention. A bundle may offer
 K/V the layer has not written yet (``new_tokens``, a ``PendingWrite``): the decode kernel ``claim()``s them and
 writes them in its launch; otherwise the layer writes them before anything reads its buffers (``dequantized()``,
-the next update). What the bundle
-holds comes from the cache side (the layer's window); what comes from the model's attention module (learned sinks,
-logit softcapping, the scaling) arrives as that attention call's arguments.
+the next update). What the bundle holds comes from the cache side (the layer's window); what comes from the
+model's attention module (learned sinks, logit softcapping, the scaling) arrives as that attention call's
+arguments.
 
 A leaf module: the caches and the attention both import it, neither imports the other.
 """

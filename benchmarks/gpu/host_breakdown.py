@@ -137,40 +137,6 @@ def measure(B, L):
     record(case, "quantize_append_kv with the layer's memo",
            time_us(lambda: quantize_append_kv(x, x, inp.key_bytes, inp.value_bytes, inp.length, layer.key_inv_scale,
                                               layer.value_inv_scale, inp.fmt, memo=layer._launches)))  # fmt: skip
-    # combine kernel: jit launch vs compiled handle
-    S = 16
-    pm = torch.zeros(B * Hq, S, device=dev)
-    pl = torch.ones_like(pm)
-    pa = torch.zeros(B * Hq, S, D, device=dev)
-    out = torch.empty(B, 1, Hq, D, device=dev, dtype=torch.bfloat16)
-    cargs = (pa, pm, pl, inp.value_scale, out, 0, H, Hq // H, 1, D, S)
-    meta = dict(BLOCK_S=16, BLOCK_D=128, M_INIT=-1e30)
-    grid = (B * Hq,)
-    launch = lambda: ka._combine_splits_kernel[grid](*cargs, **meta)
-    record(case, "combine: jit launch", time_us(launch))
-    compiled = launch()
-    stream = torch.cuda.current_stream().cuda_stream
-    full = (*cargs, 16, 128, -1e30)
-    try:
-        direct = lambda: compiled.run(
-            grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *full
-        )
-        record(case, "combine: compiled.run direct", time_us(direct))
-        direct2 = lambda: compiled.run(
-            grid[0],
-            1,
-            1,
-            torch.cuda.current_stream().cuda_stream,
-            compiled.function,
-            compiled.packed_metadata,
-            None,
-            None,
-            None,
-            *full,
-        )
-        record(case, "combine: compiled.run + stream lookup", time_us(direct2))
-    except Exception as e:
-        print("direct launch failed", repr(e))
     record(case, "torch.cuda.current_stream().cuda_stream", time_us(lambda: torch.cuda.current_stream().cuda_stream))
     record(case, "x.data_ptr() x10", time_us(lambda: [x.data_ptr() for _ in range(10)]))
     record(case, "x.stride() x10", time_us(lambda: [x.stride() for _ in range(10)]))
