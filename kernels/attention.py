@@ -12,7 +12,7 @@ plain path): a sliding window W (``SLIDING``: row i also needs n > L - Sq + i - 
 W``; the splits share only the key blocks from the one holding the first row's window start, so the work follows W,
 not L), a logit softcap c (``SOFTCAP``: logits c * tanh(logits / c) before masking, Gemma 2), and learned sinks
 (``HAS_SINKS``: one logit s per query head that joins the softmax sum as exp(s - m) with no value, GPT-OSS; added
-where l is divided, in the attention kernel or the combine kernel).
+where l is divided).
 
 Layout and dtypes:
 - query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is small
@@ -53,12 +53,15 @@ Design:
   over 64 (32 for D > 128) keys a step.
 - Splits: as many as fit 8 programs an SM in one wave (at most 32 splits, at most one per BLOCK_N block of keys;
   see split_plan). With one partial (one split, no window) the attention kernel normalizes and writes ``out``
-  itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and ``_combine_splits_kernel``
-  merges them (one program per query row) and writes ``out``.
+  itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and counts its slot done on an
+  int32 counter per (b, h, row tile) (``tl.atomic_add`` with acquire-release semantics, after a barrier so every
+  thread's stores are issued); the program that completes the count sets it back to zero and merges the tile's
+  slots (``_merge_slots``: one round of loads a query row, all its slots at once) into ``out``. One launch a step,
+  no combine kernel (a launch less of host time per layer in eager decode).
 - The step's own token (``new``, ``NEW_TOKEN``; one query token): the program whose keys hold position L - 1
   quantizes its K/V with ``fp8_codec.encode_fp8`` (bit for bit what ``quantize_append_kv`` writes), stores the codes
   and attends over them from registers in its masked tail block (the unmasked blocks end before L - 1), so a decode
-  step is one launch instead of two (plus the combine).
+  step is one launch instead of two.
 - The launcher ``decode_attention`` validates, plans (``plan_decode_attention``: block sizes, program shape and
   splits as a ``DecodePlan``, host integers only), allocates the partials and launches.
 - Offsets into the caches: a 64-bit block pointer plus int32 offsets inside the block; other offsets are int64.
@@ -99,13 +102,11 @@ _NARROW_MIN_PROGRAMS_PER_SM = 4
 # a thread, so 8 of them always fit an SM's 64K registers together. For four-warp programs (few programs, or tiles
 # beyond 16 x 128) 8 an SM is more than a wave; with few programs the split count stops at _MAX_SPLITS first.
 _PROGRAMS_PER_SM = 8
-# At most this many splits per (batch row, KV head): more only adds combine work (1x32768 on the H200: 32 splits
+# At most this many splits per (batch row, KV head): more only adds merge work (1x32768 on the H200: 32 splits
 # 29.9 us, 128 splits 35.5 us).
 _MAX_SPLITS = 32
 # SM count assumed when the tensors are not on a CUDA device (interpreter runs): an H200.
 _DEFAULT_SM_COUNT = 132
-# Splits merged per iteration of the combine kernel.
-_COMBINE_BLOCK_S = 16
 # Largest finite fp16: bf16 queries are saturated to it before the fp16 dot.
 _FP16_MAX = 65504.0
 # Finite stand-in for -inf as the initial running max (exp2(m_old - m_new) must never see inf - inf).
@@ -216,14 +217,14 @@ def _first_key_block(L, SQ, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, kv_start_ptr, k_scale_ptr, v_scale_ptr, length_ptr,
     recent_k_ptr, recent_v_ptr, sink_ptr, new_k_ptr, new_v_ptr, k_inv_scale_ptr, v_inv_scale_ptr,
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, counter_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_cb, stride_ch,
     stride_rb, stride_rh, stride_rs,
     stride_nkb, stride_nkh, stride_nkd, stride_nvb, stride_nvh, stride_nvd,
     scale_stride_h,
     H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start, window, softcap,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
@@ -332,67 +333,56 @@ def _decode_attention_kernel(
                                            FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1, SLIDING=SLIDING,
                                            SOFTCAP=SOFTCAP, NEW_TOKEN=NEW_TOKEN)  # fmt: skip
 
+    v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
         part = (pid_bh * G * SQ + rows) * num_slots + first_slot + split
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=q_mask)
+        # the last of the tile's num_slots programs (over this launch and the window's) merges them all: every
+        # thread's stores are issued (barrier) before one thread counts this slot as done with release semantics
+        counter = counter_ptr + pid_bh * tl.num_programs(2) + pid_m
+        tl.debug_barrier()
+        done = tl.atomic_add(counter, 1, sem="acq_rel")
+        if done == num_slots - 1:
+            tl.debug_barrier()
+            tl.store(counter, 0)  # ready for the next launch
+            _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_ptr, pid_bh, pid_m, b, h,
+                         num_slots, H, G, SQ, D, BLOCK_M, BLOCK_S, BLOCK_D, M_INIT, HAS_SINKS, LOG2E)  # fmt: skip
     else:
-        v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
         factor = _output_factor(m_i, l_i, v_scale, sink_ptr + h * G + g, row_valid, HAS_SINKS, LOG2E)
         out = acc * factor[:, None]
         out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
         tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _combine_splits_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, v_scale_ptr, sink_ptr, out_ptr,
-    scale_stride_h,
-    H, G, SQ, D, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, M_INIT: tl.constexpr, HAS_SINKS: tl.constexpr,
-    LOG2E: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * G * SQ + g * SQ + i
-    bh = row // (G * SQ)
-    b = bh // H
-    h = bh % H
-    g = (row // SQ) % G
-    i = row % SQ
+@triton.jit
+def _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_ptr, pid_bh, pid_m, b, h, num_slots,
+                 H, G, SQ, D, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                 M_INIT: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr):  # fmt: skip
+    """Each query row of the tile from all its slots' partials: read in one round of loads (``BLOCK_S >=
+    num_slots``), rescaled to their largest running max, added up, divided and written to ``out``. The loads bypass
+    L1 (``.cg``): other SMs wrote the partials."""
     s = tl.arange(0, BLOCK_S)
+    s_valid = s < num_slots
     d = tl.arange(0, BLOCK_D)
     d_valid = d < D
-    base = row * num_splits
-
-    # pass 1: the global running max over all splits
-    m_max = tl.full([BLOCK_S], M_INIT, tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        m = tl.load(part_m_ptr + base + s0 + s, mask=s0 + s < num_splits, other=M_INIT)
-        m_max = tl.maximum(m_max, m)
-    m_all = tl.max(m_max, 0)
-
-    # pass 2: rescale every split's (l, acc) to that max and add up
-    l_sum = tl.zeros([BLOCK_S], tl.float32)
-    acc_sum = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_valid = s0 + s < num_splits
-        m = tl.load(part_m_ptr + base + s0 + s, mask=s_valid, other=M_INIT)
-        w = tl.where(s_valid, tl.exp2(m - m_all), 0.0)
-        l_sum += w * tl.load(part_l_ptr + base + s0 + s, mask=s_valid, other=0.0)
-        acc = tl.load(
-            part_acc_ptr + (base + s0 + s)[:, None] * D + d[None, :],
-            mask=s_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        )
-        acc_sum += w[:, None] * acc
-    total = tl.sum(l_sum, 0)
-    acc = tl.sum(acc_sum, 0)
-
-    v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
-    out = acc * _output_factor(m_all, total, v_scale, sink_ptr + h * G + g, True, HAS_SINKS, LOG2E)
-    out_offsets = ((b * SQ + i) * (H * G) + h * G + g) * D + d
-    tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=d_valid)
+    for r in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, G * SQ)):
+        part = (pid_bh * G * SQ + r) * num_slots + s
+        m = tl.load(part_m_ptr + part, mask=s_valid, other=M_INIT, cache_modifier=".cg")
+        l_part = tl.load(part_l_ptr + part, mask=s_valid, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=s_valid[:, None] & d_valid[None, :],
+                      other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_all = tl.max(m, 0)
+        weight = tl.where(s_valid, tl.exp2(m - m_all), 0.0)
+        total = tl.sum(weight * l_part, 0)
+        out = tl.sum(weight[:, None] * acc, 0)
+        g = r // SQ
+        i = r % SQ
+        out = out * _output_factor(m_all, total, v_scale, sink_ptr + h * G + g, True, HAS_SINKS, LOG2E)
+        out_offsets = ((b * SQ + i) * (H * G) + h * G + g) * D + d
+        tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=d_valid)
 
 
 @functools.cache
@@ -452,7 +442,7 @@ class DecodePlan:
 
     @property
     def slots(self) -> int:
-        """Partial results per query row (one per fp8 split, one for the window); with one, no combine step."""
+        """Partial results per query row (one per fp8 split, one for the window); with one, nothing to merge."""
         return self.splits + self.window
 
 
@@ -468,6 +458,14 @@ def _partials(
             memo.scratch("part_acc", (*shape, D), torch.float32, device))  # fmt: skip
 
 
+def _slot_counters(memo: LaunchMemo | None, tiles: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros, one per (b, h, row tile): how many of the tile's slots are written (the last program merges them
+    and sets its counter back to zero, so the memo keeps them zero from step to step)."""
+    if memo is None:
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    return memo.scratch("slot_counters", (tiles,), torch.int32, device, zeroed=True)
+
+
 def _strides_without_s(x: torch.Tensor) -> tuple[int, int, int]:
     """The b, h and d strides of a ``[B, H, 1, D]`` tensor."""
     stride_b, stride_h, _, stride_d = x.stride()
@@ -481,7 +479,7 @@ def _launch_meta(plan: DecodePlan, fmt: FP8Format, fp32_query: bool, length_in_m
     read-only: the launch memo compares them by identity first)."""
     codec = fmt.codec_constants()
     meta = dict(
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, BLOCK_S=triton.next_power_of_2(plan.slots),
         FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
         DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
         WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
@@ -578,8 +576,9 @@ def decode_attention(
     rows = G * Sq
     if plan.slots > 1:
         part_m, part_l, part_acc = _partials(memo, (B * H * rows, plan.slots), D, query.device)
+        counters = _slot_counters(memo, B * H * plan.row_tiles, query.device)
     else:
-        part_m = part_l = part_acc = out  # unused: the attention kernel writes out directly
+        part_m = part_l = part_acc = counters = out  # unused: the attention kernel writes out directly
 
     if not plan.window:  # the ring pointers are never read
         recent = RecentWindow(key_cache, value_cache, kv_length)
@@ -595,7 +594,7 @@ def decode_attention(
         kv_start if length_tensor is None else length_tensor,
         recent.keys, recent.values, value_scale if sinks is None else sinks,
         new.keys, new.values, new.key_inv_scale, new.value_inv_scale,
-        out, part_acc, part_m, part_l,
+        out, part_acc, part_m, part_l, counters,
         *query.stride(),
         *key_cache.stride()[:2],
         *recent.keys.stride()[:3],
@@ -627,23 +626,4 @@ def decode_attention(
             memo,
             "window",
         )
-    if plan.slots > 1:
-        combine_args = (
-            part_acc,
-            part_m,
-            part_l,
-            value_scale,
-            value_scale if sinks is None else sinks,
-            out,
-            scale_stride_h,
-            H,
-            G,
-            Sq,
-            D,
-            plan.slots,
-        )
-        combine_meta = dict(
-            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_D=plan.block_d, M_INIT=_M_INIT, HAS_SINKS=sinks is not None, LOG2E=_LOG2E
-        )
-        launch(_combine_splits_kernel, (B * H * rows,), combine_args, combine_meta, memo)
     return out

@@ -2,8 +2,8 @@
 
 ``kernel[grid](*args, **meta)`` binds and specializes every argument on each call before it launches: 10 to 25 us
 of host time for our 11 to 34 arguments on the H200 machine's host, against about 6 us for the launch itself
-(``benchmarks/results/host_breakdown.json``). A decode step launches two or three kernels per layer (the attention
-with the step's token, the combine; the quantize when the attention does not write the token), so in an eager
+(``benchmarks/results/host_breakdown.json``). A decode step launches one or two kernels per layer (the attention
+with the step's token; the quantize when the attention does not write the token), so in an eager
 ``generate`` that binding is much of what the FP8 cache adds to a layer's host time.
 
 A ``LaunchMemo`` belongs to one caller that launches the same kernels with mostly the same arguments step after step
@@ -145,13 +145,17 @@ class LaunchMemo:
         if compiled is not None and hasattr(compiled, "run"):
             self._launches[key] = _BoundLaunch(kernel, compiled, device, args, meta)
 
-    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialized buffer the caller rewrites on every call (a kernel's partial results), kept from the last
-        call under ``name`` when its shape, dtype and device are the same: no allocation step after step. Reuse is
-        safe in stream order: the caller's next launches are queued after the last ones that read it."""
+    def scratch(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False
+    ) -> torch.Tensor:
+        """A buffer the caller rewrites on every call (a kernel's partial results), kept from the last call under
+        ``name`` when its shape, dtype and device are the same: no allocation step after step. Reuse is safe in
+        stream order: the caller's next launches are queued after the last ones that read it. Uninitialized when
+        made, or zeros with ``zeroed`` (for a kernel that leaves it zero again, as its slot counters)."""
         buffer = self._scratch.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+            make = torch.zeros if zeroed else torch.empty
+            buffer = self._scratch[name] = make(shape, dtype=dtype, device=device)
         return buffer
 
     def __deepcopy__(self, memo: dict) -> LaunchMemo:

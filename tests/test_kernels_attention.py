@@ -19,6 +19,7 @@ from hf_fp8cache.kernels.attention import (
     program_shape,
     split_plan,
 )
+from hf_fp8cache.kernels.launch import LaunchMemo
 
 from hf_fp8cache import kernels
 from hf_fp8cache.formats import FORMATS
@@ -279,7 +280,8 @@ OPTIONS = {
 }
 
 
-# the planned splits for every case; forced splits (partials merged by the combine kernel) where they matter most
+# the planned splits for every case; forced splits (partials merged by the last program of a tile) where they matter
+# most
 OPTION_RUNS = [(name, None) for name in OPTIONS] + [("window_37", 3), ("window_sinks_softcap", 3)]
 
 
@@ -334,6 +336,22 @@ def test_sliding_window_with_an_exact_recent_window():
         assert _relative_error(out, expected) < TOLERANCE[torch.float32]
         assert _relative_error(reference.decode_attention_ref(*args, sliding_window=window),
                                _oracle(*args, sliding_window=window)) < TOLERANCE[torch.float32]  # fmt: skip
+
+
+def test_slot_counters_return_to_zero_so_a_memo_relaunch_merges_again():
+    # the program completing a tile's slots merges them and resets its counter: with the memo's counters kept from
+    # call to call, the second launch (splits and an exact window, rows per tile spanning two tiles) merges exactly
+    # as the first; counters left non-zero would make no program (or the wrong one) merge
+    args = _with_window(_case(2, 2, 24, 3, 64, 200, [0, 150], dtype=torch.float32, seed=9), 16, 12, seed=2)
+    memo = LaunchMemo()
+    expected = _oracle(*args)
+    plan = plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3)
+    assert plan.slots == 4 and plan.row_tiles == 2
+    counters = memo.scratch("slot_counters", (2 * 2 * plan.row_tiles,), torch.int32, torch.device(DEVICE), zeroed=True)
+    for _ in range(2):
+        out = attention.decode_attention(*args, num_splits=3, memo=memo)
+        assert _relative_error(out, expected) < TOLERANCE[torch.float32]
+        assert counters.tolist() == [0] * counters.numel()
 
 
 def test_sliding_window_plans_over_the_window_only():
