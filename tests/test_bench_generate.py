@@ -119,6 +119,30 @@ def test_per_token_time_is_the_difference_of_two_generates_over_n(tmp_path, monk
     assert fp8["tokens_per_s_vs_dynamic"] == pytest.approx(2 / 3) and fp8["ttft_vs_dynamic"] == pytest.approx(1.0)
 
 
+def test_rounds_take_each_ratio_within_its_round_then_the_median(tmp_path, monkeypatch):
+    # the host slows down round after round (x1, x2, x3): the per-token times drift, the ratio within a round does not
+    real = generate._timed_generate
+    calls = []
+
+    def timed(model, inputs, new_tokens, cache, extra):
+        _, cache = real(model, inputs, new_tokens, cache, extra)
+        calls.append(new_tokens)
+        drift = 1 + (len(calls) - 1) // 8  # 4 calls (2 warm-up, 1 timed pair) per configuration, 2 configurations
+        per_token = 0.003 if isinstance(cache, generate.FP8Cache) else 0.002
+        return drift * (0.010 + per_token * (new_tokens - 1)), cache
+
+    monkeypatch.setattr(generate, "_timed_generate", timed)
+    with quick_cpu():
+        rows = run_generate_benchmark(cases=((2, 8),), model_shape="tiny", new_tokens=5, rounds=3, device="cpu",
+                                      configs=["dynamic", "fp8"], out_dir=tmp_path)  # fmt: skip
+    assert len(calls) == 24
+    dynamic, fp8 = rows
+    assert dynamic["ms_per_token_rounds"] == pytest.approx([2.0, 4.0, 6.0])
+    assert fp8["ms_per_token_rounds"] == pytest.approx([3.0, 6.0, 9.0])
+    assert (dynamic["ms_per_token"], fp8["ms_per_token"]) == pytest.approx((4.0, 6.0))  # medians over the rounds
+    assert fp8["ms_per_token_vs_dynamic"] == pytest.approx(1.5) and dynamic["rounds"] == 3
+
+
 def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     def no_memory(config, max_cache_len):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
@@ -143,6 +167,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
     [
         ({"new_tokens": 0}, "new_tokens must be an int >= 1, got 0"),
         ({"repeats": 0}, "repeats must be an int >= 1, got 0"),
+        ({"rounds": True}, "rounds must be an int >= 1, got True"),
         ({"cases": ((8, 0),)}, r"cases must be \(batch, prompt tokens\) pairs, each >= 1, got \(\(8, 0\),\)"),
         ({"configs": ["dynamic", "fp9"]}, r"configs must be among \['dynamic', .*got \['dynamic', 'fp9'\]"),
         ({"model_shape": "llama-70b"}, "model_shape must be one of .*got 'llama-70b'"),

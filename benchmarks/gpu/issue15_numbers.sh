@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Issue 15's numbers in two GPU calls (each under the 10-minute limit). From the repo root, $OUT set:
-#   bash benchmarks/gpu/issue15_numbers.sh gpt-oss    # the window kernel, then the GPT-OSS-20B shape
+#   bash benchmarks/gpu/issue15_numbers.sh gpt-oss    # the GPT-OSS-20B shape at 8x32768
 #   bash benchmarks/gpu/issue15_numbers.sh gemma      # the Gemma-3-12B shape at 8x32768
-# gpt-oss, estimated (H200): install ~10 s; attention benches ~2 x 40 s (timeouts 60); GPT-OSS-20B at 8x32768
+#   bash benchmarks/gpu/issue15_numbers.sh kernel     # the window kernel vs the full 8x4096 case (~100 s)
+# gpt-oss, estimated (H200): install ~10 s; GPT-OSS-20B at 8x32768
 #   ~200 s: build ~15 s (41.8 GB random bf16), dynamic (flex_attention) 4 prefills x ~8 s + flex compiles ~60 s +
 #   132 decode steps ~15 s; fp8 about the same without the compiles; fp8+attn / fp8-static+attn: their prefill runs
-#   SDPA with the sinks as one more key (no L x L scores), about as dynamic. Then 1x8192 <= 120 s. Total <= 530 s.
+#   SDPA with the sinks as one more key (no L x L scores), about as dynamic. Total <= 300 s.
 # gemma, estimated: one 8x32768 prefill ~25-30 s (5.7e15 FLOP of matmuls ~9 s; SDPA over the sliding layers'
 #   [8, 1, 32768, 32768] mask runs the masked kernel over all L^2: ~15-20 s). Each configuration prefills 4 times:
 #   dynamic ~130 s, fp8+attn ~140 s, fp8-static+attn ~120 s + the 48-layer step's compile ~60-90 s; ~480 s, timeout
 #   540 s. Rows are written once the case ends: if it times out, run the configurations in two calls, each with
 #   dynamic (ratios are to the same run's dynamic row).
 set -u
-part=${1:?usage: issue15_numbers.sh gpt-oss|gemma}
+part=${1:?usage: issue15_numbers.sh gpt-oss|gemma|kernel}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.."
 python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || tail -5 /tmp/pip.txt
@@ -27,11 +28,11 @@ step() {  # step NAME TIMEOUT ARGS...: run the bench, log to $OUT/NAME.txt, prin
 case $part in
   gpt-oss)
     configs=dynamic,fp8,fp8+attn,fp8-static+attn
+    step gptoss 280 generate --model-shape gpt-oss-20b --cases 8x32768 --configs "$configs" ;;
+  kernel)
     step win 60 attention --window 4096 --cases 8x32768
-    step full 60 attention --cases 8x4096
-    step gptoss 280 generate --model-shape gpt-oss-20b --cases 8x32768 --configs "$configs"
-    step gptoss_1x8192 120 generate --model-shape gpt-oss-20b --cases 1x8192 --configs "$configs" ;;
+    step full 60 attention --cases 8x4096 ;;
   gemma)
     step gemma 540 generate --model-shape gemma-3-12b --cases 8x32768 --configs dynamic,fp8+attn,fp8-static+attn ;;
-  *) echo "unknown part $part: gpt-oss or gemma"; exit 2 ;;
+  *) echo "unknown part $part: gpt-oss, gemma or kernel"; exit 2 ;;
 esac

@@ -14,6 +14,13 @@ first generates N+1 and then 1 token untimed (Triton kernels and torch.compile c
 timed pairs; a row gives the median of the pairs' per-token times, tokens/s = B / that time, and the median 1-token
 time as the time to first token. ``torch.cuda.synchronize`` before and after every timed call.
 
+Rounds: with ``rounds`` R > 1 the whole sequence of configurations runs R times in turn (A B C, A B C, ...), and a
+row gives the median over the rounds of each value and of each ratio to the same round's ``dynamic`` row
+(``ms_per_token_rounds`` keeps every round's time). The host of the GPU machine drifts by 10-20 % within one process
+(the same configuration measured twice a minute apart on the H200 machine: 34.8 and 27.6 ms a token): rounds put
+every configuration under the same drift, where one configuration after another would charge it to whichever ran
+during a slow spell.
+
 Configurations (``CONFIGURATIONS``):
 
 - ``dynamic``: ``DynamicCache`` + SDPA (generate's default; every ratio is to this row of the same run);
@@ -276,6 +283,25 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             row[ratio] = row[key] / base if base and row[key] is not None else None
 
 
+def _median_of_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One case's rows from its rounds (each a list of rows with ratios, configurations in the same order): every
+    measured value and ratio is the median over the rounds; a row whose status is not ``ok`` in some round keeps
+    that round's row."""
+    rows = []
+    for measured in zip(*rounds):
+        failed = next((row for row in measured if row["status"] != "ok"), None)
+        if failed is not None:
+            rows.append(failed)
+            continue
+        row = dict(measured[0])
+        for key in (*RATIO_KEYS, *RATIO_KEYS.values(), "generate_ms"):
+            values = [r[key] for r in measured]
+            row[key] = None if any(v is None for v in values) else statistics.median(values)
+        row["ms_per_token_rounds"] = [r["ms_per_token"] for r in measured]
+        rows.append(row)
+    return rows
+
+
 def _defaults(device, model_shape, cases, dtype):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
@@ -285,11 +311,10 @@ def _defaults(device, model_shape, cases, dtype):
     return dev, model_shape, cases, dtype
 
 
-def _check(cases, new_tokens: int, repeats: int, configs: Sequence[str], model_shape: str) -> None:
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+def _check(cases, new_tokens: int, repeats: int, rounds: int, configs: Sequence[str], model_shape: str) -> None:
+    for name, value in (("new_tokens", new_tokens), ("repeats", repeats), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not cases or any(len(case) != 2 or min(case) < 1 for case in cases):
         raise ValueError(f"cases must be (batch, prompt tokens) pairs, each >= 1, got {cases!r}")
     unknown = [name for name in configs if name not in CONFIGURATIONS]
@@ -309,33 +334,38 @@ def run_generate_benchmark(
     configs: Sequence[str] | None = None,
     out_dir: str | Path = "results",
     sdpa: str | None = None,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
-    """Time ``model.generate`` with each configuration at every ``(B, L)``; print, save and return the rows.
+    """Time ``model.generate`` with each configuration at every ``(B, L)``, ``rounds`` times in turn (module
+    docstring); print, save and return the rows.
 
     None picks the device's defaults: CUDA when available, the 8B shape in bf16 over ``GPU_CASES`` there, the tiny
     shape in fp32 over ``CPU_CASES`` on CPU; every configuration."""
     dev, model_shape, cases, dtype = _defaults(device, model_shape, cases, dtype)
     configs = list(CONFIGURATIONS) if configs is None else list(configs)
-    _check(cases, new_tokens, repeats, configs, model_shape)
+    _check(cases, new_tokens, repeats, rounds, configs, model_shape)
     if sdpa is not None and sdpa not in SDPA_BACKENDS:
         raise ValueError(f"sdpa must be one of {SDPA_BACKENDS} or None, got {sdpa!r}")
     model = build_model(model_shape, dev, dtype)
     baseline = baseline_attention(model_family(model_shape), dev)
     env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
-           "repeats": repeats, "sdpa_backend": sdpa or "default", **environment(dev)}  # fmt: skip
+           "repeats": repeats, "rounds": rounds, "sdpa_backend": sdpa or "default", **environment(dev)}  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     rows: list[dict[str, Any]] = []
     for B, L in cases:
         ids = torch.randint(3, model.config.vocab_size, (B, L), generator=generator).to(dev)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        case_rows = []
-        for name in configs:
-            configuration = for_family(CONFIGURATIONS[name], baseline, getattr(model.config, "layer_types", None))
-            measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa, baseline)
-            case_rows.append({"case": f"{B}x{L}", "B": B, "L": L, "config": name,
-                              "description": configuration.description, **measured})  # fmt: skip
-        _add_ratios(case_rows)
-        rows += [{**row, **env} for row in case_rows]
+        case_rounds = []
+        for _ in range(rounds):
+            case_rows = []
+            for name in configs:
+                configuration = for_family(CONFIGURATIONS[name], baseline, getattr(model.config, "layer_types", None))
+                measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa, baseline)
+                case_rows.append({"case": f"{B}x{L}", "B": B, "L": L, "config": name,
+                                  "description": configuration.description, **measured})  # fmt: skip
+            _add_ratios(case_rows)
+            case_rounds.append(case_rows)
+        rows += [{**row, **env} for row in _median_of_rounds(case_rounds)]
         write_rows(rows, out_dir, STEM)  # after every case: a long run that dies keeps what it measured
         del inputs, ids
     del model
@@ -353,9 +383,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     """The run's conditions, then one line per case and configuration: each metric and its ratio to dynamic."""
     first = rows[0]
     print(f"model.generate, greedy, {first['new_tokens']} new tokens; per token = (t(N+1 tokens) - t(1 token)) / N, "
-          f"median of {first['repeats']} | {first['model_shape']} {first['dtype']} | sdpa {first['sdpa_backend']} | "
-          f"{first['gpu']} | torch {first['torch']} | transformers {first['transformers']} | triton "
-          f"{first['triton']} | {first['git_sha']}")  # fmt: skip
+          f"median of {first['repeats']} pairs, of {first['rounds']} rounds | {first['model_shape']} "
+          f"{first['dtype']} | sdpa {first['sdpa_backend']} | {first['gpu']} | torch {first['torch']} | transformers "
+          f"{first['transformers']} | triton {first['triton']} | {first['git_sha']}")  # fmt: skip
     head = ["case", "config"]
     for _, label, _, _ in COLUMNS:
         head += [label, "/dyn"]
@@ -395,6 +425,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="N: per token = (t(N+1) - t(1)) / N")
     parser.add_argument("--repeats", type=int, default=1, help="timed (N+1, 1) pairs; the median is reported")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every configuration in turn; the median")
     parser.add_argument("--configs", default=None, help=f"comma list among {','.join(CONFIGURATIONS)} (default all)")
     parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
     parser.add_argument(
@@ -411,5 +442,5 @@ def run(args) -> list[dict[str, Any]]:
     return run_generate_benchmark(
         args.cases, args.model_shape, args.new_tokens, args.repeats, args.device,
         getattr(torch, args.dtype) if args.dtype else None,
-        args.configs.split(",") if args.configs else None, args.out_dir, args.sdpa_backend,
+        args.configs.split(",") if args.configs else None, args.out_dir, args.sdpa_backend, args.rounds,
     )  # fmt: skip
