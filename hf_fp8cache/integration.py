@@ -4,6 +4,15 @@ transformers reuses one cache object for every prompt of a pipeline call, and it
 build a third-party cache (``cache_implementation`` accepts only its own strings). ``attach`` therefore wraps the
 model's ``generate``: every call that brings no cache of its own gets a fresh ``QuantizedFP8Cache`` -- so
 ``pipeline(...)`` over many prompts, and plain ``model.generate(...)``, use FP8 without sharing state.
+
+``attach(model, static=True)`` does for the FP8 cache what ``cache_implementation="static"`` does for transformers'
+bf16 one: each call gets an ``FP8StaticCache`` sized from the call itself (prompt plus ``max_new_tokens``, or
+``max_length``), which ``generate`` compiles on CUDA, so a user who never picks a maximum length still gets the
+compiled decode step. The size is rounded up to a power of two (at least ``MIN_STATIC_LENGTH`` tokens) and the cache
+is kept on the model: the next call of the same batch (times beams / returned sequences) and size bucket resets and
+reuses it, and with it ``generate``'s compiled graphs (a new cache object would compile again); another batch or a
+larger bucket gets a new cache, which replaces the kept one. The rounding costs at most twice the bytes the call
+needs, which in FP8 is at most what a bf16 cache of the exact size takes.
 """
 
 from __future__ import annotations
@@ -11,12 +20,16 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
+
 from .cache import QuantizedFP8Cache
 from .contract import ATTENTION_NAME
+from .static_cache import FP8StaticCache
 
-__all__ = ["attach", "detach", "cache_keyword"]
+__all__ = ["MIN_STATIC_LENGTH", "attach", "detach", "cache_keyword"]
 
 _ORIGINAL = "__hf_fp8cache_original__"  # the attribute of our generate wrapper that holds the model's own generate
+MIN_STATIC_LENGTH = 256  # the smallest static cache attach(static=True) makes, in tokens
 
 
 def cache_keyword(model) -> str:
@@ -24,21 +37,38 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def attach(model, *, attention: bool = False, **cache_kwargs):
-    """Make every ``model.generate`` call without an explicit cache use a fresh ``QuantizedFP8Cache``.
+def attach(model, *, attention: bool = False, static: bool = False, **cache_kwargs):
+    """Make every ``model.generate`` call without an explicit cache use a fresh ``QuantizedFP8Cache`` -- or, with
+    ``static=True``, an ``FP8StaticCache`` sized for the call and kept for the next one (see the module docstring).
 
-    ``cache_kwargs`` go to ``QuantizedFP8Cache`` (``kv_cache_dtype``, ``calculate_kv_scales``, ``strategy``,
-    ``scales``, ...); the model's config is passed for you. ``attention=True`` also switches the model to the
-    attention that reads FP8 directly (``attn_implementation="hf_fp8cache"``). Calls that pass their own cache,
-    ``use_cache=False`` or a ``cache_implementation`` are left alone. Returns the model; ``detach(model)`` undoes
-    the generate hook (not the attention implementation).
+    ``cache_kwargs`` go to the cache (``kv_cache_dtype``, ``calculate_kv_scales``, ``strategy``, ``scales``, ...;
+    ``max_batch_size`` too with ``static``); the model's config is passed for you. ``attention=True`` also switches
+    the model to the attention that reads FP8 directly (``attn_implementation="hf_fp8cache"``). Calls that pass
+    their own cache, ``use_cache=False`` or a ``cache_implementation`` are left alone. Returns the model;
+    ``detach(model)`` undoes the generate hook (not the attention implementation).
     """
-    QuantizedFP8Cache(config=model.config, **cache_kwargs)  # validate the arguments now, not at the first generate
+    if not isinstance(static, bool):
+        raise ValueError(f"static must be True or False, got {static!r}")
+    if static:  # validate the arguments now, not at the first generate
+        FP8StaticCache(model.config, MIN_STATIC_LENGTH, **cache_kwargs)
+    else:
+        QuantizedFP8Cache(config=model.config, **cache_kwargs)
     if attention:
         model.set_attn_implementation(ATTENTION_NAME)
     detach(model)
     original = model.generate
     keyword = cache_keyword(model)
+    kept: dict[tuple[int, int], FP8StaticCache] = {}  # the static cache of the last call, by (batch, length)
+
+    def static_cache(args: tuple, kwargs: dict) -> FP8StaticCache:
+        key = _static_cache_key(model, args, kwargs)
+        cache = kept.get(key)
+        if cache is None:
+            kept.clear()  # one kept cache at a time, as transformers keeps one for cache_implementation="static"
+            cache = kept[key] = FP8StaticCache(model.config, key[1], **cache_kwargs)
+        else:
+            cache.reset()
+        return cache
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
@@ -49,12 +79,44 @@ def attach(model, *, attention: bool = False, **cache_kwargs):
             and kwargs.get("cache_implementation") is None
         )
         if wants_own_cache:
-            kwargs[keyword] = QuantizedFP8Cache(config=model.config, **cache_kwargs)
+            if static:
+                kwargs[keyword] = static_cache(args, kwargs)
+            else:
+                kwargs[keyword] = QuantizedFP8Cache(config=model.config, **cache_kwargs)
         return original(*args, **kwargs)
 
     setattr(generate, _ORIGINAL, original)
     model.generate = generate
     return model
+
+
+def _static_cache_key(model, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(batch rows the cache will hold, its length) for one generate call: the prompt's rows times the beams or
+    returned sequences ``generate`` expands them to, and the prompt plus ``max_new_tokens`` (else ``max_length``,
+    which counts the prompt) rounded up to a power of two, at least ``MIN_STATIC_LENGTH``."""
+    config = kwargs.get("generation_config") or model.generation_config
+
+    def setting(name: str):
+        value = kwargs.get(name)
+        return getattr(config, name, None) if value is None else value
+
+    prompt = args[0] if args else next((kwargs[k] for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
+    if prompt is None:
+        prompt = kwargs.get("inputs_embeds")
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() < 2:
+        raise ValueError(
+            "attach(static=True) sizes the cache from the prompt: pass input_ids (or inputs_embeds) as a [batch, "
+            f"tokens] tensor, got {type(prompt).__name__}"
+        )
+    max_new_tokens = setting("max_new_tokens")
+    length = prompt.shape[1] + max_new_tokens if max_new_tokens is not None else setting("max_length")
+    if not isinstance(length, int) or length <= prompt.shape[1]:
+        raise ValueError(
+            f"attach(static=True) needs max_new_tokens >= 1 or max_length above the prompt's {prompt.shape[1]} "
+            f"tokens, got max_new_tokens={max_new_tokens!r}, max_length={setting('max_length')!r}"
+        )
+    rows = prompt.shape[0] * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
+    return rows, max(MIN_STATIC_LENGTH, 1 << (length - 1).bit_length())
 
 
 def detach(model):

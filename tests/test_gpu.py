@@ -10,7 +10,7 @@ import torch
 from helpers import assert_equal, fake_quant_cache, left_padded_prompts, tiny_llama
 from transformers import DynamicCache
 
-from hf_fp8cache import FP8Cache, FP8StaticCache
+from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
 from hf_fp8cache.bench.common import build_model
 from hf_fp8cache.contract import ATTENTION_NAME
 from hf_fp8cache.integration import cache_keyword
@@ -92,6 +92,29 @@ def test_generate_compiles_the_static_cache_and_equals_eager_fp8(cache_kwargs):
         compiled = _greedy(model, static, ids, mask, 16)
         assert_equal(compiled, _greedy(model, FP8Cache(model.config, **cache_kwargs), ids, mask, 16))
     assert hasattr(model, "_compiled_call")  # generate took its compiled path
+
+
+def test_attach_static_compiles_once_for_calls_of_one_size_and_equals_eager_fp8():
+    """attach(static=True): generate compiles the decode step of the cache it sizes; a second call of the same batch
+    and size bucket reuses the cache and the compiled step (no new compile), and the tokens equal the eager dynamic
+    FP8 cache's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model = tiny_llama(seed=2).cuda()  # fp32, as above
+    ids, mask = left_padded_prompts(2, 30, pads=lambda row: 7 * row, pad_id=None, seed=3, device="cuda")
+    eager = _greedy(model, FP8Cache(model.config), ids, mask, 12)
+    attach(model, attention=True, static=True)
+    try:
+        first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        compiles = dynamo_utils.counters["stats"]["unique_graphs"]
+        assert compiles > 0  # generate compiled the first call's step (the counter counts what dynamo compiles)
+        second = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == compiles  # the kept cache: nothing compiled again
+    finally:
+        detach(model)
+    assert hasattr(model, "_compiled_call")  # generate took its compiled path
+    assert_equal(first, eager)
+    assert_equal(second, eager)
 
 
 @pytest.mark.parametrize("family", ["qwen3-next", "falcon-h1"])

@@ -5,8 +5,8 @@ import torch
 from helpers import assert_equal, fake_quant_cache
 from transformers import pipeline
 
-from hf_fp8cache import FP8Cache, attach, detach
-from hf_fp8cache.integration import cache_keyword
+from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
+from hf_fp8cache.integration import MIN_STATIC_LENGTH, cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -47,6 +47,43 @@ def test_attach_injects_a_fresh_fp8_cache_per_call(torch_path):
 def test_attach_validates_arguments_up_front(tiny_model):
     with pytest.raises(ValueError, match="'fp7'"):
         attach(tiny_model, kv_cache_dtype="fp7")
+
+
+def test_attach_static_sizes_a_static_cache_per_call_and_keeps_it_for_the_next(torch_path):
+    from helpers import tiny_llama
+
+    model = tiny_llama(seed=5)
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    keyword = cache_keyword(model)
+    attach(model, static=True, kv_cache_dtype="fp8_e5m2")
+    try:
+        first = model.generate(input_ids=ids, max_new_tokens=5, **kw)
+        cache = getattr(first, keyword)
+        assert isinstance(cache, FP8StaticCache) and cache.max_cache_len == MIN_STATIC_LENGTH == 256
+        assert cache.format.name == "e5m2"  # the options reach the cache
+        second = model.generate(input_ids=ids, max_new_tokens=5, **kw)
+        assert getattr(second, keyword) is cache  # the same batch and size bucket: reset and reused
+        assert_equal(second.sequences, first.sequences)
+        # 6 prompt tokens + 300 new: the next power of two, a new cache replacing the kept one
+        longer = model.generate(input_ids=ids, max_new_tokens=300, min_new_tokens=300, **kw)
+        assert getattr(longer, keyword).max_cache_len == 512 and getattr(longer, keyword) is not cache
+        beams = model.generate(input_ids=ids, max_new_tokens=5, num_beams=2, **kw)  # 4 rows: another cache
+        assert getattr(beams, keyword) is not getattr(longer, keyword)
+        with pytest.raises(ValueError, match="needs max_new_tokens >= 1 or max_length above the prompt's 6 tokens"):
+            model.generate(input_ids=ids, max_length=6, **kw)
+    finally:
+        detach(model)
+    # the oracle: an FP8StaticCache of the size attach picks for 6 + 5 tokens (the 256-token minimum), given by hand
+    by_hand = FP8StaticCache(model.config, 256, kv_cache_dtype="fp8_e5m2")
+    assert_equal(first.sequences, model.generate(input_ids=ids, max_new_tokens=5, **kw, **{keyword: by_hand}).sequences)
+
+
+def test_attach_static_refuses_a_non_bool_and_bad_cache_options(tiny_model):
+    with pytest.raises(ValueError, match="static must be True or False, got 'yes'"):
+        attach(tiny_model, static="yes")
+    with pytest.raises(ValueError, match="max_batch_size must be None or an int >= 1, got 0"):
+        attach(tiny_model, static=True, max_batch_size=0)
 
 
 @pytest.mark.slow
