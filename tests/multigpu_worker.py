@@ -11,9 +11,11 @@ Used by that test (pytest does not collect it: the name does not start with ``te
   CUDA ranks use NCCL; without CUDA, gloo on CPU (so the script also runs where CI runs).
 
 Configurations: ``DynamicCache`` + SDPA in the model's dtype (the baseline: its own difference between placements
-is the yardstick), then ``FP8Cache`` and ``FP8StaticCache`` x four scale sources (unit, on the fly per tensor, on
-the fly per KV head, per-head scales from a compressed-tensors checkpoint) x both read paths (our attention, SDPA
-over dequantized K/V). Static caches run eager (``disable_compile``): the placements are what is compared.
+is the yardstick), the fake-quantized ``DynamicCache`` with unit scales + SDPA (``ORACLE``: what any FP8 cache with
+those scales must hand to SDPA; its own difference between placements is what FP8 rounding makes of the model's),
+then ``FP8Cache`` and ``FP8StaticCache`` x four scale sources (unit, on the fly per tensor, on the fly per KV head,
+per-head scales from a compressed-tensors checkpoint) x both read paths (our attention, SDPA over dequantized K/V).
+Static caches run eager (``disable_compile``): the placements are what is compared.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SOURCES: dict[str, dict] = {
 }
 ATTENTIONS = ("hf_fp8cache", "sdpa")
 BASELINE = "dynamic+sdpa"
+ORACLE = "fp8-oracle/unit+sdpa"
 NEW_TOKENS = 16
 MAX_CACHE_LEN = 64  # prompt + NEW_TOKENS fit
 
@@ -61,9 +64,9 @@ def save_model_and_scales(directory: str | Path, head_dim: int = 64) -> tuple[Pa
 
 
 def configuration_names() -> list[str]:
-    """The baseline, then ``{fp8|fp8-static}/{source}+{attention}``."""
-    return [BASELINE] + [f"{cache}/{source}+{attention}" for cache in ("fp8", "fp8-static") for source in SOURCES
-                         for attention in ATTENTIONS]  # fmt: skip
+    """The baseline, the oracle, then ``{fp8|fp8-static}/{source}+{attention}``."""
+    return [BASELINE, ORACLE] + [f"{cache}/{source}+{attention}" for cache in ("fp8", "fp8-static")
+                                 for source in SOURCES for attention in ATTENTIONS]  # fmt: skip
 
 
 def _cache_factory(name: str, scales_dir: str | Path) -> tuple[str, Callable]:
@@ -74,6 +77,10 @@ def _cache_factory(name: str, scales_dir: str | Path) -> tuple[str, Callable]:
 
     if name == BASELINE:
         return "sdpa", lambda config: DynamicCache(config=config)
+    if name == ORACLE:
+        from helpers import fake_quant_cache  # tests/ is on the path: pytest's rootdir, or this script's folder
+
+        return "sdpa", lambda config: fake_quant_cache(config, "fp8")
     kind, rest = name.split("/")
     source, attention = rest.split("+")
     if source == "checkpoint-head":

@@ -13,9 +13,12 @@ What is asserted, and why:
 - tensor parallelism, fp32: every configuration's tokens equal one GPU's exactly, and each rank's layer-0 scales are
   its heads' part of one GPU's (checkpoint scales) or the same on every rank (on-the-fly per-tensor: the MAX).
 - tensor parallelism, bf16: measured and printed side by side with bf16 ``DynamicCache``'s own difference
-  (the issue's yardstick), and written to ``$HF_FP8CACHE_MULTIGPU_REPORT`` when set; not asserted: the sharded
-  matmuls and all-reduces change bf16 K/V in the last bits, FP8 rounding turns some of those into one-step
-  differences, and on a random model greedy decoding then drifts (seen on CPU: 0 to 28 of 32 tokens).
+  (the issue's yardstick) and the fake-quantized oracle's (``multigpu_worker.ORACLE``), and written to
+  ``$HF_FP8CACHE_MULTIGPU_REPORT`` when set; not asserted: the sharded matmuls and all-reduces change bf16 K/V in
+  the last bits, FP8 rounding turns some of those into one-step differences, and on a random model greedy decoding
+  then drifts (seen on CPU: 0 to 28 of 32 tokens). What is asserted: within each placement ``FP8Cache`` with unit
+  scales read by SDPA generates the oracle's tokens, so the difference between placements is FP8 rounding of the
+  model's own, which any FP8 cache with those scales shows.
 """
 
 import json
@@ -177,3 +180,7 @@ def test_tensor_parallel_bf16_difference_beside_dynamic_caches(checkpoint, one_g
     differing = _differing(result["tokens"], reference)
     _report("tensor parallel x2, bf16", differing, 2 * 16)
     assert set(differing) == set(reference)  # every configuration ran on both ranks
+    import multigpu_worker
+
+    for tokens in (result["tokens"], reference):  # the cache is exact in each placement: the oracle's tokens
+        assert tokens["fp8/unit+sdpa"] == tokens[multigpu_worker.ORACLE]
