@@ -93,6 +93,13 @@ def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text with an FP8 KV cache and report its memory")
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local dir (default: the embedded SmolLM2-135M)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument(
+        "--then",
+        action="append",
+        default=[],
+        metavar="MESSAGE",
+        help="a follow-up user message, answered from the cache the last turn left (repeat for more turns)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--kv-cache-dtype", default="fp8", help="fp8 (= fp8_e4m3), fp8_e5m2, auto, ...")
     p.add_argument(
@@ -113,6 +120,8 @@ def _check_generate(args) -> dict:
     _at_least(args, max_new_tokens=1, residual_length=0)
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
+    if any(not message.strip() for message in args.then):
+        raise ValueError("--then is empty")
     _check_device(args)
     _check_model_path(args.model)
     options = dict(kv_cache_dtype=args.kv_cache_dtype, residual_length=args.residual_length)
@@ -131,10 +140,13 @@ def _generate(args, cache_options: dict) -> int:
 
     from .cache import QuantizedFP8Cache
     from .cache_layer import FP8CacheLayer
+    from .chat import chat_turn
     from .integration import cache_keyword
     from .models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    if args.then and not tokenizer.chat_template:
+        raise ValueError(f"--then needs a model whose tokenizer has a chat template; {args.model} has none")
     if tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}],
@@ -150,8 +162,13 @@ def _generate(args, cache_options: dict) -> int:
     generate = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
     cache = QuantizedFP8Cache(model.config, **cache_options)
+    messages = [{"role": "user", "content": args.prompt}]
     start = time.perf_counter()
-    out = model.generate(**inputs, **generate, **{keyword: cache})
+    if tokenizer.chat_template:  # chat_turn: the same ids and generate call, and the cache ready for --then
+        chat_turn(model, tokenizer, messages, cache, **generate)
+        out = cache.chat_token_ids
+    else:
+        out = model.generate(**inputs, **generate, **{keyword: cache})
     seconds = time.perf_counter() - start
     text = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
     print(f"model: {args.model}  ({model.config.num_hidden_layers} layers, {model.dtype}, {args.device})")
@@ -172,6 +189,14 @@ def _generate(args, cache_options: dict) -> int:
         n = min(len(new), len(ref))
         same = int((new[:n] == ref[:n]).cumprod(0).sum())
         print(f"vs the {model.dtype} DynamicCache: first {same} of {n} generated tokens identical")
+    for message in args.then:  # each turn runs only its new tokens over the FP8 history
+        messages.append({"role": "user", "content": message})
+        held = int(cache.get_seq_length())
+        reply = chat_turn(model, tokenizer, messages, cache, **generate)
+        print(f"--- user: {message}  (continued from {held} cached tokens) ---")
+        print(reply)
+    if args.then:
+        print(f"KV cache after {1 + len(args.then)} turns: {cache.get_seq_length()} tokens, {cache.nbytes:,} bytes")
     return 0
 
 

@@ -26,6 +26,17 @@ def test_generate_on_embedded_model_reports_half_the_kv_bytes(capsys, torch_path
     assert "generated tokens identical" in out
 
 
+@pytest.mark.slow
+def test_generate_then_continues_the_chat_from_the_cache(capsys, torch_path):
+    assert main(["generate", "--max-new-tokens", "6", "--then", "And in one word?", "--no-compare"]) == 0
+    out = capsys.readouterr().out
+    first = int(re.search(r"KV cache: (\d+) tokens", out)[1])
+    continued = re.search(r"--- user: And in one word\?  \(continued from (\d+) cached tokens\) ---\n(.+)\n", out)
+    assert continued and int(continued[1]) == first and continued[2].strip(), out  # the second turn's reply
+    total = int(re.search(r"KV cache after 2 turns: (\d+) tokens", out)[1])
+    assert total > first + 6  # the new message and the second reply were added to the same cache
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading a model fails the test: every argument must be checked before."""
@@ -52,6 +63,7 @@ BAD_ARGUMENTS = [
     (["generate", "--max-new-tokens", "0"], r"^--max-new-tokens must be >= 1, got 0$"),
     (["generate", "--residual-length", "-1"], r"^--residual-length must be >= 0, got -1$"),
     (["generate", "--prompt", " "], r"^--prompt is empty$"),
+    (["generate", "--then", "hello", "--then", ""], r"^--then is empty$"),
     (["generate", "--device", "gpu"], r"^--device 'gpu' is not a torch device; use cpu, cuda or cuda:N$"),
     (["generate", "--device", "cuda:99"], r"^--device 'cuda:99': (no CUDA GPU is available|this machine has \d)"),
     (["generate", "--dtype", "fp64"], r"^unknown dtype 'fp64'; use auto, bf16"),
