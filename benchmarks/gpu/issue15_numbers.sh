@@ -6,8 +6,8 @@
 # gpt-oss, measured 2026-12-01 (H200): build 7.7 s; one eager prefill of 8x4096 tokens 16.4 s, of 1x8192 14.0 s
 #   (transformers' MoE experts dominate). At 8x32768 one prefill would take ~130 s, and the bench runs four a
 #   configuration: 8x32768 does not fit a 10-minute call, so the case is 8x8192 (~35 s a prefill, ~150 s a
-#   configuration with its decode steps: dynamic, fp8+attn, fp8-static+attn in ~450 s; if it times out, run them two at a time, each
-#   with dynamic).
+#   configuration with its decode steps): dynamic, fp8+attn, fp8-static+attn in ~450 s; if it times out, run
+#   them two at a time, each with dynamic.
 # gemma, estimated: one 8x32768 prefill ~25-30 s (5.7e15 FLOP of matmuls ~9 s; SDPA over the sliding layers'
 #   [8, 1, 32768, 32768] mask runs the masked kernel over all L^2: ~15-20 s). Each configuration prefills 4 times:
 #   dynamic ~130 s, fp8+attn ~140 s, fp8-static+attn ~120 s + the 48-layer step's compile ~60-90 s; ~480 s, timeout
