@@ -1,11 +1,14 @@
 """FP8SlidingWindowLayer: the dynamic FP8 layer of sliding-window and chunked attention layers (Mistral, Gemma 2/3,
 GPT-OSS, Cohere 2, Llama 4's chunked layers), with the semantics of transformers' ``DynamicSlidingWindowLayer``.
 
-It keeps the last ``sliding_window - 1`` tokens as FP8 (the window a next token can see besides itself), plus the
+It needs the last ``sliding_window - 1`` tokens as FP8 (the window a next token can see besides itself), plus the
 tokens of the last update until the next one (its attention may still read them): memory is bounded by the window,
-not by the sequence. ``update`` returns the kept tokens plus the new ones (what ``get_mask_sizes`` announces to the
-mask); ``get_seq_length`` counts every token seen. The first prefill returns its exact K/V (``exact_prefill``) and
-stores only its last ``sliding_window - 1`` tokens.
+not by the sequence. The buffers hold those and up to 256 older tokens in front of them (``_OLDER_TOKENS``, and no
+more than their capacity allows): only when the next write would not fit, or more older tokens are held, do the
+needed ones move to the front -- once in about 256 steps, not every step (a 4096-token window at 8 rows moved
+4 x 34 MB a layer and step). ``update`` returns the needed tokens plus the new ones (what ``get_mask_sizes``
+announces to the mask); ``get_seq_length`` counts every token seen. The first prefill returns its exact K/V
+(``exact_prefill``) and stores only its last ``sliding_window - 1`` tokens.
 
 Read paths, as ``FP8CacheLayer``'s: with ``attn_implementation="hf_fp8cache"``, ``update`` returns fp8 views and
 ``attention_inputs`` hands the decode kernel the buffers with the window (``FP8AttentionInputs.sliding_window``): a
@@ -28,6 +31,10 @@ from .cache_layer import FP8CacheLayer
 from .contract import FP8AttentionInputs, layer_of
 
 __all__ = ["FP8SlidingWindowLayer"]
+
+# older tokens held in front of the window at most (beyond what the capacity allows anyway): the window moves to the
+# front once in that many steps, and a long first prompt stored whole (exact_prefill=False) is trimmed at once
+_OLDER_TOKENS = 256
 
 
 class FP8SlidingWindowLayer(FP8CacheLayer):
@@ -69,15 +76,16 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         if first_prefill and self.exact_prefill and not self.record_past and new_tokens > kept:
             return self._store_prompt_tail(key_states, value_states, kept)
         self._finish_pending_write(None)  # (a prefill whose attention never came) before any bytes move
-        if not self.record_past:
-            self._keep_last(kept)  # drop what the last update's attention read beyond the window
-        # what get_mask_sizes announced, as transformers returns it (set first: the update may dequantize it)
+        if not self.record_past and (self.length + new_tokens > self.capacity or self.length > kept + _OLDER_TOKENS):
+            self._keep_last(kept)  # the window's tokens move to the front, older ones go
+        # what get_mask_sizes announced, as transformers returns it (set first: the update may dequantize it); the
+        # held tokens before it are older ones, or kept while recording the past
         self._served = min(self.length, kept) + new_tokens
         keys, values = super().update(key_states, value_states)
         self.cumulative_length += new_tokens
         if self._served == self.length or layer_of(keys) is not None:
             return keys, values  # all of it, or the fp8 buffers our attention reads through attention_inputs
-        return keys[:, :, -self._served :], values[:, :, -self._served :]  # recording the past: more held than served
+        return keys[:, :, -self._served :], values[:, :, -self._served :]  # more held than served
 
     def _store_prompt_tail(
         self, key_states: torch.Tensor, value_states: torch.Tensor, kept: int
@@ -102,7 +110,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
 
     def attention_inputs(self, attention_mask: torch.Tensor | None) -> FP8AttentionInputs:
         """``FP8CacheLayer.attention_inputs`` with the window; row starts, which the mask gives in the positions of
-        what ``update`` returned, moved to buffer positions (they differ while recording the past)."""
+        what ``update`` returned, moved to buffer positions (they differ when older tokens are held in front)."""
         inputs = super().attention_inputs(attention_mask)
         unserved = self.length - self._served  # buffer positions before what the mask covers
         kv_start = inputs.kv_start + unserved if unserved > 0 else inputs.kv_start
@@ -121,6 +129,16 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         for buffer in (self._key_bytes, self._value_bytes):
             buffer[:, :, :tokens] = buffer[:, :, drop : self.length].clone()  # the ranges overlap
         self.length = tokens
+
+    @property
+    def nbytes(self) -> int:
+        """``FP8CacheLayer.nbytes`` of the tokens the layer needs (the window and the last update's tokens; all of
+        them while recording the past): the older tokens held in front count as spare room, as spare capacity does
+        (``allocated_nbytes``)."""
+        if self._key_bytes is None or self.record_past:
+            return super().nbytes
+        B, H, _, D = self._key_bytes.shape
+        return super().nbytes - 2 * B * H * max(self.length - self._served, 0) * D
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

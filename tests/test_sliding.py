@@ -63,7 +63,8 @@ def _prompts(batch=3, length=11):
 
 def _generate(model, cache, **kwargs):
     ids, mask = _prompts()
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+    kwargs = {"max_new_tokens": 12, **kwargs}
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
                           **{cache_keyword(model): cache}, **kwargs)  # fmt: skip
 
 
@@ -79,6 +80,17 @@ def test_generate_past_the_window_equals_the_oracle(family, attention, torch_pat
     sliding = [layer for layer in cache.layers if layer.is_sliding]
     assert sliding and all(isinstance(layer, FP8SlidingWindowLayer) for layer in sliding)
     assert all(layer.sliding_window == WINDOW for layer in sliding)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", ATTENTION_NAME])
+def test_generate_past_the_buffer_capacity_equals_the_oracle(attention, torch_path):
+    # 11 + 260 tokens: the sliding layer's buffers (256 tokens) fill up and the window moves to their front mid-run
+    model = _model("mistral", attention)
+    cache = FP8Cache(model.config)
+    ours = _generate(model, cache, max_new_tokens=260, min_new_tokens=260)
+    assert torch.equal(ours, _generate(model, fake_fp8_cache(model.config), max_new_tokens=260, min_new_tokens=260))
+    sliding = next(layer for layer in cache.layers if layer.is_sliding)
+    assert sliding.capacity == 256 and sliding.get_seq_length() == 11 + 260 - 1
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -165,14 +177,32 @@ def test_memory_is_bounded_by_the_window(torch_path):
     x = torch.randn(2, 2, 40, 16)
     for layer in range(4):
         cache.update(x, x, layer)
-    for _ in range(30):
+    moves = []
+    sliding, full = cache.layers[0], cache.layers[1]
+    original_keep_last = sliding._keep_last
+    sliding._keep_last = lambda tokens: (moves.append(sliding.length), original_keep_last(tokens))
+    for _ in range(300):
         for layer in range(4):
             cache.update(x[:, :, :1], x[:, :, :1], layer)
-    sliding, full = cache.layers[0], cache.layers[1]
-    assert sliding.get_seq_length() == full.get_seq_length() == 70
-    # kept: the window's W - 1 tokens plus the one the last update added (its attention may read it until the next)
-    assert sliding.length == WINDOW and full.length == 70
-    assert sliding.nbytes == 2 * 2 * 2 * WINDOW * 16 + 8 and sliding.capacity <= 256  # FP8 K+V + 2 scales
+    assert sliding.get_seq_length() == full.get_seq_length() == 340 and full.length == 340
+    # the first prefill stored the window's W - 1 tokens; decode steps append until the capacity (one growth step of
+    # 256 tokens) is full, then the window's tokens move to the front: one move in ~250 steps, not one a step
+    assert sliding.capacity == 256 and moves == [256]
+    # the move came at the step after 256 - (W - 1) appends and kept W - 1; every step since appended one
+    assert sliding.length == (WINDOW - 1) + 300 - (256 - (WINDOW - 1)) and sliding.length <= sliding.capacity
+    # FP8 K+V of the tokens it needs (W - 1 kept and the last one added) + 2 scales; the older ones are spare room
+    assert sliding.nbytes == 2 * 2 * 2 * WINDOW * 16 + 8 and sliding.allocated_nbytes == 2 * 2 * 2 * 256 * 16 + 8
+
+
+def test_a_whole_long_prompt_is_trimmed_to_the_window_at_the_next_update(torch_path):
+    cache = FP8Cache(FAMILIES["gemma3"][0](), exact_prefill=False)  # the prompt attends over FP8: stored whole
+    x = torch.randn(1, 2, 400, 16)
+    for layer in range(4):
+        cache.update(x, x, layer)
+    assert cache.layers[0].length == 400
+    for layer in range(4):
+        cache.update(x[:, :, :1], x[:, :, :1], layer)
+    assert cache.layers[0].length == WINDOW and cache.layers[1].length == 401  # not held until the buffer is full
 
 
 def test_mask_sizes_lengths_and_returned_shapes_match_transformers(torch_path):
