@@ -126,8 +126,8 @@ def main() -> None:
         scale_bytes = CONFIGURATIONS[row["configuration"]][3]
         row["bytes_per_element"] = 1 + scale_bytes / head_dim
     print(format_table(rows))
-    print("bytes per cached element (head dim {}): ".format(head_dim)
-          + ", ".join(f"{r['configuration']}: {r['bytes_per_element']:.4f}" for r in rows))  # fmt: skip
+    sizes = ", ".join(f"{r['configuration']}: {r['bytes_per_element']:.4f}" for r in rows)
+    print(f"bytes per cached element (head dim {head_dim}): {sizes}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(command="python benchmarks/token_head_scales.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),

@@ -18,7 +18,7 @@ import torch
 
 from .integration import cache_keyword
 
-__all__ = ["chat_turn"]
+__all__ = ["chat_turn", "conversation_ids"]
 
 
 def chat_turn(model, tokenizer, messages: list[dict], cache, **generate_kwargs) -> str:
@@ -38,7 +38,7 @@ def chat_turn(model, tokenizer, messages: list[dict], cache, **generate_kwargs) 
                                         return_dict=True)["input_ids"].to(device)  # fmt: skip
     held = int(cache.get_seq_length())  # (a static cache's length is a device tensor)
     if held:
-        seen: torch.Tensor | None = getattr(cache, "chat_token_ids", None)
+        seen = conversation_ids(cache)
         if seen is None or seen.shape[1] <= held:
             raise ValueError(
                 f"the cache holds {held} tokens that no earlier chat_turn recorded; start from an empty one"
@@ -52,6 +52,12 @@ def chat_turn(model, tokenizer, messages: list[dict], cache, **generate_kwargs) 
     reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     messages.append({"role": "assistant", "content": reply})
     return reply
+
+
+def conversation_ids(cache) -> torch.Tensor | None:
+    """The ``[1, T]`` token ids of the conversation ``chat_turn`` has run on ``cache`` (prompts and replies; the cache
+    holds all of them but the last), None before the first turn."""
+    return getattr(cache, "chat_token_ids", None)
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

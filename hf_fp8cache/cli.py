@@ -140,7 +140,7 @@ def _generate(args, cache_options: dict) -> int:
 
     from .cache import QuantizedFP8Cache
     from .cache_layer import FP8CacheLayer
-    from .chat import chat_turn
+    from .chat import chat_turn, conversation_ids
     from .integration import cache_keyword
     from .models import load_model_and_tokenizer
 
@@ -166,7 +166,8 @@ def _generate(args, cache_options: dict) -> int:
     start = time.perf_counter()
     if tokenizer.chat_template:  # chat_turn: the same ids and generate call, and the cache ready for --then
         chat_turn(model, tokenizer, messages, cache, **generate)
-        out = cache.chat_token_ids
+        out = conversation_ids(cache)
+        assert out is not None  # (set by the turn just run)
     else:
         out = model.generate(**inputs, **generate, **{keyword: cache})
     seconds = time.perf_counter() - start
