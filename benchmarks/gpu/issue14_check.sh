@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14 on the nvidia-h200 device machine, from the repository root ($OUT set): the GPU tests, the decode kernel
-# bench, one layer's host time, and generate at 1x4096 and 8x16384 (eager; 3 repeats).
-# Budget ~420 s: install ~10 s, tests ~150 s (-n 8), kernel bench ~40 s, layer ~30 s, generate ~180 s.
+# bench, one layer's host time, and generate at 1x4096: the eager configurations over three rounds (bench generate's
+# module docstring), then the compiled ones in one (each compiles once, ~60 s). Budget ~540 s: install ~10 s, tests
+# ~150 s (-n 8), kernel bench ~40 s, layer ~30 s, eager generate ~90 s, compiled generate ~200 s.
 set -u
 export PYTHONUNBUFFERED=1 HF_FP8CACHE_NO_INTERPRET=1
 cd "$(dirname "$0")/../.."
@@ -12,6 +13,10 @@ echo "tests rc=$?"; tail -4 "$OUT/gpu_tests.txt"
 timeout 90 python -m hf_fp8cache.bench attention --out-dir "$OUT/attention" > "$OUT/attention.txt" 2>&1
 echo "attention rc=$?"; grep -v Warn "$OUT/attention.txt" | tail -8; rm -f "$OUT"/attention/*.png "$OUT"/attention/*.csv  # $OUT returns 8 files
 timeout 60 python benchmarks/gpu/layer_profile.py > "$OUT/layer_profile.txt" 2>&1; head -3 "$OUT/layer_profile.txt"
-timeout 240 python -m hf_fp8cache.bench generate --cases 1x4096,8x16384 --configs dynamic,fp8,fp8+attn --repeats 3 \
+timeout 120 python -m hf_fp8cache.bench generate --cases 1x4096 --configs dynamic,fp8,fp8+attn --rounds 3 \
     --out-dir "$OUT/generate" > "$OUT/generate.txt" 2>&1
-echo "generate rc=$?"; grep -v Warn "$OUT/generate.txt" | tail -12
+echo "generate rc=$?"; grep -v Warn "$OUT/generate.txt" | tail -6
+timeout 220 python -m hf_fp8cache.bench generate --cases 1x4096 --configs dynamic,static,fp8-static+attn --repeats 3 \
+    --out-dir "$OUT/compiled" > "$OUT/compiled.txt" 2>&1
+echo "compiled generate rc=$?"; grep -v Warn "$OUT/compiled.txt" | tail -6
+rm -f "$OUT"/*/*.png "$OUT"/*/*.csv  # $OUT returns 8 files: the JSON rows (write_rows makes the CSV from them)

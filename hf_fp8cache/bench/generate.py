@@ -19,7 +19,8 @@ row gives the median over the rounds of each value and of each ratio to the same
 (``ms_per_token_rounds`` keeps every round's time). The host of the GPU machine drifts by 10-20 % within one process
 (the same configuration measured twice a minute apart on the H200 machine: 34.8 and 27.6 ms a token): rounds put
 every configuration under the same drift, where one configuration after another would charge it to whichever ran
-during a slow spell.
+during a slow spell. A compiled configuration compiles again in every round (each configuration starts as a new
+session does): give rounds to the eager, host-bound configurations, whose times drift.
 
 Configurations (``CONFIGURATIONS``):
 
