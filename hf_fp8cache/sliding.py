@@ -13,9 +13,10 @@ announces to the mask); ``get_seq_length`` counts every token seen. The first pr
 Read paths, as ``FP8CacheLayer``'s: with ``attn_implementation="hf_fp8cache"``, ``update`` returns fp8 views and
 ``attention_inputs`` hands the decode kernel the buffers with the window (``FP8AttentionInputs.sliding_window``): a
 query at buffer position p sees keys p - W < n <= p, the mask's rule in the buffers' positions, and the kernel reads
-only the window's key blocks. Chunks longer than the kernel takes, and other attention implementations, get the
-dequantized tokens the mask covers. On-the-fly scales wait for the padding mask as on full layers (``cache_base``),
-over the whole first prompt, of which only the tail is stored. Chunked layers (Llama 4: same-chunk masks, which the
+only the window's key blocks; a decode step's token is written by that launch, as on full layers. Chunks longer
+than the kernel takes, and other attention implementations, get the dequantized tokens the mask covers. On-the-fly
+scales wait for the padding mask as on full layers (``cache_base``), over the whole first prompt, of which only the
+tail is stored. Chunked layers (Llama 4: same-chunk masks, which the
 kernel does not compute) always hand over dequantized tokens. The exact recent window (``residual_length``) is
 refused on these layers: the window itself is short.
 
@@ -41,7 +42,6 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
     """One sliding-window (or chunked) attention layer's FP8 K/V (see the module docstring)."""
 
     is_sliding = True
-    claims_decode_writes = False  # its update moves bytes itself (the window's trim): every write happens here
 
     def __init__(self, sliding_window: int, **layer_kwargs) -> None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:

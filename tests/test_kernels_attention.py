@@ -607,11 +607,12 @@ def test_a_new_token_is_written_as_quantize_append_does_and_attended(L, fmt, dty
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L", [4096, 4097, 32768])
-def test_a_new_token_on_gpu_shapes(L):
-    """The compiled kernel at decode shapes (one-warp programs over real splits, as in generate at 8 rows)."""
+@pytest.mark.parametrize("L, sliding_window", [(4096, None), (4097, None), (32768, None), (32768, 4096)])
+def test_a_new_token_on_gpu_shapes(L, sliding_window):
+    """The compiled kernel at decode shapes (one-warp programs over real splits, as in generate at 8 rows), also with
+    a sliding window (FP8Cache's sliding layers let the launch write their token too)."""
     case = _new_token_case(L, fmt=FMTS[0], dtype=torch.bfloat16, per_head=True, seed=L, B=8, H=8, D=128)
-    _check_new_token(case, None, None)
+    _check_new_token(case, None, sliding_window)
 
 
 def _check_new_token(case, num_splits, sliding_window):

@@ -97,15 +97,16 @@ def test_generate_past_the_buffer_capacity_equals_the_oracle(attention, torch_pa
 def test_fp8_attention_reads_the_fp8_window_with_the_kernel(family, torch_path, monkeypatch):
     """With attn_implementation="hf_fp8cache" every decode step of every layer runs the decode kernel on the fp8
     bytes (with the sliding layers' window, GPT-OSS's sinks, Gemma 2's softcap and Gemma's scaling): nothing is
-    dequantized."""
+    dequantized, and the launch writes the step's token (sliding layers included)."""
     model = _model(family, ATTENTION_NAME)
-    calls = []
+    calls, carries_token = [], []
 
     def no_dequantize(self):
         raise AssertionError(f"layer {self.layer_idx} dequantized")
 
     def decode(query, inputs, scale, sinks, softcap):
         calls.append((inputs.sliding_window, sinks is not None, softcap, scale))
+        carries_token.append(inputs.new_tokens is not None and inputs.new_tokens.claimable)
         return kernel(query, inputs, scale, sinks, softcap)
 
     kernel = fp8_attention._decode
@@ -115,6 +116,7 @@ def test_fp8_attention_reads_the_fp8_window_with_the_kernel(family, torch_path, 
     _generate(model, FP8Cache(model.config))
     layers = model.config.num_hidden_layers
     assert len(calls) == 11 * layers  # 12 new tokens: 11 decode steps after the prefill
+    assert all(carries_token)  # no quantize launch of its own: the attention kernel writes each step's token
     windows = {window for window, *_ in calls}
     assert WINDOW in windows and (windows == {WINDOW}) == (family == "mistral")  # the others also have full layers
     assert all(has_sinks == (family == "gpt-oss") for _, has_sinks, _, _ in calls)
