@@ -67,6 +67,8 @@ def test_kv_bytes_of_each_cache(run):
     assert by["fp8-static+attn"]["kv_bytes"] == by["fp8-static+attn"]["kv_allocated_bytes"]
     assert by["fp8-static+attn"]["kv_bytes"] == _kv_bytes(tokens + 1, 1) + SCALE_BYTES
     assert by["static"]["kv_bytes"] in (dynamic, _kv_bytes(tokens + 1, 2))
+    # attach(static=True): the cache the hook sized for 24 + 6 tokens, rounded up to its 256-token minimum
+    assert by["fp8-attach-static+attn"]["kv_bytes"] == _kv_bytes(256, 1) + SCALE_BYTES
     if by["hf-quantized-fp8"]["status"] == "ok":  # transformers' fp8 layers: the codes and a 4-byte scale a tensor
         assert by["hf-quantized-fp8"]["kv_bytes"] == dynamic // 2 + SCALE_BYTES
 
@@ -95,7 +97,8 @@ def test_rows_are_printed_and_written(run):
     assert line[-2:] == ["no", "ok"]
     assert json.loads((out / "generate_benchmark.json").read_text()) == rows
     csv_lines = (out / "generate_benchmark.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("case,B,L,config,description,ms_per_token,tokens_per_s") and len(csv_lines) == 8
+    assert csv_lines[0].startswith("case,B,L,config,description,ms_per_token,tokens_per_s")
+    assert len(csv_lines) == 1 + len(CONFIGURATIONS)
     assert (out / "generate_benchmark.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 

@@ -33,7 +33,10 @@ Configurations (``CONFIGURATIONS``):
 - ``fp8+attn+exact16``: the same with ``residual_length=16`` (the 16 most recent tokens also kept exact);
 - ``fp8-static+attn``: ``FP8StaticCache(config, max_cache_len=L+N+1)`` + our attention, compiled by generate
   (every layer is compileable); one cache for the configuration's calls, ``reset()`` before each, as a user
-  keeps it (a new cache object would recompile).
+  keeps it (a new cache object would recompile);
+- ``fp8-attach-static+attn``: ``attach(model, attention=True, static=True)``: no cache is passed, the hook gives
+  each call an ``FP8StaticCache`` sized from it (prompt + new tokens, a power of two) and keeps it for the next call
+  of the same size, compiled by generate: what a user gets without choosing a maximum length.
 
 Memory: ``peak_bytes`` is ``max_memory_allocated`` during the first timed (N+1)-token call minus what was
 allocated before the configuration's first call (the weights): a static cache kept from an earlier call counts as
@@ -59,7 +62,7 @@ from transformers import DynamicCache
 
 from ..attention import ATTENTION_NAME
 from ..cache import FP8Cache
-from ..integration import cache_keyword
+from ..integration import attach, cache_keyword, detach
 from ..static_cache import FP8StaticCache
 from .common import (
     MODEL_SHAPES,
@@ -124,6 +127,7 @@ class Configuration:
     reuse_cache: bool = False
     full_attention_only: str = ""  # why the cache refuses sliding-window layers, "" when it takes them
     missing: Callable[[], str | None] = lambda: None  # why this environment cannot run it, or None
+    attach_static: bool = False  # the cache comes from attach(model, static=True) (make_cache is None)
 
 
 CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
@@ -139,6 +143,8 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
                   full_attention_only="FP8Cache's residual_length is for full-attention layers only"),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
+    Configuration("fp8-attach-static+attn", "attach(static=True): FP8StaticCache sized per call + hf_fp8cache "
+                  "attention, compiled by generate", ATTENTION_NAME, None, attach_static=True),
 )}  # fmt: skip
 # (row key, table label, divisor, decimals); the table gives each with its ratio to the dynamic row
 COLUMNS = (("ms_per_token", "ms/token", 1, 3), ("tokens_per_s", "tok/s", 1, 1), ("ttft_ms", "TTFT ms", 1, 1),
@@ -201,6 +207,8 @@ def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
     model.set_attn_implementation(configuration.attention)
+    if configuration.attach_static:
+        attach(model, static=True)
     before = torch.cuda.memory_allocated(device) if cuda else 0
     max_cache_len = inputs["input_ids"].shape[1] + new_tokens + 1
     make = configuration.make_cache
@@ -269,6 +277,7 @@ def _run_configuration(model, configuration: Configuration, inputs, new_tokens: 
     except torch.cuda.OutOfMemoryError:
         measured = _unmeasured("OOM")
     finally:
+        detach(model)  # (a no-op unless the configuration attached)
         model.set_attn_implementation(baseline)
         _forget_generate_state(model)
         free_memory(device)
