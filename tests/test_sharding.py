@@ -204,25 +204,31 @@ def test_calibrate_under_tensor_parallelism_returns_the_single_process_scales_on
 # -- generate under real tensor parallelism on CPU: the caches of every scale source give one process's tokens -------
 
 
+def _sharded_and_single_process(tmp_path, dtype: torch.dtype) -> tuple[dict, tuple[dict, dict]]:
+    """tests/multigpu_worker.py under torchrun with two gloo ranks in ``dtype`` (rank 0's JSON), and the same
+    configurations in this process: ``(tokens, layer-0 scales)``. A small model (head dim 16): CPU time."""
+    import multigpu_worker
+    from transformers import AutoModelForCausalLM
+
+    model_dir, scales_dir = multigpu_worker.save_model_and_scales(tmp_path, head_dim=16)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), multigpu_worker.__file__, str(model_dir), str(scales_dir),
+               str(tmp_path / "tp.json"), str(dtype).removeprefix("torch.")]  # fmt: skip
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}  # the ranks run the torch reference kernels
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with quick_cpu():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        single = multigpu_worker.run_configurations(model, scales_dir, *multigpu_worker.prompts("cpu"))
+    return json.loads((tmp_path / "tp.json").read_text()), single
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 def test_tensor_parallel_generate_on_cpu_gives_one_process_tokens(tmp_path):
     """tests/multigpu_worker.py under torchrun with two gloo ranks (transformers' tp_plan: 4 of the 8 KV heads each),
     fp32: every configuration of FP8Cache / FP8StaticCache x scale source x read path generates exactly the tokens of
     one process; checkpoint per-head scales are split by heads, on-the-fly per-tensor scales agree (the MAX)."""
-    import multigpu_worker
-    from transformers import AutoModelForCausalLM
-
-    model_dir, scales_dir = multigpu_worker.save_model_and_scales(tmp_path, head_dim=16)  # small: CPU time
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), multigpu_worker.__file__, str(model_dir), str(scales_dir),
-               str(tmp_path / "tp.json")]  # fmt: skip
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}  # the ranks run the torch reference kernels
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((tmp_path / "tp.json").read_text())
-    with quick_cpu():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        tokens, scales = multigpu_worker.run_configurations(model, scales_dir, *multigpu_worker.prompts("cpu"))
+    result, (tokens, scales) = _sharded_and_single_process(tmp_path, torch.float32)
     assert result["tokens"] == tokens
     for name, ranks in result["scales"].items():
         if "checkpoint-head" in name:
@@ -239,19 +245,9 @@ def test_tensor_parallel_bf16_on_cpu_fp8_generates_the_oracles_tokens_in_each_pl
     cache is exact under the sharding, and any difference between placements is what FP8 rounding makes of the
     model's own (the counts are printed beside bf16 DynamicCache's)."""
     import multigpu_worker
-    from transformers import AutoModelForCausalLM
 
-    model_dir, scales_dir = multigpu_worker.save_model_and_scales(tmp_path, head_dim=16)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), multigpu_worker.__file__, str(model_dir), str(scales_dir),
-               str(tmp_path / "tp.json"), "bfloat16"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    sharded = json.loads((tmp_path / "tp.json").read_text())["tokens"]
-    with quick_cpu():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-        single, _ = multigpu_worker.run_configurations(model, scales_dir, *multigpu_worker.prompts("cpu"))
+    result, (single, _) = _sharded_and_single_process(tmp_path, torch.bfloat16)
+    sharded = result["tokens"]
     for tokens in (sharded, single):
         assert tokens["fp8/unit+sdpa"] == tokens[multigpu_worker.ORACLE]
     with capsys.disabled():
