@@ -56,7 +56,6 @@ class FP8CacheLayer(FP8LayerBase):
     """
 
     is_compileable = False
-    claims_decode_writes = True  # a decode step's token is written by our attention's kernel as it attends
 
     def __init__(
         self,
@@ -223,15 +222,8 @@ class FP8CacheLayer(FP8LayerBase):
 
     def _decode_write_waits(self, key_states: torch.Tensor, start: int) -> bool:
         """Whether a decode step's token is left to our attention's kernel to write (``contract.PendingWrite``), on
-        that attention's path: one token after a prefill, scales set, no exact window, the layer's
-        ``claims_decode_writes``."""
-        return (
-            self.claims_decode_writes
-            and key_states.shape[2] == 1
-            and start > 0
-            and self._recent_keys is None
-            and not self._scales_pending
-        )
+        that attention's path: one token after a prefill, scales set, no exact window."""
+        return key_states.shape[2] == 1 and start > 0 and self._recent_keys is None and not self._scales_pending
 
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole buffers as fp8 tensors naming this layer, for our attention: made once per pair of buffers and
