@@ -261,16 +261,21 @@ class FP8CacheLayer(FP8LayerBase):
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next
         update of any layer)."""
+        return self._dequantized_from(0)
+
+    def _dequantized_from(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dequantized`` of the cached tokens from position ``first`` on (the kernel reads that range in place)."""
         self._finish_pending_write(None)
         B, H, _, D = self._key_bytes.shape
-        key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length, D))
+        key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length - first, D))
         dequantize_kv(
-            self._key_bytes, self._value_bytes, self.length, self.key_scale, self.value_scale, self.fmt,
-            key_out, value_out, memo=self._launches,
+            self._key_bytes[:, :, first:], self._value_bytes[:, :, first:], self.length - first, self.key_scale,
+            self.value_scale, self.fmt, key_out, value_out, memo=self._launches,
         )  # fmt: skip
-        if self.recent_start < self.length:  # the exact window replaces its dequantized tokens
-            ring_read(self._recent_keys, self.recent_start, self.length, out=key_out[:, :, self.recent_start :])
-            ring_read(self._recent_values, self.recent_start, self.length, out=value_out[:, :, self.recent_start :])
+        exact = max(self.recent_start, first)
+        if exact < self.length:  # the exact window replaces its dequantized tokens
+            ring_read(self._recent_keys, exact, self.length, out=key_out[:, :, exact - first :])
+            ring_read(self._recent_values, exact, self.length, out=value_out[:, :, exact - first :])
         return key_out, value_out
 
     def get_seq_length(self) -> int:

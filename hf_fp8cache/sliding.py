@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .cache_layer import FP8CacheLayer
-from .contract import FP8AttentionInputs, layer_of
+from .contract import FP8AttentionInputs
 
 __all__ = ["FP8SlidingWindowLayer"]
 
@@ -81,11 +81,11 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         # what get_mask_sizes announced, as transformers returns it (set first: the update may dequantize it); the
         # held tokens before it are older ones, or kept while recording the past
         self._served = min(self.length, kept) + new_tokens
+        # the served tokens (dequantized, or the first prefill's exact ones), or the fp8 buffers our attention reads
+        # through attention_inputs
         keys, values = super().update(key_states, value_states)
         self.cumulative_length += new_tokens
-        if self._served == self.length or layer_of(keys) is not None:
-            return keys, values  # all of it, or the fp8 buffers our attention reads through attention_inputs
-        return keys[:, :, -self._served :], values[:, :, -self._served :]  # more held than served
+        return keys, values
 
     def _store_prompt_tail(
         self, key_states: torch.Tensor, value_states: torch.Tensor, kept: int
@@ -117,9 +117,9 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         return inputs._replace(kv_start=kv_start, sliding_window=self.sliding_window)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens the last ``update`` returned, dequantized (``FP8CacheLayer.dequantized``)."""
-        keys, values = super().dequantized()
-        return keys[:, :, -self._served :], values[:, :, -self._served :]
+        """The tokens the last ``update`` returned, dequantized (``FP8CacheLayer.dequantized``): the older ones held in
+        front are not."""
+        return self._dequantized_from(self.length - self._served)
 
     def _keep_last(self, tokens: int) -> None:
         """Drop all but the last ``tokens`` kept tokens (their bytes move to the front of the buffers)."""

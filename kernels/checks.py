@@ -31,12 +31,14 @@ def check_scales(name: str, first: torch.Tensor, second: torch.Tensor, heads: in
             )
 
 
-def check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+def check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor, *, token_slices: bool = False) -> None:
+    """Contiguous 4-D uint8 caches of one shape; with ``token_slices``, also a range of tokens of such caches (rows
+    contiguous, the same strides for both: what a kernel addressing them by strides takes)."""
     for cache in (key_cache, value_cache):
-        if cache.dtype != torch.uint8 or cache.dim() != 4 or not cache.is_contiguous():
-            raise ValueError(
-                f"caches must be contiguous 4-D uint8 views of fp8 buffers, got {cache.dtype} {cache.shape}"
-            )
+        rows = cache.dim() == 4 and cache.stride(3) == 1 and cache.stride() == key_cache.stride()
+        if cache.dtype != torch.uint8 or not (rows if token_slices else cache.dim() == 4 and cache.is_contiguous()):
+            what = "(token ranges of) contiguous" if token_slices else "contiguous"
+            raise ValueError(f"caches must be {what} 4-D uint8 views of fp8 buffers, got {cache.dtype} {cache.shape}")
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key cache {tuple(key_cache.shape)} and value cache {tuple(value_cache.shape)} differ")
 
@@ -76,8 +78,8 @@ def check_dequantize_kv(
     key_out: torch.Tensor,
     value_out: torch.Tensor,
 ) -> None:
-    """Validate the arguments of ``dequantize_kv``."""
-    check_caches(key_cache, value_cache)
+    """Validate the arguments of ``dequantize_kv`` (which also reads a range of tokens of the caches)."""
+    check_caches(key_cache, value_cache, token_slices=True)
     B, H, capacity, D = key_cache.shape
     if not 0 <= length <= capacity:
         raise ValueError(f"length {length} is outside the cache capacity {capacity}")

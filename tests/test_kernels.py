@@ -207,6 +207,23 @@ def test_dequantize_matches_reference(fmt, dtype, per_head):
     _assert_bits_equal(outs[1], outs[3], "dequantized values")
 
 
+def test_dequantize_reads_a_token_range_of_the_caches_in_place():
+    # a sliding layer dequantizes only the tokens it serves: a view from token 13 on of the whole buffers
+    B, H, capacity, D = 2, 3, 50, 64
+    g = torch.Generator().manual_seed(4)
+    caches = [torch.randint(0, 256, (B, H, capacity, D), generator=g, dtype=torch.uint8).to(DEVICE) for _ in "kv"]
+    scale = torch.tensor([0.5, 2.0, 3.0], device=DEVICE)
+    whole = [torch.empty(B, H, 40, D, device=DEVICE) for _ in "kv"]
+    kernels.dequantize_kv(*caches, 40, scale, scale, FMTS[0], *whole)
+    tail = [torch.empty(B, H, 27, D, device=DEVICE) for _ in "kv"]
+    kernels.dequantize_kv(*(c[:, :, 13:] for c in caches), 27, scale, scale, FMTS[0], *tail)
+    for part, full in zip(tail, whole):
+        _assert_bits_equal(part, full[:, :, 13:], "dequantized token range")
+    strided = [torch.empty(B, H, 40, D // 2, device=DEVICE) for _ in "kv"]
+    with pytest.raises(ValueError, match="token ranges of"):  # every other head dim: rows not contiguous
+        kernels.dequantize_kv(*(c[..., ::2] for c in caches), 40, scale, scale, FMTS[0], *strided)
+
+
 def test_round_trip_error_is_within_half_ulp():
     fmt = FORMATS["e4m3fn"]
     x = _inputs(1, 2, 33, 64, torch.float32, 9).clamp(-400, 400)
