@@ -8,11 +8,11 @@ model's ``generate``: every call that brings no cache of its own gets a fresh ``
 ``attach(model, static=True)`` does for the FP8 cache what ``cache_implementation="static"`` does for transformers'
 bf16 one: each call gets an ``FP8StaticCache`` sized from the call itself (prompt plus ``max_new_tokens``, or
 ``max_length``), which ``generate`` compiles on CUDA, so a user who never picks a maximum length still gets the
-compiled decode step. The size is rounded up to a power of two (at least ``MIN_STATIC_LENGTH`` tokens) and the cache
-is kept on the model: the next call of the same batch (times beams / returned sequences) and size bucket resets and
-reuses it, and with it ``generate``'s compiled graphs (a new cache object would compile again); another batch or a
-larger bucket gets a new cache, which replaces the kept one. The rounding costs at most twice the bytes the call
-needs, which in FP8 is at most what a bf16 cache of the exact size takes.
+compiled decode step. The size is rounded up to a bucket (``static_cache_length``: four sizes per doubling, at least
+``MIN_STATIC_LENGTH`` tokens) and the cache is kept on the model: the next call of the same batch (times beams /
+returned sequences) and bucket resets and reuses it, and with it ``generate``'s compiled graphs (a new cache object
+would compile again); another batch or bucket gets a new cache, which replaces the kept one. The rounding costs at
+most a quarter more bytes than the call needs (in FP8, at most 0.625 of a bf16 cache of the exact size).
 """
 
 from __future__ import annotations
@@ -26,10 +26,20 @@ from .cache import QuantizedFP8Cache
 from .contract import ATTENTION_NAME
 from .static_cache import FP8StaticCache
 
-__all__ = ["MIN_STATIC_LENGTH", "attach", "detach", "cache_keyword"]
+__all__ = ["MIN_STATIC_LENGTH", "attach", "detach", "cache_keyword", "static_cache_length"]
 
 _ORIGINAL = "__hf_fp8cache_original__"  # the attribute of our generate wrapper that holds the model's own generate
 MIN_STATIC_LENGTH = 256  # the smallest static cache attach(static=True) makes, in tokens
+_BUCKETS_PER_OCTAVE = 4  # static cache sizes between two powers of two: at most 25 % spare, few sizes to compile
+
+
+def static_cache_length(tokens: int) -> int:
+    """The static cache length ``attach(static=True)`` makes for ``tokens``: the next multiple of an eighth of the
+    power of two at or above ``tokens`` (so four sizes between two powers of two, at most a quarter spare beyond
+    ``tokens`` > 256), at least ``MIN_STATIC_LENGTH``. 4161 tokens (4096 + 65) get 5120; 300 get 320."""
+    power = 1 << (max(tokens, MIN_STATIC_LENGTH) - 1).bit_length()
+    step = power // (2 * _BUCKETS_PER_OCTAVE)
+    return max(MIN_STATIC_LENGTH, -(-tokens // step) * step)
 
 
 def cache_keyword(model) -> str:
@@ -93,7 +103,7 @@ def attach(model, *, attention: bool = False, static: bool = False, **cache_kwar
 def _static_cache_key(model, args: tuple, kwargs: dict) -> tuple[int, int]:
     """(batch rows the cache will hold, its length) for one generate call: the prompt's rows times the beams or
     returned sequences ``generate`` expands them to, and the prompt plus ``max_new_tokens`` (else ``max_length``,
-    which counts the prompt) rounded up to a power of two, at least ``MIN_STATIC_LENGTH``."""
+    which counts the prompt) rounded up by ``static_cache_length``."""
     config = kwargs.get("generation_config") or model.generation_config
 
     def setting(name: str):
@@ -116,7 +126,7 @@ def _static_cache_key(model, args: tuple, kwargs: dict) -> tuple[int, int]:
             f"tokens, got max_new_tokens={max_new_tokens!r}, max_length={setting('max_length')!r}"
         )
     rows = prompt.shape[0] * max(setting("num_beams") or 1, setting("num_return_sequences") or 1)
-    return rows, max(MIN_STATIC_LENGTH, 1 << (length - 1).bit_length())
+    return rows, static_cache_length(length)
 
 
 def detach(model):

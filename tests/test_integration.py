@@ -6,7 +6,7 @@ from helpers import assert_equal, fake_quant_cache
 from transformers import pipeline
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
-from hf_fp8cache.integration import MIN_STATIC_LENGTH, cache_keyword
+from hf_fp8cache.integration import MIN_STATIC_LENGTH, cache_keyword, static_cache_length
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -49,6 +49,16 @@ def test_attach_validates_arguments_up_front(tiny_model):
         attach(tiny_model, kv_cache_dtype="fp7")
 
 
+@pytest.mark.parametrize(
+    ("tokens", "length"),
+    # below 256 the minimum; else the next multiple of (the power of two at or above) / 8
+    [(1, 256), (256, 256), (257, 320), (320, 320), (321, 384), (513, 640), (4161, 5120), (8192, 8192), (8193, 10240)],
+)
+def test_static_cache_length_rounds_up_to_four_buckets_per_doubling(tokens, length):
+    assert static_cache_length(tokens) == length
+    assert length < 1.25 * max(tokens, 256)  # at most a quarter spare
+
+
 def test_attach_static_sizes_a_static_cache_per_call_and_keeps_it_for_the_next(torch_path):
     from helpers import tiny_llama
 
@@ -65,9 +75,9 @@ def test_attach_static_sizes_a_static_cache_per_call_and_keeps_it_for_the_next(t
         second = model.generate(input_ids=ids, max_new_tokens=5, **kw)
         assert getattr(second, keyword) is cache  # the same batch and size bucket: reset and reused
         assert_equal(second.sequences, first.sequences)
-        # 6 prompt tokens + 300 new: the next power of two, a new cache replacing the kept one
+        # 6 prompt tokens + 300 new: the next bucket (multiples of 512 / 8 = 64), a new cache replacing the kept one
         longer = model.generate(input_ids=ids, max_new_tokens=300, min_new_tokens=300, **kw)
-        assert getattr(longer, keyword).max_cache_len == 512 and getattr(longer, keyword) is not cache
+        assert getattr(longer, keyword).max_cache_len == 320 and getattr(longer, keyword) is not cache
         beams = model.generate(input_ids=ids, max_new_tokens=5, num_beams=2, **kw)  # 4 rows: another cache
         assert getattr(beams, keyword) is not getattr(longer, keyword)
         with pytest.raises(ValueError, match="needs max_new_tokens >= 1 or max_length above the prompt's 6 tokens"):
