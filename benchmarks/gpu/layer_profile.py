@@ -1,4 +1,5 @@
-"""One layer's decode update + our attention in a loop (1x4096, Llama-8B head shape): host us a step, then cProfile."""
+"""One layer's decode update + our attention in a loop (1x4096, Llama-8B head shape): host us a step, beside the same
+loop over transformers' ``DynamicCache`` + SDPA (interleaved rounds, one process: the host drifts), then cProfile."""
 
 import cProfile
 import io
@@ -6,7 +7,8 @@ import pstats
 import time
 
 import torch
-from transformers import LlamaConfig
+from transformers import DynamicCache, LlamaConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_fp8cache import FP8Cache
 from hf_fp8cache.attention import fp8_attention_forward
@@ -32,20 +34,39 @@ cache.update(prompt, prompt, 0)
 layer = cache.layers[0]
 
 
+baseline = DynamicCache(config=config)
+baseline.update(prompt, prompt, 0)
+baseline_layer = baseline.layers[0]
+
+
 def step() -> None:
     key, value = cache.update(token, token, 0)
     fp8_attention_forward(module, query, key, value, None, scaling=D**-0.5)
     layer.length -= 1  # the same length every step
 
 
-for _ in range(50):
-    step()
-torch.cuda.synchronize()
-start = time.perf_counter()
-for _ in range(1000):
-    step()
-print("host us/step", (time.perf_counter() - start) * 1e3)
-torch.cuda.synchronize()
+def baseline_step() -> None:
+    key, value = baseline.update(token, token, 0)
+    sdpa_attention_forward(module, query, key, value, None, scaling=D**-0.5)
+    baseline_layer.keys, baseline_layer.values = key[:, :, :L], value[:, :, :L]  # the same length every step
+
+
+def host_us(function) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(1000):
+        function()
+    elapsed = (time.perf_counter() - start) * 1e3  # ms for 1000 steps = us a step
+    torch.cuda.synchronize()
+    return elapsed
+
+
+for function in (step, baseline_step):
+    for _ in range(50):
+        function()
+rounds = [(host_us(step), host_us(baseline_step)) for _ in range(5)]
+ours, theirs = (sorted(column)[2] for column in zip(*rounds))
+print(f"host us/step: FP8Cache + hf_fp8cache {ours:.1f}, DynamicCache + SDPA {theirs:.1f} (median of 5 rounds)")
 profiler = cProfile.Profile()
 profiler.enable()
 for _ in range(2000):

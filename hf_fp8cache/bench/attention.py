@@ -37,8 +37,8 @@ from ..formats import resolve_format
 from ..kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv
 from .common import cases_argument, cases_text, copy_ceiling_tb_s, environment, plot_bars, sdpa_backend, write_rows
 
-__all__ = ["DEFAULT_CASES", "SWEEP_CASES", "run_attention_benchmark", "run_tuning_sweep", "print_table", "save_rows",
-           "add_arguments", "run"]  # fmt: skip
+__all__ = ["DEFAULT_CASES", "SWEEP_CASES", "SWEEP_GRIDS", "run_attention_benchmark", "run_tuning_sweep",
+           "print_table", "save_rows", "add_arguments", "run"]  # fmt: skip
 
 DEFAULT_CASES = ((1, 4096), (1, 32768), (8, 8192), (8, 32768), (32, 8192))
 SWEEP_CASES = ((8, 32768), (1, 32768))
@@ -52,9 +52,19 @@ def _time(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def run_tuning_sweep(cases=SWEEP_CASES, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> None:
-    """Time the FP8 decode kernel over a grid of (keys a step, warps), pipeline stages and split counts; None is the
-    kernel's own choice (``program_shape``, ``split_plan``)."""
+# What ``--sweep`` varies: everything, or only the split count at the kernel's own block shape and stages
+SWEEP_GRIDS = {
+    "all": (((None, None), (32, 1), (64, 1), (32, 2), (64, 2), (32, 4), (64, 4), (128, 8)), (None, 2, 3, 4),
+            (None, 8, 16, 32, 64)),
+    "splits": (((None, None),), (None,), (None, 1, 2, 4, 8, 12, 16, 24, 32)),
+}  # fmt: skip
+
+
+def run_tuning_sweep(
+    cases=SWEEP_CASES, grid: str = "all", heads: int = 32, kv_heads: int = 8, head_dim: int = 128
+) -> None:
+    """Time the FP8 decode kernel over a grid (``SWEEP_GRIDS``) of (keys a step, warps), pipeline stages and split
+    counts; None is the kernel's own choice (``program_shape``, ``split_plan``)."""
     import itertools
 
     from ..kernels.attention import decode_attention as launch
@@ -65,8 +75,7 @@ def run_tuning_sweep(cases=SWEEP_CASES, heads: int = 32, kv_heads: int = 8, head
         kb, vb = (torch.randint(0, 120, (B, kv_heads, L, head_dim), dtype=torch.uint8, device="cuda") for _ in "kv")
         start, scale = torch.zeros(B, dtype=torch.int32, device="cuda"), torch.ones(1, device="cuda")
         results = []
-        shapes = ((None, None), (32, 1), (64, 1), (32, 2), (64, 2), (32, 4), (64, 4), (128, 8))
-        for (block_n, warps), stages, splits in itertools.product(shapes, (None, 2, 3, 4), (None, 8, 16, 32, 64)):
+        for (block_n, warps), stages, splits in itertools.product(*SWEEP_GRIDS[grid]):
             fn = functools.partial(launch, q, kb, vb, L, start, scale, scale, fmt, head_dim**-0.5,
                                    num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)  # fmt: skip
             try:
@@ -211,12 +220,15 @@ def add_arguments(parser) -> None:
         default=None,
         help=f"default {cases_text(DEFAULT_CASES)}; with --sweep {cases_text(SWEEP_CASES)}",
     )
-    parser.add_argument("--sweep", action="store_true", help="tuning sweep of the FP8 decode kernel instead")
+    parser.add_argument(
+        "--sweep", nargs="?", const="all", choices=sorted(SWEEP_GRIDS), default=None,
+        help="tuning sweep of the FP8 decode kernel instead: all knobs, or only the split count",
+    )  # fmt: skip
     parser.add_argument("--window", type=int, default=None, help="sliding window (tokens) of every case, e.g. 4096")
     parser.add_argument("--out-dir", default="results")
 
 
 def run(args) -> list[dict[str, Any]] | None:
     if args.sweep:
-        return run_tuning_sweep(args.cases or SWEEP_CASES)
+        return run_tuning_sweep(args.cases or SWEEP_CASES, args.sweep)
     return run_attention_benchmark(args.cases or DEFAULT_CASES, out_dir=args.out_dir, window=args.window)
