@@ -1,6 +1,13 @@
 """The multi-GPU benchmark's arithmetic and table, on CPU (its measurements run on the two-GPU machine)."""
 
-from hf_fp8cache.bench import MODES
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from hf_fp8cache.bench import MODES, multigpu
 from hf_fp8cache.bench.multigpu import (
     add_ratios,
     estimated_batch,
@@ -56,3 +63,20 @@ def test_ratios_and_table():
     assert lines[2] == ["capacity-1gpu", "fp8+attn", "55x32768", "50.00", "1.250", "1100.0", "1.517", "121.0", "ok"]
     assert lines[3][-2:] == ["-", "failed (torchrun exit 1)"]
     assert "multigpu" in MODES
+
+
+def test_tp_part_cut_by_its_timeout_keeps_the_finished_rows(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.json").write_text("{}")  # a saved checkpoint: nothing is built
+    first = next(iter(multigpu.TP_CONFIGS))
+
+    def cut_after_one_configuration(command, **kwargs):  # the rank wrote one row, then the timeout struck
+        Path(command[-1]).write_text(json.dumps([{"part": "tp2", "config": first, "status": "ok"}]))
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], stderr=b"compiling \xe2\x96\x88")
+
+    monkeypatch.setattr(multigpu.subprocess, "run", cut_after_one_configuration)
+    args = SimpleNamespace(checkpoint_dir=str(tmp_path), model_shape="tiny", tp_batch=1, length=8, new_tokens=2,
+                           tp_timeout=7)  # fmt: skip
+    rows = multigpu._run_tp(args, torch.device("cpu"), torch.float32)
+    assert [row["config"] for row in rows] == list(multigpu.TP_CONFIGS)
+    assert [row["status"] for row in rows] == ["ok"] + ["failed (torchrun over 7 s)"] * (len(rows) - 1)
+    assert "compiling \u2588" in capsys.readouterr().err  # the ranks' output, decoded

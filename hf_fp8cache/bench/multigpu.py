@@ -188,8 +188,8 @@ def _tp_rank(checkpoint: str, batch: int, length: int, new_tokens: int, out_path
         rows.append({"part": "tp2", "config": name, "batch": batch, "L": length, "ms_per_token":
                      measured["ms_per_token"], "tokens_per_s": measured["tokens_per_s"], "peak_bytes_per_gpu": peaks,
                      "compiled": measured["compiled"], "status": measured["status"]})  # fmt: skip
-    if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(rows) + "\n")
+        if dist.get_rank() == 0:  # after each configuration: a run cut by the timeout keeps the finished rows
+            Path(out_path).write_text(json.dumps(rows) + "\n")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -219,13 +219,18 @@ def _run_tp(args, device: torch.device, dtype: torch.dtype) -> list[dict[str, An
                                   timeout=args.tp_timeout)  # fmt: skip
             stderr = done.stderr
             failure = None if done.returncode == 0 and out.is_file() else f"torchrun exit {done.returncode}"
-        except subprocess.TimeoutExpired as expired:
-            stderr, failure = str(expired.stderr or ""), f"torchrun over {args.tp_timeout} s"
-        if failure:
-            print(str(stderr or "")[-3000:], file=sys.stderr)
-            return [{"part": "tp2", "config": name, "status": f"failed ({failure})"} for name in TP_CONFIGS]
+        except subprocess.TimeoutExpired as expired:  # its output is bytes, whatever text= said
+            output = expired.stderr or b""
+            stderr = output.decode(errors="replace") if isinstance(output, bytes) else output
+            failure = f"torchrun over {args.tp_timeout} s"
         print(f"tp2: torchrun took {time.perf_counter() - started:.0f} s")
-        return json.loads(out.read_text())
+        finished = json.loads(out.read_text()) if out.is_file() else []
+        if failure:
+            print(stderr[-3000:], file=sys.stderr)
+            done_names = {row["config"] for row in finished}
+            finished += [{"part": "tp2", "config": name, "status": f"failed ({failure})"}
+                         for name in TP_CONFIGS if name not in done_names]  # fmt: skip
+        return finished
 
 
 # -- part 2: capacity on one GPU --------------------------------------------------------------------------------------
