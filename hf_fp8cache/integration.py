@@ -24,6 +24,7 @@ import torch
 
 from .cache import QuantizedFP8Cache
 from .contract import ATTENTION_NAME
+from .decode_graphs import DecodeGraphs
 from .static_cache import FP8StaticCache
 
 __all__ = ["MIN_STATIC_LENGTH", "attach", "detach", "cache_keyword", "static_cache_length"]
@@ -47,9 +48,11 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def attach(model, *, attention: bool = False, static: bool = False, **cache_kwargs):
+def attach(model, *, attention: bool = False, static: bool = False, cuda_graphs: bool = False, **cache_kwargs):
     """Make every ``model.generate`` call without an explicit cache use a fresh ``QuantizedFP8Cache`` -- or, with
     ``static=True``, an ``FP8StaticCache`` sized for the call and kept for the next one (see the module docstring).
+    With ``cuda_graphs=True`` (and ``static=True``) ``generate`` replays its decode steps as CUDA graphs instead of
+    compiling them (``decode_graphs.py``: no compile time, the eager kernels).
 
     ``cache_kwargs`` go to the cache (``kv_cache_dtype``, ``calculate_kv_scales``, ``strategy``, ``scales``, ...;
     ``max_batch_size`` too with ``static``); the model's config is passed for you. ``attention=True`` also switches
@@ -57,8 +60,11 @@ def attach(model, *, attention: bool = False, static: bool = False, **cache_kwar
     their own cache, ``use_cache=False`` or a ``cache_implementation`` are left alone. Returns the model;
     ``detach(model)`` undoes the generate hook (not the attention implementation).
     """
-    if not isinstance(static, bool):
-        raise ValueError(f"static must be True or False, got {static!r}")
+    for name, value in (("static", static), ("cuda_graphs", cuda_graphs)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if cuda_graphs and not static:
+        raise ValueError("cuda_graphs=True replays the decode steps of a static cache: pass static=True too")
     if static:  # validate the arguments now, not at the first generate
         FP8StaticCache(model.config, MIN_STATIC_LENGTH, **cache_kwargs)
     else:
@@ -97,6 +103,15 @@ def attach(model, *, attention: bool = False, static: bool = False, **cache_kwar
 
     setattr(generate, _ORIGINAL, original)
     model.generate = generate
+    if cuda_graphs:
+        graphs, compiled_call = DecodeGraphs(model), model.get_compiled_call
+
+        def get_compiled_call(compile_config):  # generate's hook for its decode steps
+            graphs.fallback = compiled_call(compile_config)
+            return graphs
+
+        setattr(get_compiled_call, _ORIGINAL, compiled_call)
+        model.get_compiled_call = get_compiled_call
     return model
 
 
@@ -134,4 +149,6 @@ def detach(model):
     original = getattr(model.generate, _ORIGINAL, None)
     if original is not None:
         del model.generate  # the instance attribute; the class's generate shows through again
+    if hasattr(model.__dict__.get("get_compiled_call"), _ORIGINAL):  # attach(cuda_graphs=True)'s hook
+        del model.get_compiled_call
     return model

@@ -68,7 +68,9 @@ def test_kv_bytes_of_each_cache(run):
     assert by["fp8-static+attn"]["kv_bytes"] == _kv_bytes(tokens + 1, 1) + SCALE_BYTES
     assert by["static"]["kv_bytes"] in (dynamic, _kv_bytes(tokens + 1, 2))
     # attach(static=True): the cache the hook sized for 24 + 6 tokens, rounded up to its 256-token minimum
-    assert by["fp8-attach-static+attn"]["kv_bytes"] == _kv_bytes(256, 1) + SCALE_BYTES
+    for name in ("fp8-attach-static+attn", "fp8-attach-graphs+attn"):
+        assert by[name]["kv_bytes"] == _kv_bytes(256, 1) + SCALE_BYTES
+    assert by["fp8-attach-graphs+attn"]["compiled"] is False  # (on CPU nothing is captured either: no CUDA)
     if by["hf-quantized-fp8"]["status"] == "ok":  # transformers' fp8 layers: the codes and a 4-byte scale a tensor
         assert by["hf-quantized-fp8"]["kv_bytes"] == dynamic // 2 + SCALE_BYTES
 

@@ -117,6 +117,42 @@ def test_attach_static_compiles_once_for_calls_of_one_size_and_equals_eager_fp8(
     assert_equal(second, eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attach_cuda_graphs_replays_decode_steps_without_compiling_and_equals_eager_steps(dtype):
+    """attach(static=True, cuda_graphs=True): the first decode step of a signature runs eagerly, the second is
+    captured, every later one replays; nothing is compiled; a second call with the kept cache replays every decode
+    step; another batch gets a new cache and a new capture. The tokens equal the same static cache run eagerly (the
+    same kernels: bit for bit in bf16 too), left padding included (the row starts are computed inside the graph)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model = tiny_llama(seed=4).to("cuda", dtype)
+    ids, mask = left_padded_prompts(2, 30, pads=lambda row: 7 * row, pad_id=None, seed=5, device="cuda")
+    wider_ids, wider_mask = left_padded_prompts(3, 30, pads=lambda row: 5 * row, pad_id=None, seed=6, device="cuda")
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    compiles = dynamo_utils.counters["stats"]["unique_graphs"]
+    attach(model, attention=True, static=True, cuda_graphs=True)
+    try:
+        graphs = model.get_compiled_call(None)
+        first = model.generate(input_ids=ids, attention_mask=mask, **options)
+        assert (graphs.captures, graphs.replays) == (1, 10)  # 11 decode steps: one eager, then captured + replayed
+        second = model.generate(input_ids=ids, attention_mask=mask, **options)
+        assert (graphs.captures, graphs.replays) == (1, 21)  # the kept cache: every decode step replays
+        wider = model.generate(input_ids=wider_ids, attention_mask=wider_mask, **options)
+        assert graphs.captures == 2  # another batch: a new cache, its own graph
+    finally:
+        detach(model)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == compiles  # nothing compiled
+
+    def eager_steps(ids, mask):  # the cache attach makes (30 + 12 tokens: the 256 minimum), never compiled or captured
+        cache = FP8StaticCache(model.config, 256)
+        return model.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **options,
+                              **{cache_keyword(model): cache})  # fmt: skip
+
+    assert_equal(first, eager_steps(ids, mask))
+    assert_equal(second, first)
+    assert_equal(wider, eager_steps(wider_ids, wider_mask))
+
+
 @pytest.mark.parametrize("family", ["qwen3-next", "falcon-h1"])
 def test_generate_compiles_the_static_cache_of_a_hybrid_model_and_equals_eager_fp8(family):
     """A linear-attention hybrid (Qwen3-Next) and a mamba+attention one (Falcon-H1): the static cache, compiled by

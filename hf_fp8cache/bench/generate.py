@@ -36,7 +36,9 @@ Configurations (``CONFIGURATIONS``):
   keeps it (a new cache object would recompile);
 - ``fp8-attach-static+attn``: ``attach(model, attention=True, static=True)``: no cache is passed, the hook gives
   each call an ``FP8StaticCache`` sized from it (prompt + new tokens, a power of two) and keeps it for the next call
-  of the same size, compiled by generate: what a user gets without choosing a maximum length.
+  of the same size, compiled by generate: what a user gets without choosing a maximum length;
+- ``fp8-attach-graphs+attn``: ``attach(model, attention=True, static=True, cuda_graphs=True)``: the same caches, the
+  decode steps captured as CUDA graphs and replayed (``decode_graphs.py``), nothing compiled.
 
 Memory: ``peak_bytes`` is ``max_memory_allocated`` during the first timed (N+1)-token call minus what was
 allocated before the configuration's first call (the weights): a static cache kept from an earlier call counts as
@@ -127,7 +129,7 @@ class Configuration:
     reuse_cache: bool = False
     full_attention_only: str = ""  # why the cache refuses sliding-window layers, "" when it takes them
     missing: Callable[[], str | None] = lambda: None  # why this environment cannot run it, or None
-    attach_static: bool = False  # the cache comes from attach(model, static=True) (make_cache is None)
+    attach_options: dict[str, bool] | None = None  # the cache comes from attach(model, **these) (make_cache None)
 
 
 CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
@@ -144,7 +146,10 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
     Configuration("fp8-attach-static+attn", "attach(static=True): FP8StaticCache sized per call + hf_fp8cache "
-                  "attention, compiled by generate", ATTENTION_NAME, None, attach_static=True),
+                  "attention, compiled by generate", ATTENTION_NAME, None, attach_options={"static": True}),
+    Configuration("fp8-attach-graphs+attn", "attach(static=True, cuda_graphs=True): FP8StaticCache sized per call + "
+                  "hf_fp8cache attention, decode steps replayed as CUDA graphs (not compiled)", ATTENTION_NAME, None,
+                  attach_options={"static": True, "cuda_graphs": True}),
 )}  # fmt: skip
 # (row key, table label, divisor, decimals); the table gives each with its ratio to the dynamic row
 COLUMNS = (("ms_per_token", "ms/token", 1, 3), ("tokens_per_s", "tok/s", 1, 1), ("ttft_ms", "TTFT ms", 1, 1),
@@ -207,8 +212,8 @@ def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
     model.set_attn_implementation(configuration.attention)
-    if configuration.attach_static:
-        attach(model, static=True)
+    if configuration.attach_options:
+        attach(model, **configuration.attach_options)
     before = torch.cuda.memory_allocated(device) if cuda else 0
     max_cache_len = inputs["input_ids"].shape[1] + new_tokens + 1
     make = configuration.make_cache
@@ -224,7 +229,7 @@ def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor
 
     call(new_tokens + 1)  # warm-up, the longer call first: a static cache generate makes keeps the longer length
     call(1)
-    compiled = "_compiled_call" in model.__dict__
+    compiled = "_compiled_call" in model.__dict__ and not (configuration.attach_options or {}).get("cuda_graphs")
     long_s, short_s = [], []
     for repeat in range(repeats):
         if cuda and repeat == 0:

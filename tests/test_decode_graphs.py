@@ -1,0 +1,57 @@
+"""DecodeGraphs (attach(static=True, cuda_graphs=True)): what reaches a graph and what goes to the fallback, on CPU
+(captures and replays run in tests/test_gpu.py)."""
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
+from hf_fp8cache.decode_graphs import DecodeGraphs, _signature
+from hf_fp8cache.integration import cache_keyword
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def test_signature_of_tensors_values_and_dicts():
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    assert _signature(mask) == ("tensor", (2, 1, 1, 8), torch.bool, torch.device("cpu"), mask.stride())
+    assert _signature(mask) != _signature(mask.transpose(0, 3))  # strides count
+    assert _signature(3) == ("value", 3) and _signature(None) == ("value", None)
+    assert _signature({"full_attention": mask, "sliding_attention": 1}) == (
+        "dict", (("full_attention", _signature(mask)), ("sliding_attention", ("value", 1))),
+    )  # fmt: skip
+    assert _signature([mask]) is None and _signature({"a": object()}) is None  # not replayable: the fallback runs
+
+
+def test_steps_a_graph_cannot_take_go_to_the_fallback(torch_path):
+    """On CPU (no CUDA graphs), with a cache that is not a static cache of full-attention layers, or with outputs
+    generate accumulates, every step runs the fallback, whose result is returned as is."""
+    model = tiny_llama(seed=1)
+    keyword = cache_keyword(model)
+    graphs = DecodeGraphs(model)
+    calls = []
+
+    def fallback(**kwargs):
+        calls.append(kwargs)
+        return "fallback"
+
+    graphs.fallback = fallback
+    ids = torch.tensor([[5], [7]])
+    static = FP8StaticCache(model.config, 16)
+    for cache, extra in ((static, {}), (FP8Cache(model.config), {}), (static, {"output_attentions": True})):
+        assert graphs(input_ids=ids, **{keyword: cache}, **extra) == "fallback"
+    assert len(calls) == 3 and graphs.captures == graphs.replays == 0
+
+
+def test_attach_cuda_graphs_installs_generates_decode_hook_and_detach_removes_it(torch_path):
+    model = tiny_llama(seed=2)
+    with pytest.raises(ValueError, match="cuda_graphs=True replays the decode steps of a static cache"):
+        attach(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False, got 'yes'"):
+        attach(model, static=True, cuda_graphs="yes")
+    attach(model, static=True, cuda_graphs=True)
+    hook = model.get_compiled_call(None)
+    assert isinstance(hook, DecodeGraphs)
+    assert hook.fallback == type(model).get_compiled_call(model, None)  # what generate would run without graphs
+    detach(model)
+    assert "get_compiled_call" not in model.__dict__ and not isinstance(model.get_compiled_call(None), DecodeGraphs)
