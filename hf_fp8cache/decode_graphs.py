@@ -110,7 +110,7 @@ class DecodeGraphs:
         self._cache: weakref.ref | None = None  # the cache the graphs were captured with
         self._graphs: dict[tuple, _Graph | None] = {}  # by signature; None: that signature runs eagerly
         self._warmed: set[tuple] = set()  # signatures whose first step ran eagerly
-        self._pool: Any = None  # the graphs' shared memory pool, made at the first capture
+        self._pool: Any = None  # the memory pool the graphs of one cache share, made at its first capture
         self.captures = 0
         self.replays = 0
 
@@ -122,7 +122,9 @@ class DecodeGraphs:
         if signature is None:
             return self.fallback(**kwargs)
         if self._cache is None or self._cache() is not cache:  # another cache: other buffers, other graphs
-            self._graphs, self._warmed, self._cache = {}, set(), weakref.ref(cache)
+            # and a new memory pool: torch cannot capture into a pool whose graphs were all freed (an allocator
+            # assert, seen on the H200 when a second batch replaced the first cache)
+            self._graphs, self._warmed, self._cache, self._pool = {}, set(), weakref.ref(cache), None
         if signature not in self._graphs:
             if signature not in self._warmed:
                 self._warmed.add(signature)  # lazy initialization (Triton compiles, library workspaces) runs eagerly
