@@ -22,10 +22,10 @@ What a graph bakes in, and why it stays valid:
 
 The first decode step of a signature runs eagerly (Triton compiles its kernels and the libraries make their
 workspaces outside the capture); the second captures and replays. Anything else goes where ``generate`` would send
-it, the model's own compiled call: caches with layers other than ``FP8StaticLayer`` (sliding-window rings, hybrid
-states, transformers' static cache), requests for attentions or hidden states (``generate`` keeps them across steps),
-arguments that are neither tensors nor plain values, models off the GPU. A capture that fails warns and leaves that
-signature eager.
+it, the model's own compiled call (``eager_reason``): caches with layers other than ``FP8StaticLayer`` (sliding-window
+rings, hybrid states, transformers' static cache), models off the GPU or over several devices (``device_map``,
+tensor parallelism), requests for attentions or hidden states (``generate`` keeps them across steps), arguments that
+are neither tensors nor plain values. A capture that fails warns and leaves that signature eager.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 
 from .static_cache import FP8StaticCache, FP8StaticLayer
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "eager_reason"]
 
 _CACHE_NAMES = ("past_key_values", "cache")  # the cache argument's name before / from transformers 5.24
 _PLAIN = (bool, int, float, str, type(None))
@@ -58,10 +58,21 @@ def _signature(value: Any) -> Any:
     return None
 
 
-def _graphable_cache(cache: Any) -> bool:
-    """A cache a graph can bake in: an ``FP8StaticCache`` whose layers all keep fixed buffers and update only on the
-    device (full-attention ``FP8StaticLayer``s)."""
-    return isinstance(cache, FP8StaticCache) and all(type(layer) is FP8StaticLayer for layer in cache.layers)
+def eager_reason(model, cache: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why a decode step cannot be replayed from a graph, or None when it can. A capture records the kernels of the
+    current device's stream only: work on another GPU (``device_map`` over several, tensor parallelism's
+    collectives) would run once during the capture and never again, so those models are left alone."""
+    if not isinstance(cache, FP8StaticCache) or any(type(layer) is not FP8StaticLayer for layer in cache.layers):
+        return "not a static cache of full-attention layers"
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        return "the model is spread over several devices"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "torch.distributed is initialized (tensor parallelism)"
+    if model.device.type != "cuda":
+        return "the model is not on a GPU"
+    if any(kwargs.get(flag) for flag in _EAGER_FLAGS):
+        return "attentions or hidden states are asked for"
+    return None
 
 
 def _copy_into(static: Any, value: Any) -> None:
@@ -138,7 +149,7 @@ class DecodeGraphs:
 
     def _signature(self, model, kwargs: dict[str, Any], cache_name: str | None, cache) -> tuple | None:
         """The signature of a decode step a graph can replay, or None for one that goes to ``fallback``."""
-        if model.device.type != "cuda" or not _graphable_cache(cache) or any(kwargs.get(f) for f in _EAGER_FLAGS):
+        if eager_reason(model, cache, kwargs) is not None:
             return None
         items = tuple((name, _signature(value)) for name, value in sorted(kwargs.items()) if name != cache_name)
         if any(sig is None for _, sig in items):

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_llama
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
-from hf_fp8cache.decode_graphs import DecodeGraphs, _signature
+from hf_fp8cache.decode_graphs import DecodeGraphs, _signature, eager_reason
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -55,3 +55,21 @@ def test_attach_cuda_graphs_installs_generates_decode_hook_and_detach_removes_it
     assert hook.fallback == type(model).get_compiled_call(model, None)  # what generate would run without graphs
     detach(model)
     assert "get_compiled_call" not in model.__dict__ and not isinstance(model.get_compiled_call(None), DecodeGraphs)
+
+
+def test_eager_reasons(torch_path, monkeypatch):
+    """Each reason a step stays out of a graph, in the order they are checked (the GPU one last: on CPU the others
+    are reached first)."""
+    model = tiny_llama(seed=3)
+    static = FP8StaticCache(model.config, 16)
+    assert eager_reason(model, FP8Cache(model.config), {}) == "not a static cache of full-attention layers"
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}  # a capture would miss the second GPU's work
+    assert eager_reason(model, static, {}) == "the model is spread over several devices"
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 0}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert eager_reason(model, static, {}) == "torch.distributed is initialized (tensor parallelism)"
+    monkeypatch.undo()
+    assert eager_reason(model, static, {}) == "the model is not on a GPU"
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    assert eager_reason(model, static, {"output_hidden_states": True}) == "attentions or hidden states are asked for"
+    assert eager_reason(model, static, {"output_hidden_states": False}) is None
