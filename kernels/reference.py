@@ -128,3 +128,54 @@ def decode_attention_ref(
         return result.to(query.dtype).contiguous()
     out.copy_(result)
     return out
+
+
+# -- per-token-head scales (token_head.py) ------------------------------------------------------------------------
+def bf16_scale_up_ref(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """amax * (1 / fmax) rounded up to a bf16 value, as fp32; 2^-126 where amax is 0 (``token_head._bf16_scale_up``)."""
+    bits = (amax.float() * (1.0 / fmax)).view(torch.int32)
+    up = torch.where((bits & 0xFFFF) != 0, (bits + 0x10000) & ~0xFFFF, bits)
+    up = torch.where(amax > 0, up, torch.full_like(up, 0x00800000))
+    return up.view(torch.float32)
+
+
+def quantize_append_token_head_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    start: int,
+    fmt: FP8Format | None,
+) -> None:
+    """``token_head.quantize_append_token_head`` in torch: per (token, head) scales, int8 (``fmt`` None: round half
+    to even, +-127) or fp8 codes."""
+    end = min(start + key.shape[2], key_codes.shape[2])
+    fmax = 127.0 if fmt is None else fmt.max
+    for x, codes, scales in ((key, key_codes, key_scales), (value, value_codes, value_scales)):
+        x = x[:, :, : end - start].float()
+        scale = bf16_scale_up_ref(x.abs().amax(-1), fmax)
+        y = x / scale[..., None]
+        if fmt is None:
+            codes[:, :, start:end] = torch.round(y).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        else:
+            codes[:, :, start:end] = encode_fp8_ref(y, fmt)
+        scales[:, :, start:end] = scale.to(torch.bfloat16)
+
+
+def dequantize_token_head_ref(
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    length: int,
+    fmt: FP8Format | None,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """``token_head.dequantize_token_head`` in torch."""
+    for codes, scales, out in ((key_codes, key_scales, key_out), (value_codes, value_scales, value_out)):
+        codes = codes[:, :, :length]
+        decoded = codes.view(torch.int8).float() if fmt is None else decode_fp8_ref(codes, fmt)
+        out.copy_(decoded * scales[:, :, :length, None].float())

@@ -1,0 +1,183 @@
+"""Per-token-head scales (issue 18): quantize-and-append that computes each (token, KV head)'s scale from its own
+values in the same launch, and the dequantization that reads them. WORK IN PROGRESS on a branch: not wired into the
+caches yet.
+
+    scale[b, h, t] = round_up_to_bf16(amax_d |x[b, h, t, d]| * (1 / FMAX))       (the smallest normal bf16 for 0)
+    code[b, h, t, d] = int8:  clamp(round_half_even(x / scale), -127, 127)      (two's complement, stored as uint8)
+                       fp8:   encode_fp8(x / scale)                             (fp8_codec, RNE, saturating)
+    out = decode(code) * scale
+
+FMAX is 127 for int8 and the format's largest finite value for fp8. The scale is rounded up to a bf16 value (the
+measured choice: half of fp32's bytes, fp32's range, no accuracy cost; docs/benchmarks.md), so ``|x| / scale`` never
+exceeds FMAX. Every step is exact-rounded fp32 arithmetic or integer arithmetic on bit patterns, so the kernel and
+its torch twin (``reference.quantize_append_token_head_ref`` / ``dequantize_token_head_ref``) write the same bytes on
+the GPU and under the interpreter; the int8 rounding uses the fp32 magic-number trick ((y + 1.5 * 2^23) - 1.5 *
+2^23 rounds |y| < 2^22 half to even), which needs no libdevice function.
+
+Layout as ``quantize.py``: K/V ``[B, H, S, D]`` any strides; codes uint8 ``[B, H, capacity, D]`` contiguous; scales
+bf16 ``[B, H, capacity]`` contiguous; ``start`` a Python int.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import FP8Format
+from .fp8_codec import decode_fp8, encode_fp8, round_to_output, token_tiles
+
+__all__ = ["INT8_MAX", "dequantize_token_head", "quantize_append_token_head"]
+
+INT8_MAX = 127.0
+# 1.5 * 2^23: adding then subtracting it rounds |y| < 2^22 to an integer, half to even
+_ROUNDING_MAGIC = tl.constexpr(12582912.0)
+_SMALLEST_BF16_NORMAL_BITS = tl.constexpr(0x00800000)  # 2^-126 as fp32 bits (a bf16 value): an all-zero entry's scale
+
+
+@triton.jit
+def _bf16_scale_up(amax, INV_FMAX: tl.constexpr):
+    """amax * (1 / FMAX) rounded up to a bf16 value (returned as fp32); 2^-126 where amax is 0."""
+    bits = (amax * INV_FMAX).to(tl.uint32, bitcast=True)
+    up = tl.where((bits & 0xFFFF) != 0, (bits + 0x10000) & 0xFFFF0000, bits)
+    up = tl.where(amax > 0, up, _SMALLEST_BF16_NORMAL_BITS)
+    return up.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _encode(y, INT8: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
+            FNUZ: tl.constexpr):  # fmt: skip
+    """Scaled values -> uint8 codes: int8 two's complement (round half to even, +-127) or fp8."""
+    if INT8:
+        rounded = (y + _ROUNDING_MAGIC) - _ROUNDING_MAGIC
+        rounded = tl.minimum(tl.maximum(rounded, -127.0), 127.0)
+        return rounded.to(tl.int32).to(tl.int8).to(tl.uint8, bitcast=True)
+    return encode_fp8(y, MANTISSA_BITS, BIAS, FMAX, FNUZ)
+
+
+@triton.jit
+def _quantize_tile(x_ptr, offsets, mask, codes_ptr, cache_offsets, scales_ptr, scale_offsets, row_mask,
+                   INT8: tl.constexpr, INV_FMAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr,
+                   FMAX: tl.constexpr, FNUZ: tl.constexpr):  # fmt: skip
+    """One [BLOCK_S, BLOCK_D] tile: per-row scale, codes, both stored."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    scale = _bf16_scale_up(tl.max(tl.abs(x), 1), INV_FMAX)
+    tl.store(codes_ptr + cache_offsets, _encode(x / scale[:, None], INT8, MANTISSA_BITS, BIAS, FMAX, FNUZ), mask=mask)
+    tl.store(scales_ptr + scale_offsets, scale.to(tl.bfloat16), mask=row_mask)  # exact: a bf16 value
+
+
+@triton.jit
+def _quantize_append_token_head_kernel(
+    key_ptr, value_ptr, key_codes_ptr, value_codes_ptr, key_scales_ptr, value_scales_ptr,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    H, S, D, start, capacity,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr, INV_FMAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr, FNUZ: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    row_mask = (s < S) & (start + s < capacity)
+    mask = row_mask[:, None] & (d[None, :] < D)
+    position = pid_bh * capacity + start + s  # [B, H, capacity] contiguous
+    cache_offsets = position[:, None] * D + d[None, :]  # [B, H, capacity, D] contiguous
+    key_offsets = b * stride_kb + h * stride_kh + s[:, None] * stride_ks + d[None, :] * stride_kd
+    _quantize_tile(key_ptr, key_offsets, mask, key_codes_ptr, cache_offsets, key_scales_ptr, position, row_mask, INT8,
+                   INV_FMAX, MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+    value_offsets = b * stride_vb + h * stride_vh + s[:, None] * stride_vs + d[None, :] * stride_vd
+    _quantize_tile(value_ptr, value_offsets, mask, value_codes_ptr, cache_offsets, value_scales_ptr, position,
+                   row_mask, INT8, INV_FMAX, MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+
+
+@triton.jit
+def _dequantize_tile(codes_ptr, scales_ptr, out_ptr, cache_offsets, positions, out_offsets, mask, row_mask,
+                     INT8: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr,
+                     SUBNORMAL_STEP: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr):  # fmt: skip
+    codes = tl.load(codes_ptr + cache_offsets, mask=mask, other=0)
+    if INT8:
+        value = codes.to(tl.int8, bitcast=True).to(tl.float32)
+    else:
+        value = decode_fp8(codes, MANTISSA_BITS, BIAS, SUBNORMAL_STEP, FNUZ, HAS_INF)
+    scale = tl.load(scales_ptr + positions, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offsets, round_to_output(value * scale[:, None], out_ptr), mask=mask)
+
+
+@triton.jit
+def _dequantize_token_head_kernel(
+    key_codes_ptr, value_codes_ptr, key_scales_ptr, value_scales_ptr, key_out_ptr, value_out_ptr,
+    S, D, capacity,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, SUBNORMAL_STEP: tl.constexpr, FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    row_mask = s < S
+    mask = row_mask[:, None] & (d[None, :] < D)
+    positions = pid_bh * capacity + s
+    cache_offsets = positions[:, None] * D + d[None, :]
+    out_offsets = (pid_bh * S + s[:, None]) * D + d[None, :]  # contiguous [B, H, S, D]
+    _dequantize_tile(key_codes_ptr, key_scales_ptr, key_out_ptr, cache_offsets, positions, out_offsets, mask,
+                     row_mask, INT8, MANTISSA_BITS, BIAS, SUBNORMAL_STEP, FNUZ, HAS_INF)  # fmt: skip
+    _dequantize_tile(value_codes_ptr, value_scales_ptr, value_out_ptr, cache_offsets, positions, out_offsets, mask,
+                     row_mask, INT8, MANTISSA_BITS, BIAS, SUBNORMAL_STEP, FNUZ, HAS_INF)  # fmt: skip
+
+
+def _codec(fmt: FP8Format | None) -> dict:
+    """The kernels' constexprs for ``fmt`` (None: int8)."""
+    if fmt is None:
+        return dict(INT8=True, MANTISSA_BITS=0, BIAS=0, FMAX=INT8_MAX, FNUZ=False, SUBNORMAL_STEP=0.0, HAS_INF=False)
+    c = fmt.codec_constants()
+    return dict(INT8=False, **{k: c[k] for k in ("MANTISSA_BITS", "BIAS", "FMAX", "FNUZ", "SUBNORMAL_STEP", "HAS_INF")})
+
+
+def quantize_append_token_head(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    start: int,
+    fmt: FP8Format | None,
+) -> None:
+    """Quantize ``key``/``value`` ``[B, H, S, D]`` with one scale per (token, head) into ``codes[:, :, start:start +
+    S]`` and ``scales[:, :, start:start + S]`` (``fmt`` None: int8)."""
+    B, H, S, D = key.shape
+    if S == 0 or B == 0:
+        return
+    grid, BLOCK_S, BLOCK_D = token_tiles(B, H, S, D)
+    codec = _codec(fmt)
+    _quantize_append_token_head_kernel[grid](
+        key, value, key_codes, value_codes, key_scales, value_scales, *key.stride(), *value.stride(),
+        H, S, D, start, key_codes.shape[2], BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, INT8=codec["INT8"],
+        INV_FMAX=1.0 / codec["FMAX"], MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"],
+        FNUZ=codec["FNUZ"],
+    )  # fmt: skip
+
+
+def dequantize_token_head(
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    length: int,
+    fmt: FP8Format | None,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """``decode(code) * scale`` of the first ``length`` tokens into contiguous ``key_out`` / ``value_out``."""
+    B, H, capacity, D = key_codes.shape
+    if length == 0 or B == 0:
+        return
+    grid, BLOCK_S, BLOCK_D = token_tiles(B, H, length, D)
+    codec = _codec(fmt)
+    _dequantize_token_head_kernel[grid](
+        key_codes, value_codes, key_scales, value_scales, key_out, value_out, length, D, capacity,
+        BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, INT8=codec["INT8"], MANTISSA_BITS=codec["MANTISSA_BITS"],
+        BIAS=codec["BIAS"], SUBNORMAL_STEP=codec["SUBNORMAL_STEP"], FNUZ=codec["FNUZ"], HAS_INF=codec["HAS_INF"],
+    )  # fmt: skip

@@ -1,0 +1,68 @@
+"""Per-token-head scales (kernels/token_head.py, issue 18, work in progress): the Triton kernels (interpreter here,
+compiled on the GPU machine) write exactly the bytes of their torch twins, for int8 and the fp8 formats."""
+
+import pytest
+import torch
+from helpers import assert_equal
+from hf_fp8cache.kernels import reference, token_head
+
+from hf_fp8cache.formats import FORMATS
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow notes inside the interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# None: int8
+CODECS = [None, FORMATS["e4m3fn"], FORMATS["e5m2"]]
+
+
+def _states(B, H, S, D, dtype, seed):
+    """K/V with magnitudes from 1e-6 to 1e4 per token (a transposed view, as transformers hands them), one all-zero
+    token and one of evenly spaced values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, S, D, generator=g) * torch.logspace(-6, 4, S)[torch.randperm(S, generator=g)][:, None]
+    x[0, 0, 0] = 0.0
+    x[0, -1, -1] = torch.arange(D) - D / 2 + 0.5
+    return x.transpose(1, 2).contiguous().transpose(1, 2).to(dtype).to(DEVICE)
+
+
+def _buffers(B, H, capacity, D):
+    codes = [torch.full((B, H, capacity, D), 0x5A, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    scales = [torch.full((B, H, capacity), 7.0, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
+    return codes, scales
+
+
+@pytest.mark.parametrize("fmt", CODECS, ids=["int8", "e4m3fn", "e5m2"])
+@pytest.mark.parametrize("dtype, D, S, start", [(torch.float32, 64, 9, 3), (torch.bfloat16, 128, 1, 20),
+                                                (torch.float16, 80, 33, 0)])  # fmt: skip
+def test_quantize_and_dequantize_equal_their_twins_bit_for_bit(fmt, dtype, D, S, start):
+    B, H, capacity = 2, 3, 40
+    key, value = _states(B, H, S, D, dtype, seed=S), _states(B, H, S, D, dtype, seed=S + 1)
+    (kc, vc), (ks, vs) = _buffers(B, H, capacity, D)
+    (kc_ref, vc_ref), (ks_ref, vs_ref) = _buffers(B, H, capacity, D)
+    token_head.quantize_append_token_head(key, value, kc, vc, ks, vs, start, fmt)
+    reference.quantize_append_token_head_ref(key, value, kc_ref, vc_ref, ks_ref, vs_ref, start, fmt)
+    for ours, theirs, what in ((kc, kc_ref, "key codes"), (vc, vc_ref, "value codes")):
+        assert_equal(ours, theirs, what)
+    for ours, theirs, what in ((ks, ks_ref, "key scales"), (vs, vs_ref, "value scales")):
+        assert_equal(ours.view(torch.int16), theirs.view(torch.int16), what)
+    assert (kc[:, :, :start] == 0x5A).all() and (kc[:, :, start + S :] == 0x5A).all()  # only [start, start + S)
+    length = start + S
+    out = [torch.empty(B, H, length, D, dtype=dtype, device=DEVICE) for _ in range(4)]
+    token_head.dequantize_token_head(kc, vc, ks, vs, length, fmt, out[0], out[1])
+    reference.dequantize_token_head_ref(kc, vc, ks, vs, length, fmt, out[2], out[3])
+    assert_equal(out[0], out[2], "keys")
+    assert_equal(out[1], out[3], "values")
+
+
+def test_int8_per_token_head_error_is_half_a_step_and_scales_round_up_to_bf16():
+    x = _states(2, 2, 16, 64, torch.float32, seed=5)
+    (kc, vc), (ks, vs) = _buffers(2, 2, 16, 64)
+    reference.quantize_append_token_head_ref(x, x, kc, vc, ks, vs, 0, None)
+    scale = ks.float()
+    amax = x.abs().amax(-1)
+    assert (scale >= amax / 127).all()  # rounded up: no value saturates
+    assert (scale[amax > 0] <= amax[amax > 0] / 127 * (1 + 2**-7)).all()  # by less than one bf16 step (2^-7)
+    assert (scale[amax == 0] == 2.0**-126).all() and (kc[amax == 0] == 0).all()
+    out, _ = torch.empty_like(x), torch.empty_like(x)
+    reference.dequantize_token_head_ref(kc, vc, ks, vs, 16, None, out, _)
+    assert ((out - x).abs() <= scale[..., None] / 2 * (1 + 1e-6)).all()  # round to nearest: at most half a step
