@@ -7,6 +7,11 @@ with h = hq // G (GQA group G = Hq / H), the query row i (0-based within Sq) at 
 n running over kv_start[b] <= n <= L - Sq + i (left padding below kv_start, causal above). The scales are folded
 where they are cheapest: k_scale into the logit scale, v_scale into the final division by the softmax sum l.
 
+Per-token-head scales (``TOKEN_SCALES``, ``strategy="token_head"``: bf16 k_scale[b, h, n], v_scale[b, h, n] beside
+the codes, which are then int8 or fp8): K's scale multiplies each logit, V's each probability before the P @ V sum
+(relative to the block's largest value scale, which multiplies the block's product: the fp16 operand keeps its
+range). int8 codes are decoded like fp8 ones, by a bitcast (to int8) and an exact conversion to the dot dtype.
+
 Options of the model families with them, each a constexpr specialization (without them the kernel compiles to the
 plain path): a sliding window W (``SLIDING``: row i also needs n > L - Sq + i - W, transformers' ``kv_idx > q_idx -
 W``; the splits share only the key blocks from the one holding the first row's window start, so the work follows W,
@@ -18,8 +23,9 @@ Layout and dtypes:
 - query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is small
   (1 for plain decode, a few for speculative tokens), D in {64, 80, 128, 256} (any D <= 256 works).
 - key / value caches: uint8 views of contiguous fp8 buffers ``[B, H, capacity, D]``, of which the first L tokens are
-  read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``).
-- key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head); kv_start: int32 ``[B]``.
+  read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``), and int8 with per-token scales.
+- key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head), or contiguous bf16 ``[B, H,
+  capacity]`` (per token and head; not with ``new``); kv_start: int32 ``[B]``.
 - out: contiguous ``[B, Sq, Hq, D]`` in the query's dtype, the layout an attention function returns to transformers.
 - kv_length: a Python int, or a one-element integer tensor on the device (the static cache's filled length; then
   nothing on the host depends on it, so a compiled or CUDA-graphed step replays unchanged). The split count is
@@ -79,7 +85,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_decode_attention
-from .formats import FP8Format
+from .formats import Int8Format, StorageFormat
 from .fp8_codec import encode_fp8, round_to_output
 from .launch import LaunchMemo, launch
 from .new_tokens import NewTokens
@@ -132,10 +138,13 @@ def _softcapped(x, softcap):
 @triton.jit
 def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i, acc,
                   DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr = True, SLIDING: tl.constexpr = False,
-                  SOFTCAP: tl.constexpr = False):  # fmt: skip
+                  SOFTCAP: tl.constexpr = False, TOKEN_SCALES: tl.constexpr = False, value_scales=None):  # fmt: skip
     """One online-softmax step over a block of keys n (k, v in the dot dtype; invalid keys loaded as zeros).
     MASKED=False: every key of the block is valid and visible to every row (no masking work). SLIDING: row r also
-    needs n >= first_visible[r]. SOFTCAP: the logits are soft-capped before masking (``_softcapped``)."""
+    needs n >= first_visible[r]. SOFTCAP: the logits are soft-capped before masking (``_softcapped``). TOKEN_SCALES:
+    ``qk_scale`` is ``[1, BLOCK_N]`` (each key's scale folded in) and each probability is multiplied by its value's
+    scale (``value_scales`` ``[BLOCK_N]``, fp32) before P @ V: divided by the block's largest scale, so the fp16
+    operand keeps its range (no underflow for small scales), and the block's product multiplied by it."""
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     if SOFTCAP:
         qk = _softcapped(qk, softcap)
@@ -148,7 +157,13 @@ def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, so
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+    if TOKEN_SCALES:
+        block_max = tl.max(value_scales, 0)
+        block_max = tl.where(block_max > 0.0, block_max, 1.0)  # a block of invalid keys only (scales loaded as 0)
+        pv = tl.dot((p * (value_scales / block_max)[None, :]).to(DOT_DTYPE), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv * block_max
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
     return m_new, l_i, acc
 
 
@@ -165,10 +180,10 @@ def _output_factor(m, total, v_scale, sink_ptrs, sink_mask, HAS_SINKS: tl.conste
 @triton.jit
 def _attend_fp8_blocks(
     q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
-    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
-    NEW_TOKEN: tl.constexpr = False,
+    TOKEN_SCALES: tl.constexpr, NEW_TOKEN: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax over the fp8 key blocks at lo, lo + BLOCK_N, ... below hi of the (b, h) whose keys start at
     block_base (contiguous rows of D bytes). Addressing: a 64-bit block pointer plus int32 offsets inside the block
@@ -176,9 +191,13 @@ def _attend_fp8_blocks(
     registers a thread than a stride argument), no head-dim mask when BLOCK_D == D. MASKED=False: the caller
     guarantees that every key in [lo, hi) is valid and visible to every row, and nothing is masked. NEW_TOKEN
     (masked blocks only): position new_position takes the codes new_k_codes / new_v_codes ``[BLOCK_D]`` from
-    registers (the step's own token, which this program also writes to the cache), not from memory."""
+    registers (the step's own token, which this program also writes to the cache), not from memory. TOKEN_SCALES:
+    each key's and value's bf16 scale is read beside its codes (``[B, H, capacity]``, so the (b, h) row's scales start
+    at block_base / D) and goes to ``_attend_block``; codes are int8 or fp8 (``CODE_DTYPE``)."""
     k_block = k_cache_ptr + block_base + lo.to(tl.int64) * D
     v_block = v_cache_ptr + block_base + lo.to(tl.int64) * D
+    k_scales = k_scale_ptr + block_base // D + lo.to(tl.int64)
+    v_scales = v_scale_ptr + block_base // D + lo.to(tl.int64)
     tile = tl.arange(0, BLOCK_N)[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
     tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | (BLOCK_D == D)
     for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
@@ -194,10 +213,24 @@ def _attend_fp8_blocks(
             is_new = (n == new_position)[:, None]
             k = tl.where(is_new, new_k_codes[None, :], k)
             v = tl.where(is_new, new_v_codes[None, :], v)
-        k = k.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-        v = v.to(FP8_DTYPE, bitcast=True).to(DOT_DTYPE)
-        m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                      acc, DOT_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
+        k = k.to(CODE_DTYPE, bitcast=True).to(DOT_DTYPE)
+        v = v.to(CODE_DTYPE, bitcast=True).to(DOT_DTYPE)
+        if TOKEN_SCALES:
+            scale_offsets = tl.arange(0, BLOCK_N)
+            if MASKED:
+                key_scales = tl.load(k_scales + scale_offsets, mask=n_valid, other=0.0).to(tl.float32)
+                value_scales = tl.load(v_scales + scale_offsets, mask=n_valid, other=0.0).to(tl.float32)
+            else:
+                key_scales = tl.load(k_scales + scale_offsets).to(tl.float32)
+                value_scales = tl.load(v_scales + scale_offsets).to(tl.float32)
+            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible,
+                                          qk_scale * key_scales[None, :], softcap, m_i, l_i, acc, DOT_DTYPE, MASKED,
+                                          SLIDING, SOFTCAP, True, value_scales)  # fmt: skip
+            k_scales += BLOCK_N
+            v_scales += BLOCK_N
+        else:
+            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i,
+                                          l_i, acc, DOT_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
         k_block += BLOCK_N * D
         v_block += BLOCK_N * D
     return m_i, l_i, acc
@@ -225,11 +258,11 @@ def _decode_attention_kernel(
     scale_stride_h,
     H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start, window, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    FP8_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
+    CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
     NEW_TOKEN: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
-    FNUZ: tl.constexpr,
+    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -262,8 +295,12 @@ def _decode_attention_kernel(
 
     if EXACT_WINDOW:
         # the exact window [recent_start, L) from the ring buffers, position n at slot n % R. Its keys take the
-        # logit scale without k_scale; its values enter divided by v_scale, which the end applies to everything.
-        inv_v_scale = 1.0 / tl.load(v_scale_ptr + h * scale_stride_h)
+        # logit scale without k_scale; its values enter divided by v_scale, which the end applies to everything (with
+        # per-token scales, applied in the fp8 loop, neither: the end's factor is 1).
+        if TOKEN_SCALES:
+            inv_v_scale = 1.0
+        else:
+            inv_v_scale = 1.0 / tl.load(v_scale_ptr + h * scale_stride_h)
         recent_base = b * stride_rb + h * stride_rh
         ring_lo = tl.maximum(recent_start, kv_first)
         if SLIDING:
@@ -282,7 +319,8 @@ def _decode_attention_kernel(
         # this split's fp8 keys, from the block holding kv_start (blocks of pure padding are skipped) up to the
         # exact window's start (recent_start == L without one); with a sliding window the splits share only the
         # blocks from the one holding the first row's window start on (blocks below are never read)
-        qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
+        if not TOKEN_SCALES:  # (per-token key scales multiply each logit in _attend_fp8_blocks)
+            qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
         lo = _first_key_block(L, SQ, window, BLOCK_N, SLIDING) + split * blocks_per_split * BLOCK_N
         hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
         lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
@@ -319,21 +357,26 @@ def _decode_attention_kernel(
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, D, BLOCK_N, BLOCK_D,
-                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1, SLIDING=SLIDING,
-                                           SOFTCAP=SOFTCAP, NEW_TOKEN=NEW_TOKEN)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, D,
+                                           BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
+                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
+                                           NEW_TOKEN=NEW_TOKEN)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, D, BLOCK_N, BLOCK_D,
-                                           FP8_DTYPE, DOT_DTYPE, MASKED=False, STAGES=None, SLIDING=SLIDING,
-                                           SOFTCAP=SOFTCAP)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, D,
+                                           BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=False, STAGES=None,
+                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, D, BLOCK_N, BLOCK_D,
-                                           FP8_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1, SLIDING=SLIDING,
-                                           SOFTCAP=SOFTCAP, NEW_TOKEN=NEW_TOKEN)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, D,
+                                           BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
+                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
+                                           NEW_TOKEN=NEW_TOKEN)  # fmt: skip
 
-    v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
+    if TOKEN_SCALES:  # each value's own scale went in before P @ V
+        v_scale = 1.0
+    else:
+        v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
         part = (pid_bh * G * SQ + rows) * num_slots + first_slot + split
@@ -472,15 +515,23 @@ def _strides_without_s(x: torch.Tensor) -> tuple[int, int, int]:
     return stride_b, stride_h, stride_d
 
 
+def _code_dtype(fmt: StorageFormat) -> tl.dtype:
+    """The Triton dtype the uint8 codes are bitcast to before their (exact) conversion to the dot dtype."""
+    if isinstance(fmt, Int8Format):
+        return tl.int8
+    return tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5
+
+
 @functools.lru_cache(maxsize=256)  # one pair per plan and options: decode asks again every step
-def _launch_meta(plan: DecodePlan, fmt: FP8Format, fp32_query: bool, length_in_memory: bool, sliding: bool,
-                 softcap: bool, sinks: bool, new_token: bool, num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
+def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_in_memory: bool, sliding: bool,
+                 softcap: bool, sinks: bool, new_token: bool, token_scales: bool,
+                 num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
     """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
     read-only: the launch memo compares them by identity first)."""
     codec = fmt.codec_constants()
     meta = dict(
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, BLOCK_S=triton.next_power_of_2(plan.slots),
-        FP8_DTYPE=tl.float8e4nv if fmt.exponent_bits == 4 else tl.float8e5,
+        CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales,
         DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
         WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
         SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token,
@@ -532,7 +583,7 @@ def decode_attention(
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
-    fmt: FP8Format,
+    fmt: StorageFormat,
     sm_scale: float,
     out: torch.Tensor | None = None,
     recent: RecentWindow | None = None,
@@ -604,7 +655,7 @@ def decode_attention(
     )  # fmt: skip
     fp8_meta, window_meta = _launch_meta(plan, fmt, query.dtype == torch.float32, length_tensor is not None,
                                          sliding_window is not None, softcap is not None, sinks is not None,
-                                         new_token, num_stages)  # fmt: skip
+                                         new_token, key_scale.dim() == 3, num_stages)  # fmt: skip
     # with a softcap the logit scale carries the tanh's 2 / softcap, and softcap * log2(e) rescales (_softcapped)
     logit_scale = sm_scale * _LOG2E if softcap is None else sm_scale * 2 * _LOG2E / softcap
     window_args = (logit_scale, recent.keys.shape[2], recent.start, sliding_window or 0, (softcap or 0.0) * _LOG2E)

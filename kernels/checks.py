@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import FP8Format
+from .formats import Int8Format, StorageFormat
 from .new_tokens import NewTokens
 from .recent_window import RecentWindow
 
@@ -20,6 +20,9 @@ __all__ = [
     "check_decode_attention",
     "check_attention_options",
     "check_new_tokens",
+    "check_token_scales",
+    "check_quantize_append_token_head",
+    "check_dequantize_token_head",
 ]
 
 
@@ -29,6 +32,17 @@ def check_scales(name: str, first: torch.Tensor, second: torch.Tensor, heads: in
             raise ValueError(
                 f"{name} must be contiguous float32 with 1 or {heads} elements, got {scale.dtype} {tuple(scale.shape)}"
             )
+
+
+def check_token_scales(key_scales: torch.Tensor, value_scales: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """Per-token-head scales: contiguous bf16 ``[B, H, capacity]``, one per cached (token, head) of ``key_cache``."""
+    shape = tuple(key_cache.shape[:3])
+    for scales in (key_scales, value_scales):
+        if scales.dtype != torch.bfloat16 or tuple(scales.shape) != shape or not scales.is_contiguous():
+            raise ValueError(f"per-token-head scales must be contiguous bfloat16 {shape} (the codes' [B, H, "
+                             f"capacity]), got {scales.dtype} {tuple(scales.shape)}")  # fmt: skip
+        if scales.device != key_cache.device:
+            raise ValueError(f"per-token-head scales are on {scales.device}, the codes on {key_cache.device}")
 
 
 def check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor, *, token_slices: bool = False) -> None:
@@ -69,6 +83,42 @@ def check_quantize_append_kv(
     check_scales("inverse scales", key_inv_scale, value_inv_scale, H)
 
 
+def check_quantize_append_token_head(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    start: int,
+) -> None:
+    """Validate the arguments of ``quantize_append_token_head`` (``start`` a Python int)."""
+    if key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
+    check_caches(key_codes, value_codes)
+    B, H, S, D = key.shape
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise ValueError(f"start must be a Python int, got {type(start).__name__}")
+    if key_codes.shape[:2] != (B, H) or key_codes.shape[3] != D or not 0 <= start <= key_codes.shape[2] - S:
+        raise ValueError(f"codes {tuple(key_codes.shape)} cannot take {tuple(key.shape)} at position {start}")
+    check_token_scales(key_scales, value_scales, key_codes)
+
+
+def check_dequantize_token_head(
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    length: int,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """Validate the arguments of ``dequantize_token_head`` (whole buffers: the first ``length`` tokens are read)."""
+    check_caches(key_codes, value_codes)
+    _check_dequantized_outputs(key_codes, length, key_out, value_out)
+    check_token_scales(key_scales, value_scales, key_codes)
+
+
 def check_dequantize_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -80,13 +130,20 @@ def check_dequantize_kv(
 ) -> None:
     """Validate the arguments of ``dequantize_kv`` (which also reads a range of tokens of the caches)."""
     check_caches(key_cache, value_cache, token_slices=True)
+    _check_dequantized_outputs(key_cache, length, key_out, value_out)
+    check_scales("scales", key_scale, value_scale, key_cache.shape[1])
+
+
+def _check_dequantized_outputs(
+    key_cache: torch.Tensor, length: int, key_out: torch.Tensor, value_out: torch.Tensor
+) -> None:
+    """A length within the cache's capacity, and contiguous ``[B, H, length, D]`` outputs."""
     B, H, capacity, D = key_cache.shape
     if not 0 <= length <= capacity:
         raise ValueError(f"length {length} is outside the cache capacity {capacity}")
     for out in (key_out, value_out):
         if tuple(out.shape) != (B, H, length, D) or not out.is_contiguous():
             raise ValueError(f"output {tuple(out.shape)} must be contiguous {(B, H, length, D)}")
-    check_scales("scales", key_scale, value_scale, H)
 
 
 def check_decode_attention(
@@ -97,7 +154,7 @@ def check_decode_attention(
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
-    fmt: FP8Format,
+    fmt: StorageFormat,
     out: torch.Tensor | None,
     recent: RecentWindow | None,
     sliding_window: int | None = None,
@@ -132,7 +189,16 @@ def check_decode_attention(
         raise ValueError(f"need 1 <= query length {Sq} <= kv_length {kv_length} <= cache capacity {capacity}")
     if kv_start.dtype != torch.int32 or tuple(kv_start.shape) != (B,):
         raise ValueError(f"kv_start must be int32 of shape ({B},), got {kv_start.dtype} {tuple(kv_start.shape)}")
-    check_scales("scales", key_scale, value_scale, H)
+    if key_scale.dim() == 3:  # per token and head
+        check_token_scales(key_scale, value_scale, key_cache)
+        if new is not None:
+            raise ValueError("new tokens are written with per-tensor / per-head scales; with per-token-head scales "
+                             "write them first (quantize_append_token_head)")  # fmt: skip
+    elif isinstance(fmt, Int8Format):
+        raise ValueError(f"int8 codes need per-token-head scales (bf16 [B, H, capacity]), got {key_scale.dtype} "
+                         f"{tuple(key_scale.shape)}")  # fmt: skip
+    else:
+        check_scales("scales", key_scale, value_scale, H)
     if out is not None and (tuple(out.shape) != (B, Sq, Hq, D) or out.dtype != query.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {query.dtype} {(B, Sq, Hq, D)}, got {out.dtype} {tuple(out.shape)}")
     if new is not None:

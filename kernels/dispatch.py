@@ -17,13 +17,27 @@ from collections.abc import Iterator
 import torch
 
 from . import reference
-from .checks import check_decode_attention, check_dequantize_kv, check_quantize_append_kv
-from .formats import FP8Format
+from .checks import (
+    check_decode_attention,
+    check_dequantize_kv,
+    check_dequantize_token_head,
+    check_quantize_append_kv,
+    check_quantize_append_token_head,
+)
+from .formats import FP8Format, StorageFormat
 from .launch import LaunchMemo, current_cuda_device
 from .new_tokens import NewTokens
 from .recent_window import RecentWindow
 
-__all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention", "uses_triton", "cpu_backend"]
+__all__ = [
+    "quantize_append_kv",
+    "dequantize_kv",
+    "quantize_append_token_head",
+    "dequantize_token_head",
+    "decode_attention",
+    "uses_triton",
+    "cpu_backend",
+]
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Read once: whether Triton runs under its interpreter in this process, so CPU tensors can take the Triton path.
@@ -118,6 +132,54 @@ def dequantize_kv(
         run(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, value_out, memo)
 
 
+def quantize_append_token_head(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    start: int,
+    fmt: StorageFormat,
+    memo: LaunchMemo | None = None,
+) -> None:
+    """Quantize K and V ``[B, H, S, D]`` into ``codes[:, :, start:start + S]`` with one scale per (token, head), written
+    into bf16 ``scales[:, :, start:start + S]`` by the same launch (``token_head.py``; int8 or fp8 codes by ``fmt``)."""
+    check_quantize_append_token_head(key, value, key_codes, value_codes, key_scales, value_scales, start)
+    arguments = (key, value, key_codes, value_codes, key_scales, value_scales, start, fmt)
+    _run_token_head("quantize_append_token_head", arguments, memo)
+
+
+def dequantize_token_head(
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    length: int,
+    fmt: StorageFormat,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+    memo: LaunchMemo | None = None,
+) -> None:
+    """Write ``decode(code) * scale`` of the first ``length`` tokens (per-token-head scales) into contiguous
+    ``key_out`` / ``value_out``."""
+    check_dequantize_token_head(key_codes, value_codes, key_scales, value_scales, length, key_out, value_out)
+    arguments = (key_codes, value_codes, key_scales, value_scales, length, fmt, key_out, value_out)
+    _run_token_head("dequantize_token_head", arguments, memo)
+
+
+def _run_token_head(name: str, arguments: tuple, memo: LaunchMemo | None) -> None:
+    """``token_head.<name>`` (Triton) or its twin ``reference.<name>_ref`` over checked ``arguments`` (the first a
+    tensor on the launch's device)."""
+    if not uses_triton(arguments[0]):
+        getattr(reference, f"{name}_ref")(*arguments)
+        return
+    from . import token_head
+
+    with _on_device_of(arguments[0]):
+        getattr(token_head, name)(*arguments, memo)
+
+
 def decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -126,7 +188,7 @@ def decode_attention(
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
-    fmt: FP8Format,
+    fmt: StorageFormat,
     sm_scale: float,
     out: torch.Tensor | None = None,
     recent: RecentWindow | None = None,

@@ -7,7 +7,8 @@ interpreter alike.
 
 The names users pick formats by (vLLM's ``"fp8"``, ``"fp8_e5m2"``, ``"auto"``, torch dtypes) are resolved by the
 library (``hf_fp8cache.formats.resolve_format``); here a format is known by its canonical ``name`` only, as the
-``torch.library`` operators (``ops.py``) pass it.
+``torch.library`` operators (``ops.py``) pass it. Beside them, ``INT8``: symmetric int8 codes, stored in the same
+uint8 buffers, for per-token-head scales only (``token_head.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FP8Format", "FORMATS", "format_named"]
+__all__ = ["FP8Format", "FORMATS", "INT8", "Int8Format", "StorageFormat", "format_named"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class FP8Format:
 @functools.cache
 def _codec_constants(fmt: FP8Format) -> dict[str, object]:
     return {
+        "INT8": False,
         "MANTISSA_BITS": fmt.mantissa_bits,
         "BIAS": fmt.bias,
         "FMAX": fmt.max,
@@ -78,8 +80,34 @@ FORMATS: dict[str, FP8Format] = {
 }
 
 
+@dataclass(frozen=True)
+class Int8Format:
+    """Symmetric int8 codes: two's complement in [-127, 127] (-128 is never written), round half to even. Only with a
+    scale per (token, KV head) (``token_head.py``): under one scale for a whole layer or head, int8's uniform steps
+    leave small values few levels. The kernels decode a code by a bitcast to int8 and a conversion (exact)."""
+
+    name: str = "int8"
+    dtype: torch.dtype = torch.int8
+    fnuz: bool = False  # (read by checks written for the fp8 formats)
+
+    @property
+    def max(self) -> float:
+        return float(torch.iinfo(self.dtype).max)  # 127.0
+
+    def codec_constants(self) -> dict[str, object]:
+        """The kernels' compile-time constants (``FP8Format.codec_constants``): ``INT8`` set, the fp8 codec's unused."""
+        return _INT8_CODEC
+
+
+INT8 = Int8Format()
+_INT8_CODEC: dict[str, object] = {"INT8": True, "MANTISSA_BITS": 0, "BIAS": 0, "FMAX": INT8.max,
+                                  "SUBNORMAL_STEP": 0.0, "FNUZ": False, "HAS_INF": False}  # fmt: skip
+# What a cache may store: an fp8 format, or int8 (per-token-head scales only)
+StorageFormat = FP8Format | Int8Format
+
+
 def format_named(name: str) -> FP8Format:
-    """The format whose canonical ``FP8Format.name`` is ``name`` (how operators pass a format)."""
+    """The fp8 format whose canonical ``FP8Format.name`` is ``name`` (how operators pass a format)."""
     if name not in FORMATS:
         raise ValueError(f"unknown fp8 format {name!r}; use one of {', '.join(map(repr, FORMATS))}")
     return FORMATS[name]

@@ -2,15 +2,18 @@
 
 Layout everywhere: ``[B, H, S, D]`` (batch, KV heads, sequence, head dim). Caches are uint8 views of fp8 bytes
 with a capacity ``>= S`` along dim 2. Scales are fp32 tensors of one element (per tensor) or ``H`` elements
-(per KV head); the quantizer takes the reciprocal (``inv_scale = 1 / scale``) so that kernel and reference compute
-the very same fp32 product ``x * inv_scale`` before rounding.
+(per KV head), or bf16 ``[B, H, capacity]`` beside the codes (per token and head, ``token_head.py``; codes then int8
+or fp8); the per-tensor / per-head quantizer takes the reciprocal (``inv_scale = 1 / scale``) so that kernel and
+reference compute the very same fp32 product ``x * inv_scale`` before rounding.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
-from .formats import FP8Format
+from .formats import FP8Format, Int8Format, StorageFormat
 from .new_tokens import NewTokens
 from .recent_window import RecentWindow, ring_read
 
@@ -24,8 +27,14 @@ def encode_fp8_ref(x: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     return x.float().clamp(-fmt.max, fmt.max).to(fmt.dtype).view(torch.uint8)
 
 
-def decode_fp8_ref(code: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
-    """uint8 fp8 codes -> fp32."""
+def _scale_factor(scale: torch.Tensor, length: int) -> torch.Tensor:
+    """A dequantization scale as a factor of ``[B, H, length, D]`` decoded codes: fp32 ``[1]`` / ``[H]`` (per tensor,
+    per head) -> ``[1, H, 1, 1]``; bf16 ``[B, H, capacity]`` (per token and head) -> ``[B, H, length, 1]``."""
+    return scale[:, :, :length, None].float() if scale.dim() == 3 else _per_head(scale)
+
+
+def decode_fp8_ref(code: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+    """uint8 codes -> fp32: fp8 codes, or int8 codes of ``formats.INT8``."""
     return code.view(fmt.dtype).float()
 
 
@@ -72,7 +81,7 @@ def decode_attention_ref(
     kv_start: torch.Tensor,
     key_scale: torch.Tensor,
     value_scale: torch.Tensor,
-    fmt: FP8Format,
+    fmt: StorageFormat,
     sm_scale: float,
     out: torch.Tensor | None = None,
     recent: RecentWindow | None = None,
@@ -83,7 +92,8 @@ def decode_attention_ref(
     new: NewTokens | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``
-    (with ``new``, the query's own K/V are first quantized into the cache at ``kv_length - 1``).
+    (with ``new``, the query's own K/V are first quantized into the cache at ``kv_length - 1``). Scales per tensor, per
+    head, or per token and head (``[B, H, capacity]``, int8 or fp8 codes): each key's and value's own.
 
     Math attention in fp32 on the dequantized cache, the positions of the ``recent`` window (a
     ``kernels.RecentWindow``) taken exactly from its ring: query row i (position ``kv_length - Sq + i``) sees positions
@@ -92,17 +102,17 @@ def decode_attention_ref(
     (into ``out`` when given).
     """
     kv_length = int(kv_length)  # an int or a one-element tensor
-    if new is not None:
+    if new is not None:  # (the checks allow new tokens with per-tensor / per-head fp8 scales only)
         quantize_append_kv_ref(new.keys, new.values, key_cache, value_cache, kv_length - 1, new.key_inv_scale,
-                               new.value_inv_scale, fmt)  # fmt: skip
+                               new.value_inv_scale, cast(FP8Format, fmt))  # fmt: skip
     B, Hq, Sq, _ = query.shape
     G = Hq // key_cache.shape[1]
     positions = torch.arange(kv_length, device=query.device)
     in_row = positions[None, :] >= kv_start[:, None].long()  # [B, L]: not left padding
     if sliding_window is not None:  # nor below the first row's window (never read, as in the kernel)
         in_row &= positions[None, :] > kv_length - Sq - sliding_window
-    key = decode_fp8_ref(key_cache[:, :, :kv_length], fmt) * _per_head(key_scale)
-    value = decode_fp8_ref(value_cache[:, :, :kv_length], fmt) * _per_head(value_scale)
+    key = decode_fp8_ref(key_cache[:, :, :kv_length], fmt) * _scale_factor(key_scale, kv_length)
+    value = decode_fp8_ref(value_cache[:, :, :kv_length], fmt) * _scale_factor(value_scale, kv_length)
     if recent is not None:
         ring_read(recent.keys, recent.start, kv_length, out=key[:, :, recent.start :])
         ring_read(recent.values, recent.start, kv_length, out=value[:, :, recent.start :])
@@ -147,18 +157,17 @@ def quantize_append_token_head_ref(
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
     start: int,
-    fmt: FP8Format | None,
+    fmt: StorageFormat,
 ) -> None:
-    """``token_head.quantize_append_token_head`` in torch: per (token, head) scales, int8 (``fmt`` None: round half
-    to even, +-127) or fp8 codes."""
+    """``token_head.quantize_append_token_head`` in torch: per (token, head) scales, int8 (``formats.INT8``: round
+    half to even, +-127) or fp8 codes."""
     end = min(start + key.shape[2], key_codes.shape[2])
-    fmax = 127.0 if fmt is None else fmt.max
     for x, codes, scales in ((key, key_codes, key_scales), (value, value_codes, value_scales)):
         x = x[:, :, : end - start].float()
-        scale = bf16_scale_up_ref(x.abs().amax(-1), fmax)
+        scale = bf16_scale_up_ref(x.abs().amax(-1), fmt.max)
         y = x / scale[..., None]
-        if fmt is None:
-            codes[:, :, start:end] = torch.round(y).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        if isinstance(fmt, Int8Format):
+            codes[:, :, start:end] = torch.round(y).clamp(-fmt.max, fmt.max).to(torch.int8).view(torch.uint8)
         else:
             codes[:, :, start:end] = encode_fp8_ref(y, fmt)
         scales[:, :, start:end] = scale.to(torch.bfloat16)
@@ -170,12 +179,10 @@ def dequantize_token_head_ref(
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
     length: int,
-    fmt: FP8Format | None,
+    fmt: StorageFormat,
     key_out: torch.Tensor,
     value_out: torch.Tensor,
 ) -> None:
     """``token_head.dequantize_token_head`` in torch."""
     for codes, scales, out in ((key_codes, key_scales, key_out), (value_codes, value_scales, value_out)):
-        codes = codes[:, :, :length]
-        decoded = codes.view(torch.int8).float() if fmt is None else decode_fp8_ref(codes, fmt)
-        out.copy_(decoded * scales[:, :, :length, None].float())
+        out.copy_(decode_fp8_ref(codes[:, :, :length], fmt) * _scale_factor(scales, length))

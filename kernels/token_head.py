@@ -1,18 +1,18 @@
 """Per-token-head scales (issue 18): quantize-and-append that computes each (token, KV head)'s scale from its own
-values in the same launch, and the dequantization that reads them. WORK IN PROGRESS on a branch: not wired into the
-caches yet.
+values in the same launch, and the dequantization that reads them (``strategy="token_head"`` of the dynamic cache).
 
     scale[b, h, t] = round_up_to_bf16(amax_d |x[b, h, t, d]| * (1 / FMAX))       (the smallest normal bf16 for 0)
     code[b, h, t, d] = int8:  clamp(round_half_even(x / scale), -127, 127)      (two's complement, stored as uint8)
                        fp8:   encode_fp8(x / scale)                             (fp8_codec, RNE, saturating)
     out = decode(code) * scale
 
-FMAX is 127 for int8 and the format's largest finite value for fp8. The scale is rounded up to a bf16 value (the
-measured choice: half of fp32's bytes, fp32's range, no accuracy cost; docs/benchmarks.md), so ``|x| / scale`` never
-exceeds FMAX. Every step is exact-rounded fp32 arithmetic or integer arithmetic on bit patterns, so the kernel and
-its torch twin (``reference.quantize_append_token_head_ref`` / ``dequantize_token_head_ref``) write the same bytes on
-the GPU and under the interpreter; the int8 rounding uses the fp32 magic-number trick ((y + 1.5 * 2^23) - 1.5 *
-2^23 rounds |y| < 2^22 half to even), which needs no libdevice function.
+FMAX is 127 for int8 (``formats.INT8``) and the format's largest finite value for fp8. The scale is rounded up to a
+bf16 value (the measured choice: half of fp32's bytes, fp32's range, no accuracy cost; docs/benchmarks.md), so
+``|x| / scale`` never exceeds FMAX. Every step is exact-rounded fp32 arithmetic or integer arithmetic on bit
+patterns, so the kernel and its torch twin (``reference.quantize_append_token_head_ref`` /
+``dequantize_token_head_ref``) write the same bytes on the GPU and under the interpreter; the int8 rounding uses the
+fp32 magic-number trick ((y + 1.5 * 2^23) - 1.5 * 2^23 rounds |y| < 2^22 half to even), which needs no libdevice
+function.
 
 Layout as ``quantize.py``: K/V ``[B, H, S, D]`` any strides; codes uint8 ``[B, H, capacity, D]`` contiguous; scales
 bf16 ``[B, H, capacity]`` contiguous; ``start`` a Python int.
@@ -20,16 +20,18 @@ bf16 ``[B, H, capacity]`` contiguous; ``start`` a Python int.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .formats import FP8Format
+from .formats import StorageFormat
 from .fp8_codec import decode_fp8, encode_fp8, round_to_output, token_tiles
+from .launch import LaunchMemo, launch
 
-__all__ = ["INT8_MAX", "dequantize_token_head", "quantize_append_token_head"]
+__all__ = ["dequantize_token_head", "quantize_append_token_head"]
 
-INT8_MAX = 127.0
 # 1.5 * 2^23: adding then subtracting it rounds |y| < 2^22 to an integer, half to even
 _ROUNDING_MAGIC = tl.constexpr(12582912.0)
 _SMALLEST_BF16_NORMAL_BITS = tl.constexpr(0x00800000)  # 2^-126 as fp32 bits (a bf16 value): an all-zero entry's scale
@@ -127,12 +129,12 @@ def _dequantize_token_head_kernel(
                      row_mask, INT8, MANTISSA_BITS, BIAS, SUBNORMAL_STEP, FNUZ, HAS_INF)  # fmt: skip
 
 
-def _codec(fmt: FP8Format | None) -> dict:
-    """The kernels' constexprs for ``fmt`` (None: int8)."""
-    if fmt is None:
-        return dict(INT8=True, MANTISSA_BITS=0, BIAS=0, FMAX=INT8_MAX, FNUZ=False, SUBNORMAL_STEP=0.0, HAS_INF=False)
+@functools.lru_cache(maxsize=64)  # every update asks: one shared read-only dict (the memo compares by identity first)
+def _launch_meta(BLOCK_S: int, BLOCK_D: int, fmt: StorageFormat, quantize: bool) -> dict:
     c = fmt.codec_constants()
-    return dict(INT8=False, **{k: c[k] for k in ("MANTISSA_BITS", "BIAS", "FMAX", "FNUZ", "SUBNORMAL_STEP", "HAS_INF")})
+    names = ("INT8", "MANTISSA_BITS", "BIAS", "FNUZ") + (("FMAX",) if quantize else ("SUBNORMAL_STEP", "HAS_INF"))
+    meta = dict(BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **{name: c[name] for name in names})
+    return dict(meta, INV_FMAX=1.0 / fmt.max) if quantize else meta
 
 
 def quantize_append_token_head(
@@ -143,21 +145,18 @@ def quantize_append_token_head(
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
     start: int,
-    fmt: FP8Format | None,
+    fmt: StorageFormat,
+    memo: LaunchMemo | None = None,
 ) -> None:
     """Quantize ``key``/``value`` ``[B, H, S, D]`` with one scale per (token, head) into ``codes[:, :, start:start +
-    S]`` and ``scales[:, :, start:start + S]`` (``fmt`` None: int8)."""
+    S]`` and ``scales[:, :, start:start + S]`` (int8 or fp8 codes by ``fmt``; ``memo``: ``launch.py``)."""
     B, H, S, D = key.shape
     if S == 0 or B == 0:
         return
     grid, BLOCK_S, BLOCK_D = token_tiles(B, H, S, D)
-    codec = _codec(fmt)
-    _quantize_append_token_head_kernel[grid](
-        key, value, key_codes, value_codes, key_scales, value_scales, *key.stride(), *value.stride(),
-        H, S, D, start, key_codes.shape[2], BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, INT8=codec["INT8"],
-        INV_FMAX=1.0 / codec["FMAX"], MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"],
-        FNUZ=codec["FNUZ"],
-    )  # fmt: skip
+    args = (key, value, key_codes, value_codes, key_scales, value_scales, *key.stride(), *value.stride(), H, S, D,
+            start, key_codes.shape[2])  # fmt: skip
+    launch(_quantize_append_token_head_kernel, grid, args, _launch_meta(BLOCK_S, BLOCK_D, fmt, True), memo)
 
 
 def dequantize_token_head(
@@ -166,18 +165,15 @@ def dequantize_token_head(
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
     length: int,
-    fmt: FP8Format | None,
+    fmt: StorageFormat,
     key_out: torch.Tensor,
     value_out: torch.Tensor,
+    memo: LaunchMemo | None = None,
 ) -> None:
     """``decode(code) * scale`` of the first ``length`` tokens into contiguous ``key_out`` / ``value_out``."""
     B, H, capacity, D = key_codes.shape
     if length == 0 or B == 0:
         return
     grid, BLOCK_S, BLOCK_D = token_tiles(B, H, length, D)
-    codec = _codec(fmt)
-    _dequantize_token_head_kernel[grid](
-        key_codes, value_codes, key_scales, value_scales, key_out, value_out, length, D, capacity,
-        BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, INT8=codec["INT8"], MANTISSA_BITS=codec["MANTISSA_BITS"],
-        BIAS=codec["BIAS"], SUBNORMAL_STEP=codec["SUBNORMAL_STEP"], FNUZ=codec["FNUZ"], HAS_INF=codec["HAS_INF"],
-    )  # fmt: skip
+    args = (key_codes, value_codes, key_scales, value_scales, key_out, value_out, length, D, capacity)
+    launch(_dequantize_token_head_kernel, grid, args, _launch_meta(BLOCK_S, BLOCK_D, fmt, False), memo)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hf_fp8cache.kernels import formats as kernel_formats
 
-from hf_fp8cache.formats import FORMATS, resolve_format
+from hf_fp8cache.formats import FORMATS, INT8, resolve_format, resolve_kv_cache_dtype
 
 
 @pytest.mark.parametrize(
@@ -40,10 +40,24 @@ def test_derived_constants(name, fmax, bias, step):
     assert torch.tensor([1], dtype=torch.uint8).view(fmt.dtype).float().item() == step
 
 
-@pytest.mark.parametrize("bad", ["fp16", "int8", "", "fp8_e3m4"])
+@pytest.mark.parametrize("bad", ["fp16", "int4", "", "fp8_e3m4"])
 def test_unknown_names_are_rejected_by_name(bad):
     with pytest.raises(ValueError, match=repr(bad).replace("[", r"\[")):
         resolve_format(bad)
+
+
+@pytest.mark.parametrize(
+    "name, fmt, strategy",
+    [("fp8_per_token_head", FORMATS["e4m3fn"], "token_head"), ("INT8_per_token_head", INT8, "token_head"),
+     ("int8", INT8, None), (torch.int8, INT8, None), ("fp8_e5m2", FORMATS["e5m2"], None)],
+)  # fmt: skip
+def test_vllm_per_token_head_names_give_format_and_strategy(name, fmt, strategy):
+    assert resolve_kv_cache_dtype(name) == (fmt, strategy)
+
+
+def test_a_format_alone_refuses_a_name_that_also_sets_the_strategy():
+    with pytest.raises(ValueError, match="'int8_per_token_head' names a format and strategy='token_head'"):
+        resolve_format("int8_per_token_head")
 
 
 def test_non_fp8_dtype_rejected():

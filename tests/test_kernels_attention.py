@@ -22,7 +22,7 @@ from hf_fp8cache.kernels.attention import (
 from hf_fp8cache.kernels.launch import LaunchMemo
 
 from hf_fp8cache import kernels
-from hf_fp8cache.formats import FORMATS
+from hf_fp8cache.formats import FORMATS, INT8
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow / inf notes inside the interpreter
 
@@ -64,7 +64,8 @@ def _with_window(args, slots, window, seed=0):
     rings = []
     for scale in (args[5], args[6]):  # exact values of the size the scales imply
         ring = torch.full((B, H, slots, D), float("nan"))
-        exact = torch.randn(B, H, window, D, generator=g) * 40 * scale.cpu().reshape(1, -1, 1, 1)
+        size = scale.cpu().float()[:, :, L - window : L, None] if scale.dim() == 3 else scale.cpu().reshape(1, -1, 1, 1)
+        exact = torch.randn(B, H, window, D, generator=g) * 40 * size
         for j, p in enumerate(range(L - window, L)):
             ring[:, :, p % slots] = exact[:, :, j]
         rings.append(ring.to(query.dtype).to(DEVICE))
@@ -78,8 +79,8 @@ def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, 
     sinks: one more logit per query head in the softmax sum, with no value."""
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
-    key = key_cache.cpu().view(fmt.dtype).double() * key_scale.cpu().double().reshape(1, -1, 1, 1)
-    value = value_cache.cpu().view(fmt.dtype).double() * value_scale.cpu().double().reshape(1, -1, 1, 1)
+    key = key_cache.cpu().view(fmt.dtype).double() * _oracle_scale(key_scale)
+    value = value_cache.cpu().view(fmt.dtype).double() * _oracle_scale(value_scale)
     if recent is not None:
         for p in range(recent.start, L):
             slot = p % recent.keys.shape[2]
@@ -104,6 +105,12 @@ def _oracle(query, key_cache, value_cache, L, kv_start, key_scale, value_scale, 
                 total = total + sinks.cpu().double().reshape(H, Hq // H, 1).exp()
             out[b, i] = torch.einsum("hgn,hnd->hgd", weights / total, v).reshape(Hq, D)
     return out
+
+
+def _oracle_scale(scale):
+    """A scale as a factor of the decoded [B, H, capacity, D] codes: per tensor / head, or per token and head."""
+    scale = scale.cpu().double()
+    return scale[..., None] if scale.dim() == 3 else scale.reshape(1, -1, 1, 1)
 
 
 def _relative_error(out, expected):
@@ -571,6 +578,80 @@ def test_rejects_bad_arguments(change, message):
     args, extra = _bad(change)
     with pytest.raises(ValueError, match=message):
         attention.decode_attention(*args, **extra)
+    with pytest.raises(ValueError, match=message):
+        kernels.decode_attention(*args, **extra)
+    with pytest.raises(ValueError, match=message), kernels.cpu_backend("torch"):  # the reference path validates too
+        kernels.decode_attention(*args, **extra)
+
+
+# -- per-token-head scales (strategy="token_head": bf16 [B, H, capacity] scales, int8 or fp8 codes) ----------------
+TOKEN_HEAD_FMTS = [INT8, FORMATS["e4m3fn"]]
+
+
+def _token_head_case(B, H, G, Sq, D, L, kv_start, *, fmt, dtype, seed=0, spare=5):
+    """Caches written by the per-token-head quantizer's twin from K/V whose tokens span four decades (keys 1e-4 to 1,
+    values 1e-7 to 1e-3: value scales down to ~1e-9, where a probability times its scale underflows fp16), with NaN
+    scales (and NaN fp8 codes) where the kernel must not look (left padding, spare capacity)."""
+    g = torch.Generator().manual_seed(seed)
+    capacity = L + spare
+    magnitudes = torch.logspace(-4, 0, capacity)
+    kv = [torch.randn(B, H, capacity, D, generator=g) * magnitudes[torch.randperm(capacity, generator=g)][:, None]
+          * size for size in (1.0, 1e-3)]  # fmt: skip
+    codes = [torch.zeros(B, H, capacity, D, dtype=torch.uint8) for _ in "kv"]
+    scales = [torch.zeros(B, H, capacity, dtype=torch.bfloat16) for _ in "kv"]
+    reference.quantize_append_token_head_ref(kv[0], kv[1], codes[0], codes[1], scales[0], scales[1], 0, fmt)
+    for code, scale in zip(codes, scales):
+        for b, start in enumerate(kv_start):
+            scale[b, :, : min(start, L)] = float("nan")
+            code[b, :, : min(start, L)] = NAN_CODE
+        scale[:, :, L:] = float("nan")
+        code[:, :, L:] = NAN_CODE
+    query = (torch.randn(B, Sq, H * G, D, generator=g) * 3).to(dtype).to(DEVICE).transpose(1, 2)
+    start = torch.tensor(kv_start, dtype=torch.int32, device=DEVICE)
+    codes, scales = [c.to(DEVICE) for c in codes], [s.to(DEVICE) for s in scales]
+    return query, codes[0], codes[1], L, start, scales[0], scales[1], fmt, D**-0.5
+
+
+# Worst relative errors against the fp64 oracle measured here (triton 3.9 interpreter, int8 and e4m3fn alike): kernel
+# fp16 3.8e-4, bf16 1.7e-3, fp32 3.0e-7; twin fp16 3.4e-4, bf16 1.7e-3, fp32 4.1e-7: within TOLERANCE. Without the
+# kernel's division by the block's largest value scale the fp16 / bf16 errors reach 1.7e-2 to 5.3e-2 (checked).
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["splits", "exact_window", "device_length"])
+def test_token_head_scales_match_oracle_and_twin(fmt, dtype, variant):
+    args = _token_head_case(2, 2, 2, 3, 64, 100, [0, 7], fmt=fmt, dtype=dtype, seed=len(variant))
+    if variant == "exact_window":
+        args = _with_window(args, 8, 6)
+    elif variant == "device_length":
+        args = (*args[:3], torch.tensor(args[3], device=DEVICE), *args[4:])
+    _check_kernel(args, num_splits=3)
+    twin = reference.decode_attention_ref(*args)
+    assert _relative_error(twin, _oracle(*args)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("new_token", "with per-token-head scales write them first"),
+        ("int8_per_tensor", r"int8 codes need per-token-head scales \(bf16 \[B, H, capacity\]\), got torch.float32"),
+        ("scale_dtype", r"per-token-head scales must be contiguous bfloat16 \(2, 2, 15\) .*got torch.float32"),
+        ("scale_shape", r"per-token-head scales must be contiguous bfloat16 \(2, 2, 15\) .*got torch.bfloat16 "
+                        r"\(2, 2, 14\)"),
+    ],
+)  # fmt: skip
+def test_token_head_rejects_bad_arguments(change, message):
+    args = list(_token_head_case(2, 2, 4, 1, 64, 10, [0, 1], fmt=INT8, dtype=torch.float16))
+    extra = {}
+    if change == "new_token":
+        new = torch.zeros(2, 2, 1, 64, dtype=torch.float16, device=DEVICE)
+        one = torch.ones(1, device=DEVICE)
+        extra = {"new": kernels.NewTokens(new, new, one, one)}
+    elif change == "int8_per_tensor":
+        args[5] = args[6] = torch.ones(1, device=DEVICE)
+    elif change == "scale_dtype":
+        args[5] = args[5].float()
+    elif change == "scale_shape":
+        args[6] = args[6][:, :, :-1].contiguous()
     with pytest.raises(ValueError, match=message):
         kernels.decode_attention(*args, **extra)
     with pytest.raises(ValueError, match=message), kernels.cpu_backend("torch"):  # the reference path validates too

@@ -1,18 +1,18 @@
-"""Per-token-head scales (kernels/token_head.py, issue 18, work in progress): the Triton kernels (interpreter here,
-compiled on the GPU machine) write exactly the bytes of their torch twins, for int8 and the fp8 formats."""
+"""Per-token-head scales (kernels/token_head.py, issue 18): the Triton kernels (interpreter here, compiled on the GPU
+machine) write exactly the bytes of their torch twins, for int8 and the fp8 formats."""
 
 import pytest
 import torch
 from helpers import assert_equal
 from hf_fp8cache.kernels import reference, token_head
 
-from hf_fp8cache.formats import FORMATS
+from hf_fp8cache import kernels
+from hf_fp8cache.formats import FORMATS, INT8
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow notes inside the interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# None: int8
-CODECS = [None, FORMATS["e4m3fn"], FORMATS["e5m2"]]
+CODECS = [INT8, FORMATS["e4m3fn"], FORMATS["e5m2"]]
 
 
 def _states(B, H, S, D, dtype, seed):
@@ -57,12 +57,51 @@ def test_quantize_and_dequantize_equal_their_twins_bit_for_bit(fmt, dtype, D, S,
 def test_int8_per_token_head_error_is_half_a_step_and_scales_round_up_to_bf16():
     x = _states(2, 2, 16, 64, torch.float32, seed=5)
     (kc, vc), (ks, vs) = _buffers(2, 2, 16, 64)
-    reference.quantize_append_token_head_ref(x, x, kc, vc, ks, vs, 0, None)
+    reference.quantize_append_token_head_ref(x, x, kc, vc, ks, vs, 0, INT8)
     scale = ks.float()
     amax = x.abs().amax(-1)
     assert (scale >= amax / 127).all()  # rounded up: no value saturates
     assert (scale[amax > 0] <= amax[amax > 0] / 127 * (1 + 2**-7)).all()  # by less than one bf16 step (2^-7)
     assert (scale[amax == 0] == 2.0**-126).all() and (kc[amax == 0] == 0).all()
     out, _ = torch.empty_like(x), torch.empty_like(x)
-    reference.dequantize_token_head_ref(kc, vc, ks, vs, 16, None, out, _)
+    reference.dequantize_token_head_ref(kc, vc, ks, vs, 16, INT8, out, _)
     assert ((out - x).abs() <= scale[..., None] / 2 * (1 + 1e-6)).all()  # round to nearest: at most half a step
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("fp32_scales", r"per-token-head scales must be contiguous bfloat16 \(2, 3, 8\) .*got torch.float32"),
+        ("past_capacity", r"codes \(2, 3, 8, 64\) cannot take \(2, 3, 4, 64\) at position 5"),
+        ("tensor_start", "start must be a Python int, got Tensor"),
+        ("short_output", r"output \(2, 3, 7, 64\) must be contiguous \(2, 3, 8, 64\)"),
+    ],
+)
+def test_dispatch_checks_arguments_on_both_paths(change, message):
+    x = _states(2, 3, 4, 64, torch.float32, seed=1)
+    (kc, vc), (ks, vs) = _buffers(2, 3, 8, 64)
+    start = {"past_capacity": 5, "tensor_start": torch.tensor(0)}.get(change, 0)
+    ks = ks.float() if change == "fp32_scales" else ks
+    out = torch.empty(2, 3, 7 if change == "short_output" else 8, 64, device=DEVICE)
+    for backend in ("triton", "torch") if DEVICE == "cpu" else ("torch",):
+        with pytest.raises(ValueError, match=message), kernels.cpu_backend(backend):
+            if change == "short_output":
+                kernels.dequantize_token_head(kc, vc, ks, vs, 8, INT8, out, out.clone())
+            else:
+                kernels.quantize_append_token_head(x, x, kc, vc, ks, vs, start, INT8)
+
+
+def test_dispatch_runs_the_kernel_and_the_twin_alike():
+    x = _states(2, 3, 5, 64, torch.bfloat16, seed=2)
+    written = []
+    for backend in ("triton", "torch") if DEVICE == "cpu" else ("torch",):
+        (kc, vc), (ks, vs) = _buffers(2, 3, 8, 64)
+        out = [torch.empty(2, 3, 8, 64, dtype=torch.bfloat16, device=DEVICE) for _ in "kv"]
+        with kernels.cpu_backend(backend):
+            kernels.quantize_append_token_head(x, x, kc, vc, ks, vs, 3, FORMATS["e4m3fn"])
+            kernels.dequantize_token_head(kc, vc, ks, vs, 8, FORMATS["e4m3fn"], *out)
+        written.append((kc, ks.view(torch.int16), out[0]))
+    scales = written[0][1].view(torch.bfloat16)
+    assert (scales[:, :, 3:].float() > 0).all() and (scales[:, :, :3] == 7.0).all()  # written at 3..7 only
+    for ours, theirs, what in zip(written[0], written[-1], ("codes", "scales", "dequantized keys")):
+        assert_equal(ours, theirs, what)
