@@ -18,11 +18,13 @@ from .cache_base import (
     DequantWorkspace,
     RowStarts,
     check_model_scales,
+    check_token_head_layers,
     layer_scales,
     resolve_cache_options,
     shared_kv_layers,
 )
 from .cache_layer import FP8CacheLayer
+from .formats import TOKEN_HEAD
 from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .scales import KVScales
 from .sliding import FP8SlidingWindowLayer
@@ -39,9 +41,13 @@ class QuantizedFP8Cache(Cache):
             (``build_layers``: FP8 for every layer holding K/V, transformers' own for states and shared K/V), and
             ``scales`` are checked against the model (one pair per layer index; only K/V layers read theirs).
             Without it, full-attention layers are created on first use.
-        kv_cache_dtype: ``"fp8"`` / ``"fp8_e4m3"`` (e4m3fn, default), ``"fp8_e5m2"``, or see ``formats.py``.
+        kv_cache_dtype: ``"fp8"`` / ``"fp8_e4m3"`` (e4m3fn, default), ``"fp8_e5m2"``, ``"int8"`` (with
+            ``strategy="token_head"`` only), vLLM's ``"fp8_per_token_head"`` / ``"int8_per_token_head"`` (e4m3fn / int8
+            and ``strategy="token_head"``), or see ``formats.py``.
         calculate_kv_scales: compute scales from each layer's first prefill (``scales.onthefly_scale``).
         strategy: ``"tensor"`` or ``"attn_head"`` (per KV head). Defaults to the scales' own, else ``"tensor"``.
+            ``"token_head"``: one bf16 scale per (token, KV head), computed from each token's own values as it is
+            written (no scales given, no ``calculate_kv_scales``); full-attention layers only for now.
         scales: a ``KVScales`` (e.g. from a checkpoint or calibration). Without scales and without
             ``calculate_kv_scales`` every scale is 1.0 (vLLM's default).
         exact_prefill: the first prefill attends over the exact K/V it was given (default) rather than FP8.
@@ -77,6 +83,8 @@ class QuantizedFP8Cache(Cache):
         layers = []
         if config is not None:
             check_model_scales(config, scales)
+            if self.strategy == TOKEN_HEAD:
+                check_token_head_layers(config)
             layers = build_layers(config, lambda i, layer_type, window: self._new_layer(i, window))
         super().__init__(layers=layers)
 
@@ -105,7 +113,8 @@ class QuantizedFP8Cache(Cache):
             kwargs: the other constructor arguments (``exact_prefill``, ``residual_length``).
         """
         options = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-        fmt, scales = model_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing=missing, **options)
+        fmt, scales = model_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing=missing,
+                                              strategy=kwargs.get("strategy"), **options)  # fmt: skip
         return cls(config=config, kv_cache_dtype=fmt, scales=scales, **kwargs)
 
     def _new_layer(self, layer_idx: int, sliding_window: int | None = None) -> FP8CacheLayer:

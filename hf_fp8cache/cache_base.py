@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, PendingWrite, attended_positions, kv_start_from_mask
-from .formats import FP8Format, resolve_format
+from .formats import INT8, TOKEN_HEAD, FP8Format, StorageFormat, resolve_fp8_format, resolve_kv_cache_dtype
 from .kernels import NewTokens
 from .scales import ONTHEFLY_HEADROOM, KVScales, check_scale_range, check_strategy, onthefly_scale, outlier_warning
 from .sharding import agree_across_ranks, local_head_scales
@@ -324,16 +324,30 @@ def with_state_layer_placeholders(found, layer_types: list[str]):
 
 
 def resolve_cache_options(
-    kv_cache_dtype: str | torch.dtype | FP8Format,
+    kv_cache_dtype: str | torch.dtype | StorageFormat,
     calculate_kv_scales: bool,
     strategy: str | None,
     scales: KVScales | None,
-) -> tuple[FP8Format, str]:
+) -> tuple[StorageFormat, str]:
     """The format and strategy of a cache from its constructor arguments, refusing conflicting ones (and warning
-    about scales the format cannot use, ``scales.check_scale_range``)."""
-    fmt = resolve_format(kv_cache_dtype)
+    about scales the format cannot use, ``scales.check_scale_range``). vLLM's ``"fp8_per_token_head"`` /
+    ``"int8_per_token_head"`` set ``strategy="token_head"``; under it the scales come from each token as it is
+    written, so given scales and ``calculate_kv_scales`` are refused; int8 needs it."""
+    fmt, implied = resolve_kv_cache_dtype(kv_cache_dtype)
+    if implied is not None and strategy not in (None, implied):
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} means strategy={implied!r}, got strategy={strategy!r}")
+    strategy = strategy or implied
     if scales is not None and not isinstance(scales, KVScales):
         raise TypeError(f"scales must be a KVScales, got {type(scales).__name__}")
+    if strategy == TOKEN_HEAD:
+        check_token_head_options(calculate_kv_scales, scales is not None)
+        return fmt, strategy
+    if fmt is INT8:
+        given = "no strategy" if strategy is None else f"strategy={strategy!r}"
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype!r} (int8 codes) needs strategy={TOKEN_HEAD!r}: with one scale for a "
+            f"layer or head, int8 leaves small values few levels; got {given}"
+        )
     if scales is not None and calculate_kv_scales:
         raise ValueError("give either scales or calculate_kv_scales=True, not both")
     if scales is not None and strategy is not None and strategy != scales.strategy:
@@ -341,6 +355,28 @@ def resolve_cache_options(
     if scales is not None:
         check_scale_range(scales, fmt)
     return fmt, check_strategy(strategy or (scales.strategy if scales is not None else "tensor"))
+
+
+def check_token_head_options(calculate_kv_scales: bool, has_scales: bool, what: str = "scales") -> None:
+    """Refuse scales from elsewhere (a ``KVScales``, a checkpoint: ``what``) or ``calculate_kv_scales`` under
+    ``strategy="token_head"``, whose scales come from each token as it is written."""
+    if has_scales:
+        raise ValueError(f"strategy={TOKEN_HEAD!r} computes a scale per token and head as each token is written; it "
+                         f"cannot use {what} (per-tensor / per-head scales): give one or the other")  # fmt: skip
+    if calculate_kv_scales:
+        raise ValueError(f"strategy={TOKEN_HEAD!r} computes a scale per token and head as each token is written; "
+                         "calculate_kv_scales=True (scales from the first prefill) conflicts with it")  # fmt: skip
+
+
+def check_token_head_layers(config) -> None:
+    """Refuse ``strategy="token_head"`` for a model with K/V layers other than full attention: sliding-window,
+    chunked and hybrid layers do not keep per-token-head scales yet."""
+    others = sorted({t for t in decoder_layer_types(config) if t in KV_LAYER_TYPES and t != "full_attention"})
+    if others:
+        raise NotImplementedError(
+            f"strategy={TOKEN_HEAD!r} is supported on full-attention layers only for now; "
+            f"{type(config.get_text_config(decoder=True)).__name__} has {others} layers"
+        )
 
 
 def check_model_scales(config, scales: KVScales | None) -> None:
@@ -361,7 +397,7 @@ def checkpoint_scales(
     doubled, as vLLM does."""
     from .checkpoint import load_kv_scales
 
-    fmt = resolve_format(kv_cache_dtype)
+    fmt = resolve_fp8_format(kv_cache_dtype, "a checkpoint's scales (from_pretrained)")
     scales = load_kv_scales(name_or_path, **loader_options)
     return fmt, scales.scaled(2.0) if fmt.name == "e4m3fnuz" else scales
 

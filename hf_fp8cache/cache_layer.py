@@ -2,7 +2,9 @@
 
 Storage: per layer two contiguous fp8 buffers ``[B, H, capacity, D]`` that grow amortized (by at least 1/16 of
 their capacity, in steps of 256 tokens), written in place by one fused Triton launch per update
-(``kernels.quantize_append_kv``). Nothing copies the history per step.
+(``kernels.quantize_append_kv``). Nothing copies the history per step. With ``strategy="token_head"`` two bf16
+scale buffers ``[B, H, capacity]`` sit beside them, grown, cropped and batch-mapped with them, written by the same
+launch as the codes (``kernels.quantize_append_token_head``); the codes are then int8 or fp8.
 
 Two read paths, chosen per update from the model config's attention implementation (the ``config`` given to the
 cache): with ``attn_implementation="hf_fp8cache"`` (``attention.py``), ``update`` returns fp8 views of the whole
@@ -29,8 +31,16 @@ import torch
 
 from .cache_base import DequantWorkspace, FP8LayerBase, RowStarts
 from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs, PendingWrite, layer_of
-from .formats import FP8Format
-from .kernels import LaunchMemo, NewTokens, RecentWindow, dequantize_kv, quantize_append_kv
+from .formats import TOKEN_HEAD, StorageFormat
+from .kernels import (
+    LaunchMemo,
+    NewTokens,
+    RecentWindow,
+    dequantize_kv,
+    dequantize_token_head,
+    quantize_append_kv,
+    quantize_append_token_head,
+)
 from .kernels.recent_window import ring_read, ring_write
 
 __all__ = ["FP8CacheLayer"]
@@ -43,8 +53,8 @@ class FP8CacheLayer(FP8LayerBase):
     """One attention layer's FP8 K/V storage (see the module docstring). ``QuantizedFP8Cache`` makes its layers.
 
     Args:
-        fmt: the storage format.
-        strategy: ``"tensor"`` or ``"attn_head"``.
+        fmt: the storage format (an fp8 format, or int8 under ``"token_head"``).
+        strategy: ``"tensor"``, ``"attn_head"`` or ``"token_head"`` (a scale per token and head, as it is written).
         scales: this layer's (key, value) scales, float32 ``[1]`` or ``[H_kv]``; None: unit or on-the-fly scales.
         calculate_kv_scales: set the scales from the first prefill (``scales.onthefly_scale``).
         exact_prefill: the first prefill attends over the exact K/V it was given.
@@ -59,7 +69,7 @@ class FP8CacheLayer(FP8LayerBase):
 
     def __init__(
         self,
-        fmt: FP8Format,
+        fmt: StorageFormat,
         strategy: str,
         scales: tuple[torch.Tensor, torch.Tensor] | None,
         *,
@@ -76,6 +86,8 @@ class FP8CacheLayer(FP8LayerBase):
         self.residual_length = residual_length
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
+        self._key_scales: torch.Tensor | None = None  # bf16 [B, H, capacity] under token_head
+        self._value_scales: torch.Tensor | None = None
         self._launches = LaunchMemo()  # this layer's kernel launches, relaunched step after step (kernels/launch.py)
         self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (key buffer, fp8 K, fp8 V)
         self._recent_keys: torch.Tensor | None = None  # model dtype [B, H, residual_length, D], a ring buffer
@@ -123,19 +135,29 @@ class FP8CacheLayer(FP8LayerBase):
         return 0 if self._recent_keys is None else 2 * self._recent_keys.numel() * self._recent_keys.element_size()
 
     @property
+    def _token_scales(self) -> bool:
+        return self.strategy == TOKEN_HEAD
+
+    def _scale_nbytes(self, tokens: int) -> int:
+        """Bytes of K's and V's scales: per token and head (bf16) for ``tokens`` tokens, or the fp32 scales."""
+        if self._token_scales:
+            return 2 * self._key_scales[:, :, :tokens].numel() * self._key_scales.element_size()
+        return 2 * self.key_scale.numel() * 4
+
+    @property
     def nbytes(self) -> int:
         """Bytes holding cached tokens (FP8 K and V), the exact recent window and the scales."""
         if self._key_bytes is None:
             return 0
         B, H, _, D = self._key_bytes.shape
-        return 2 * B * H * self.length * D + self._ring_nbytes + 2 * self.key_scale.numel() * 4
+        return 2 * B * H * self.length * D + self._ring_nbytes + self._scale_nbytes(self.length)
 
     @property
     def allocated_nbytes(self) -> int:
         """Bytes of the FP8 buffers including spare capacity, the exact recent window and the scales."""
         if self._key_bytes is None:
             return 0
-        return 2 * self._key_bytes.numel() + self._ring_nbytes + 2 * self.key_scale.numel() * 4
+        return 2 * self._key_bytes.numel() + self._ring_nbytes + self._scale_nbytes(self.capacity)
 
     def _set_scales(self, key_scale: torch.Tensor, value_scale: torch.Tensor) -> None:
         self.key_scale, self.value_scale = key_scale, value_scale
@@ -152,6 +174,7 @@ class FP8CacheLayer(FP8LayerBase):
             or self._key_bytes.shape[3] != D
         ):
             self._key_bytes = self._value_bytes = self._views = None  # reused after reset() only when the shape fits
+            self._key_scales = self._value_scales = None
         ring_shape = (B, H, self.residual_length, D)
         if self.residual_length and (
             self._recent_keys is None
@@ -195,6 +218,12 @@ class FP8CacheLayer(FP8LayerBase):
             key_bytes[:, :, : self.length] = self._key_bytes[:, :, : self.length]
             value_bytes[:, :, : self.length] = self._value_bytes[:, :, : self.length]
         self._key_bytes, self._value_bytes, self._views = key_bytes, value_bytes, None
+        if self._token_scales:
+            scales = [torch.empty(B, H, capacity, dtype=torch.bfloat16, device=self.device) for _ in range(2)]
+            if self.length > 0:
+                scales[0][:, :, : self.length] = self._key_scales[:, :, : self.length]
+                scales[1][:, :, : self.length] = self._value_scales[:, :, : self.length]
+            self._key_scales, self._value_scales = scales
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -222,8 +251,10 @@ class FP8CacheLayer(FP8LayerBase):
 
     def _decode_write_waits(self, key_states: torch.Tensor, start: int) -> bool:
         """Whether a decode step's token is left to our attention's kernel to write (``contract.PendingWrite``), on
-        that attention's path: one token after a prefill, scales set, no exact window."""
-        return key_states.shape[2] == 1 and start > 0 and self._recent_keys is None and not self._scales_pending
+        that attention's path: one token after a prefill, scales set, no exact window, not per-token-head scales (the
+        kernel's write uses per-tensor / per-head ones: ``quantize_append_token_head`` writes the token first)."""
+        return (key_states.shape[2] == 1 and start > 0 and self._recent_keys is None and not self._scales_pending
+                and not self._token_scales)  # fmt: skip
 
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole buffers as fp8 tensors naming this layer, for our attention: made once per pair of buffers and
@@ -240,6 +271,10 @@ class FP8CacheLayer(FP8LayerBase):
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, valid) -> None:
         """Quantize K/V into the buffers at ``start`` (setting on-the-fly scales first, over ``valid`` positions)."""
+        if self._token_scales:
+            quantize_append_token_head(key_states, value_states, self._key_bytes, self._value_bytes, self._key_scales,
+                                       self._value_scales, start, self.fmt, memo=self._launches)  # fmt: skip
+            return
         self._set_onthefly_scales_from(key_states, value_states, valid)
         quantize_append_kv(
             key_states, value_states, self._key_bytes, self._value_bytes, start,
@@ -254,9 +289,16 @@ class FP8CacheLayer(FP8LayerBase):
             self._finish_pending_write(attention_mask)
             pending = None
         kv_start = self._row_starts(attention_mask, self._key_bytes.shape[0], self.device)
-        return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, self.key_scale,
-                                  self.value_scale, self.fmt, self.recent_window, launches=self._launches,
+        key_scale, value_scale = self._read_scales()
+        return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, key_scale, value_scale,
+                                  self.fmt, self.recent_window, launches=self._launches,
                                   new_tokens=pending)  # fmt: skip
+
+    def _read_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The dequantization scales readers take: the per-token-head buffers, or the fp32 per-tensor / head scales."""
+        if self._token_scales:
+            return self._key_scales, self._value_scales
+        return self.key_scale, self.value_scale
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next
@@ -268,10 +310,14 @@ class FP8CacheLayer(FP8LayerBase):
         self._finish_pending_write(None)
         B, H, _, D = self._key_bytes.shape
         key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length - first, D))
-        dequantize_kv(
-            self._key_bytes[:, :, first:], self._value_bytes[:, :, first:], self.length - first, self.key_scale,
-            self.value_scale, self.fmt, key_out, value_out, memo=self._launches,
-        )  # fmt: skip
+        if self._token_scales:  # full-attention layers only (first == 0): sliding layers refuse token_head
+            dequantize_token_head(self._key_bytes, self._value_bytes, self._key_scales, self._value_scales,
+                                  self.length, self.fmt, key_out, value_out, memo=self._launches)  # fmt: skip
+        else:
+            dequantize_kv(
+                self._key_bytes[:, :, first:], self._value_bytes[:, :, first:], self.length - first, self.key_scale,
+                self.value_scale, self.fmt, key_out, value_out, memo=self._launches,
+            )  # fmt: skip
         exact = max(self.recent_start, first)
         if exact < self.length:  # the exact window replaces its dequantized tokens
             ring_read(self._recent_keys, exact, self.length, out=key_out[:, :, exact - first :])
@@ -310,12 +356,15 @@ class FP8CacheLayer(FP8LayerBase):
         if self._recent_keys is not None:
             self._recent_keys, self._recent_values = select(self._recent_keys), select(self._recent_values)
         buffers = []
-        for old in (self._key_bytes, self._value_bytes):
+        scales = (self._key_scales, self._value_scales) if self._token_scales else ()
+        for old in (self._key_bytes, self._value_bytes, *scales):
             chosen = select(old[:, :, : self.length])
             new = torch.empty((chosen.shape[0], *old.shape[1:]), dtype=old.dtype, device=old.device)
             new[:, :, : self.length] = chosen
             buffers.append(new)
-        self._key_bytes, self._value_bytes, self._views = (*buffers, None)
+        self._key_bytes, self._value_bytes, self._views = (*buffers[:2], None)
+        if scales:
+            self._key_scales, self._value_scales = buffers[2:]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

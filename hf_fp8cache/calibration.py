@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .formats import FP8Format, resolve_format
+from .formats import FP8Format, resolve_fp8_format
 from .scales import KVScales, check_strategy
 from .sharding import gather_observation
 
@@ -332,7 +332,7 @@ def calibrate(
     """
     check_strategy(strategy)
     _check_observer(observer)
-    fmt = resolve_format(kv_cache_dtype)
+    fmt = resolve_fp8_format(kv_cache_dtype, "calibration")
     observation = observe(model, tokenizer, dataset, num_samples=num_samples, max_seq_len=max_seq_len,
                           batch_size=batch_size, include_query=include_query, split=split, text_column=text_column,
                           seed=seed, progress=progress)  # fmt: skip

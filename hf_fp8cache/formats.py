@@ -20,7 +20,16 @@ import torch
 
 from .kernels.formats import FORMATS, INT8, FP8Format, StorageFormat
 
-__all__ = ["FP8Format", "FORMATS", "INT8", "TOKEN_HEAD", "StorageFormat", "resolve_format", "resolve_kv_cache_dtype"]
+__all__ = [
+    "FP8Format",
+    "FORMATS",
+    "INT8",
+    "TOKEN_HEAD",
+    "StorageFormat",
+    "resolve_format",
+    "resolve_fp8_format",
+    "resolve_kv_cache_dtype",
+]
 
 _ALIASES = {
     "fp8": "e4m3fn",
@@ -70,6 +79,18 @@ def resolve_format(kv_cache_dtype: str | torch.dtype | StorageFormat) -> Storage
     if key not in FORMATS:
         raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use one of {_choices()}")
     return FORMATS[key]
+
+
+def resolve_fp8_format(kv_cache_dtype: str | torch.dtype | StorageFormat, what: str) -> FP8Format:
+    """``resolve_format`` for ``what`` takes fp8 formats only (per-tensor / per-head scales: calibration,
+    checkpoints): int8 is refused, naming ``what``."""
+    fmt = resolve_format(kv_cache_dtype)
+    if not isinstance(fmt, FP8Format):
+        raise ValueError(
+            f"{what} is for fp8 formats (per-tensor / per-head scales), got kv_cache_dtype={kv_cache_dtype!r}: int8 "
+            f"codes take per-token-head scales, computed as each token is written (strategy={TOKEN_HEAD!r})"
+        )
+    return fmt
 
 
 def _choices() -> str:

@@ -16,6 +16,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin
 from .cache_base import (
     HYBRID_LAYER_TYPES,
     KV_LAYER_TYPES,
+    check_token_head_options,
     checkpoint_scales,
     decoder_layer_types,
     kv_layer_indices,
@@ -23,7 +24,7 @@ from .cache_base import (
     state_layer_types,
     with_state_layer_placeholders,
 )
-from .formats import FP8Format, resolve_format
+from .formats import TOKEN_HEAD, FP8Format, resolve_fp8_format, resolve_kv_cache_dtype
 from .scales import KVScales
 
 __all__ = ["FP8HybridLayer", "build_layers", "model_checkpoint_scales"]
@@ -140,16 +141,21 @@ def _has_state_layers(config) -> bool:
 
 
 def model_checkpoint_scales(
-    name_or_path, config, kv_cache_dtype: str | torch.dtype, *, missing: str = "error", **options
-) -> tuple[FP8Format, KVScales]:
+    name_or_path, config, kv_cache_dtype: str | torch.dtype, *, missing: str = "error", strategy: str | None = None,
+    **options,
+) -> tuple[FP8Format, KVScales]:  # fmt: skip
     """``cache_base.checkpoint_scales`` for ``config``'s model (``from_pretrained`` of both caches). A model with
     layers that hold no K/V needs scales on its K/V layers only (matched by layer index); the others get 1.0, never
-    read. ``options``: ``checkpoint.load_kv_scales``'s ``revision``, ``token``, ``cache_dir``, ``local_files_only``."""
+    read. ``options``: ``checkpoint.load_kv_scales``'s ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
+    Per-token-head scales (``strategy``, or a ``kv_cache_dtype`` that implies it) are refused before anything loads:
+    checkpoints hold per-tensor / per-head scales."""
+    if TOKEN_HEAD in (strategy, resolve_kv_cache_dtype(kv_cache_dtype)[1]):
+        check_token_head_options(False, True, what="a checkpoint's scales (from_pretrained)")
     if config is None or not _has_state_layers(config):
         return checkpoint_scales(name_or_path, kv_cache_dtype, missing=missing, **options)
     from .checkpoint import read_checkpoint_scales, to_kv_scales
 
-    fmt = resolve_format(kv_cache_dtype)
+    fmt = resolve_fp8_format(kv_cache_dtype, "a checkpoint's scales (from_pretrained)")
     found = read_checkpoint_scales(name_or_path, **options)
     found = with_state_layer_placeholders(found, decoder_layer_types(config))
     scales = to_kv_scales(found, missing=missing)

@@ -49,7 +49,7 @@ from .cache_base import (
     shared_kv_layers,
 )
 from .contract import FP8AttentionInputs, kv_start_from_mask
-from .formats import FP8Format
+from .formats import TOKEN_HEAD, FP8Format
 from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .kernels import ops
 from .scales import KVScales
@@ -343,6 +343,12 @@ class FP8StaticCache(Cache):
         ):
             raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
         self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
+        if self.strategy == TOKEN_HEAD:
+            raise NotImplementedError(
+                f"FP8StaticCache does not support strategy={TOKEN_HEAD!r} yet (kv_cache_dtype={kv_cache_dtype!r}): "
+                "its layers keep per-tensor / per-head scales; use QuantizedFP8Cache (FP8Cache) for per-token-head "
+                "scales"
+            )
         self._max_cache_len = max_cache_len
         self.scales = scales
         self._workspace = DequantWorkspace(static=True)

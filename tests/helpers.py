@@ -8,7 +8,12 @@ import inspect
 from collections.abc import Callable
 
 import torch
-from hf_fp8cache.kernels.reference import decode_fp8_ref, encode_fp8_ref
+from hf_fp8cache.kernels.reference import (
+    decode_fp8_ref,
+    dequantize_token_head_ref,
+    encode_fp8_ref,
+    quantize_append_token_head_ref,
+)
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
@@ -94,6 +99,17 @@ def fake_quant(x: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:
     return (decode_fp8_ref(encode_fp8_ref(x.float() * (1.0 / s), fmt), fmt) * s).to(x.dtype)
 
 
+def fake_quant_token_head(x: torch.Tensor, fmt) -> torch.Tensor:
+    """What a cache with per-token-head scales (``strategy="token_head"``) hands back for x: the twins' codes and bf16
+    scales of every (token, head), read back in x's dtype."""
+    codes = [torch.empty(x.shape, dtype=torch.uint8, device=x.device) for _ in "kv"]
+    scales = [torch.empty(x.shape[:3], dtype=torch.bfloat16, device=x.device) for _ in "kv"]
+    quantize_append_token_head_ref(x, x, *codes, *scales, 0, fmt)
+    out = [torch.empty_like(x) for _ in "kv"]
+    dequantize_token_head_ref(*codes, *scales, x.shape[2], fmt, *out)
+    return out[0]
+
+
 class FakeQuantLayer(DynamicLayer):
     """A DynamicLayer storing fake-quantized K/V with fixed scales: the oracle for the FP8 cache's semantics.
 
@@ -113,8 +129,8 @@ class FakeQuantLayer(DynamicLayer):
         first = self.get_seq_length() == 0
         D = key_states.shape[-1]
         keys, values = super().update(
-            torch.cat([fake_quant(key_states, self.fmt, self.key_scale), key_states], -1),
-            torch.cat([fake_quant(value_states, self.fmt, self.value_scale), value_states], -1),
+            torch.cat([self.stored(key_states, self.key_scale), key_states], -1),
+            torch.cat([self.stored(value_states, self.value_scale), value_states], -1),
         )
         length = keys.shape[2]
         self.evicted_below = length if self.residual_length == 0 else (
@@ -124,12 +140,25 @@ class FakeQuantLayer(DynamicLayer):
             return key_states, value_states
         return torch.where(exact, keys[..., D:], keys[..., :D]), torch.where(exact, values[..., D:], values[..., :D])
 
+    def stored(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What the cache reads back for ``x``: its fake-quantized values."""
+        return fake_quant(x, self.fmt, scale)
+
+
+class FakeQuantTokenHeadLayer(FakeQuantLayer):
+    """``FakeQuantLayer`` with a scale per (token, head) computed from each token (``strategy="token_head"``)."""
+
+    def stored(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return fake_quant_token_head(x, self.fmt)
+
 
 def fake_quant_cache(config, kv_cache_dtype="fp8", key_scale=1.0, value_scale=1.0, exact_prefill=True,
-                     residual_length=0):  # fmt: skip
+                     residual_length=0, token_head=False):  # fmt: skip
+    """A DynamicCache of ``FakeQuantLayer`` (``FakeQuantTokenHeadLayer`` with ``token_head``: the scales are unused)."""
     fmt = resolve_format(kv_cache_dtype)
     k, v = torch.as_tensor(key_scale).float().flatten(), torch.as_tensor(value_scale).float().flatten()
-    layers = [FakeQuantLayer(fmt, k, v, exact_prefill, residual_length) for _ in range(config.num_hidden_layers)]
+    kind = FakeQuantTokenHeadLayer if token_head else FakeQuantLayer
+    layers = [kind(fmt, k, v, exact_prefill, residual_length) for _ in range(config.num_hidden_layers)]
     cache = DynamicCache(config=config)
     cache.layers = layers
     return cache

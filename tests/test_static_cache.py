@@ -216,7 +216,8 @@ def test_decode_past_the_end_fails_and_writes_nothing_outside(model):
     [
         ({"max_cache_len": 0}, ValueError, "max_cache_len must be an int >= 1, got 0"),
         ({"max_cache_len": 8, "max_batch_size": 0}, ValueError, "max_batch_size must be None or an int >= 1, got 0"),
-        ({"max_cache_len": 8, "kv_cache_dtype": "int8"}, ValueError, "unknown kv_cache_dtype 'int8'"),
+        ({"max_cache_len": 8, "kv_cache_dtype": "int4"}, ValueError, "unknown kv_cache_dtype 'int4'"),
+        ({"max_cache_len": 8, "kv_cache_dtype": "int8"}, ValueError, "'int8' .* needs strategy='token_head'"),
         ({"max_cache_len": 8, "scales": KVScales([1.0] * 3, [1.0] * 3)}, ValueError, "3 layers"),
     ],
 )
