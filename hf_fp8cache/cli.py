@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .calibration import DATASET_SUFFIXES, OBSERVERS
-from .formats import resolve_format
+from .formats import INT8, TOKEN_HEAD, resolve_format, resolve_fp8_format
 from .models import DEFAULT_MODEL, resolve_dtype
 from .scales import LARGEST_SCALE, SMALLEST_SCALE, STRATEGIES, unusable_scales
 
@@ -101,11 +101,13 @@ def _add_generate(subparsers) -> None:
         help="a follow-up user message, answered from the cache the last turn left (repeat for more turns)",
     )
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--kv-cache-dtype", default="fp8", help="fp8 (= fp8_e4m3), fp8_e5m2, auto, ...")
+    p.add_argument("--kv-cache-dtype", default="fp8", help="fp8 (= fp8_e4m3), fp8_e5m2, auto, int8 (with --strategy "
+                   "token_head), vLLM's fp8_per_token_head / int8_per_token_head, ...")  # fmt: skip
     p.add_argument(
         "--scales", default="unit", help="unit | dynamic (from the first prefill) | checkpoint dir or Hub id"
     )
-    p.add_argument("--strategy", default="tensor", choices=STRATEGIES)
+    p.add_argument("--strategy", default=None, choices=(*STRATEGIES, TOKEN_HEAD),
+                   help="default: the checkpoint's, a per-token-head kv-cache-dtype's, else tensor")  # fmt: skip
     p.add_argument("--residual-length", type=int, default=0, help="most recent tokens also kept exact (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -129,7 +131,7 @@ def _check_generate(args) -> dict:
         options.update(strategy=args.strategy, calculate_kv_scales=args.scales == "dynamic")
         QuantizedFP8Cache(**options)  # the format and strategy
     else:
-        checkpoint = QuantizedFP8Cache.from_pretrained(args.scales, **options)
+        checkpoint = QuantizedFP8Cache.from_pretrained(args.scales, strategy=args.strategy, **options)
         options.update(kv_cache_dtype=checkpoint.format, scales=checkpoint.scales)
     _check_caches_fit(args.model, [options])
     return options
@@ -316,7 +318,7 @@ def _check_dataset(dataset: str | None) -> None:
 def _check_calibrate(args) -> None:
     """Every argument, before the model is loaded."""
     _at_least(args, num_samples=1, max_seq_len=2, batch_size=1)
-    resolve_format(args.kv_cache_dtype)
+    resolve_fp8_format(args.kv_cache_dtype, "calibration")
     _check_device(args)
     _check_dataset(args.dataset)
     _check_output(args.output, directory=True)
@@ -367,7 +369,10 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--prefix", type=int, default=128, help="tokens prefilled at once before decoding")
     p.add_argument("--step", type=int, default=1, help="tokens fed per forward after the prefix")
-    p.add_argument("--formats", default="fp8,fp8_e5m2")
+    p.add_argument("--formats", default="fp8,fp8_e5m2", help="comma list: fp8, fp8_e5m2, int8 (token_head only), ...")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"comma list of {', '.join(STRATEGIES)} (on-the-fly and calibrated rows) and {TOKEN_HEAD} (a "
+                        "row per format with per-token-head scales)")  # fmt: skip
     p.add_argument("--residual-lengths", default="0", help="comma list: each configuration with that exact window")
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--calibration-seq-len", type=int, default=512)
@@ -383,15 +388,21 @@ def _factory(config, **kwargs):
     return functools.partial(QuantizedFP8Cache, config, **kwargs)
 
 
-def _check_eval(args) -> tuple[list, list[int], dict]:
-    """Every argument, before the model is loaded; returns the formats, the exact windows and, with ``--scales``,
-    the checkpoint's scales for each format (read once, checked against the model)."""
+def _check_eval(args) -> tuple[list, list[int], dict, list[str]]:
+    """Every argument, before the model is loaded; returns the formats, the exact windows, with ``--scales`` the
+    checkpoint's scales for each fp8 format (read once, checked against the model), and the strategies."""
     from .cache import QuantizedFP8Cache
 
     _at_least(args, sequences=1, seq_len=2, prefix=1, step=1, calibration_samples=1, calibration_seq_len=2)
     if args.prefix >= args.seq_len:
         raise ValueError(f"--prefix ({args.prefix}) must be shorter than --seq-len ({args.seq_len})")
     formats = [resolve_format(f) for f in args.formats.split(",")]
+    strategies = args.strategies.split(",")
+    unknown = [s for s in strategies if s not in (*STRATEGIES, TOKEN_HEAD)]
+    if unknown:
+        raise ValueError(f"--strategies: unknown {unknown}; use a comma list of {', '.join((*STRATEGIES, TOKEN_HEAD))}")
+    if INT8 in formats and TOKEN_HEAD not in strategies:
+        raise ValueError(f"--formats int8 needs {TOKEN_HEAD} in --strategies (int8 codes take per-token-head scales)")
     try:
         residual_lengths = [int(r) for r in args.residual_lengths.split(",")]
     except ValueError:
@@ -402,20 +413,22 @@ def _check_eval(args) -> tuple[list, list[int], dict]:
     _check_output(args.output, directory=False)
     _check_model_path(args.model)
     checkpoint = {}
+    fp8 = [f for f in formats if f is not INT8]
     if args.scales:
-        checkpoint = {f: QuantizedFP8Cache.from_pretrained(args.scales, kv_cache_dtype=f).scales for f in formats}
-    _check_caches_fit(args.model, [dict(kv_cache_dtype=f, scales=checkpoint.get(f)) for f in formats])
-    return formats, residual_lengths, checkpoint
+        checkpoint = {f: QuantizedFP8Cache.from_pretrained(args.scales, kv_cache_dtype=f).scales for f in fp8}
+    token_head = [dict(kv_cache_dtype=f, strategy=TOKEN_HEAD) for f in formats if TOKEN_HEAD in strategies]
+    _check_caches_fit(args.model, [dict(kv_cache_dtype=f, scales=checkpoint.get(f)) for f in fp8] + token_head)
+    return formats, residual_lengths, checkpoint, strategies
 
 
-def _eval(args, checked: tuple[list, list[int], dict]) -> int:
+def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
     import json
 
     from .calibration import observe
     from .evaluation import evaluate_configurations, evaluation_ids, format_table
     from .models import load_model_and_tokenizer
 
-    formats, residual_lengths, checkpoint = checked
+    formats, residual_lengths, checkpoint, strategies = checked
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
     ids = evaluation_ids(tokenizer, sequences=args.sequences, seq_len=args.seq_len).to(args.device)
     observation = observe(model, tokenizer, num_samples=args.calibration_samples, max_seq_len=args.calibration_seq_len)
@@ -423,8 +436,12 @@ def _eval(args, checked: tuple[list, list[int], dict]) -> int:
     for residual_length, fmt in itertools.product(residual_lengths, formats):
         window = f" +{residual_length} exact" if residual_length else ""
         kw = dict(kv_cache_dtype=fmt, residual_length=residual_length)
+        if TOKEN_HEAD in strategies:
+            configurations[f"{fmt.name} {TOKEN_HEAD}{window}"] = _factory(model.config, strategy=TOKEN_HEAD, **kw)
+        if fmt is INT8:  # per-token-head scales only
+            continue
         configurations[f"{fmt.name} unit{window}"] = _factory(model.config, **kw)
-        for strategy in STRATEGIES:
+        for strategy in (s for s in STRATEGIES if s in strategies):
             configurations[f"{fmt.name} on-the-fly {strategy}{window}"] = _factory(
                 model.config, calculate_kv_scales=True, strategy=strategy, **kw
             )

@@ -77,7 +77,17 @@ BAD_ARGUMENTS = [
     (["calibrate", "--num-samples", "0", *_OUT], r"^--num-samples must be >= 1, got 0$"),
     (["calibrate", "--max-seq-len", "1", *_OUT], r"^--max-seq-len must be >= 2, got 1$"),
     (["calibrate", "--batch-size", "0", *_OUT], r"^--batch-size must be >= 1, got 0$"),
-    (["calibrate", "--kv-cache-dtype", "int8", *_OUT], r"^unknown kv_cache_dtype 'int8'"),
+    (["calibrate", "--kv-cache-dtype", "int8", *_OUT], r"^calibration is for fp8 formats .* got kv_cache_dtype='int8'"),
+    (["calibrate", "--kv-cache-dtype", "int4", *_OUT], r"^unknown kv_cache_dtype 'int4'"),
+    (["generate", "--kv-cache-dtype", "int8"], r"^kv_cache_dtype='int8' \(int8 codes\) needs strategy='token_head'"),
+    (
+        ["generate", "--kv-cache-dtype", "int8_per_token_head", "--strategy", "attn_head"],
+        r"^kv_cache_dtype='int8_per_token_head' means strategy='token_head', got strategy='attn_head'$",
+    ),
+    (["generate", "--strategy", "token_head", "--scales", "dynamic"], r"calculate_kv_scales=True .* conflicts"),
+    (["generate", "--strategy", "token_head", "--scales", "{tmp}/no-scales"], r"cannot use a checkpoint's scales"),
+    (["eval", "--formats", "fp8,int8"], r"^--formats int8 needs token_head in --strategies"),
+    (["eval", "--strategies", "tensor,token"], r"^--strategies: unknown \['token'\]; use a comma list of tensor, "),
     (["calibrate", "--dataset", "{tmp}/missing.txt", *_OUT], r"^--dataset .*/missing\.txt: no such file$"),
     (["calibrate", "--dataset", "{tmp}/notes.md", *_OUT], r"unsupported file type '\.md'; use \.txt, \.json"),
     (["calibrate", "--output", "{tmp}/notes.md"], r"^--output .*/notes\.md exists and is not a directory$"),
@@ -211,3 +221,22 @@ def test_calibrate_then_eval_on_local_data(tmp_path, capsys, torch_path):
     # unit, 2 on-the-fly, 4 calibrated, checkpoint; then the same with an exact window of 8 tokens
     assert len(rows) == 16 and rows[7].startswith("e4m3fn checkpoint ")
     assert rows[8].startswith("e4m3fn unit +8 exact ") and rows[15].startswith("e4m3fn checkpoint +8 exact ")
+
+
+@pytest.mark.slow
+def test_generate_and_eval_with_per_token_head_scales(capsys, torch_path):
+    """vLLM's name on the embedded SmolLM2: one bf16 scale per token and KV head beside the int8 codes; eval rows for
+    int8 and e4m3 with per-token-head scales (int8 has no other row)."""
+    args = ["generate", "--max-new-tokens", "4", "--kv-cache-dtype", "int8_per_token_head", "--no-compare"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "(int8, token_head, scales unit)" in out
+    match = re.search(r"KV cache: (\d+) tokens, ([\d,]+) bytes in FP8", out)
+    assert match, out
+    # 30 layers x K and V x 3 heads: 64 code bytes and a 2-byte scale a token
+    assert int(match[2].replace(",", "")) == int(match[1]) * 30 * 2 * 3 * (64 + 2)
+    args = ["eval", "--sequences", "1", "--seq-len", "136", "--prefix", "128", "--step", "4", "--formats", "int8,fp8",
+            "--strategies", "token_head", "--calibration-samples", "2", "--calibration-seq-len", "32"]  # fmt: skip
+    assert main(args) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.startswith(("int8", "e4m3"))]
+    assert rows == [["int8", "token_head"], ["e4m3fn", "token_head"], ["e4m3fn", "unit"]]

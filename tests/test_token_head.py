@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from helpers import assert_equal, fake_quant_cache, fake_quant_token_head, left_padded_prompts, tiny_llama
-from transformers import MistralConfig
+from transformers import LlamaConfig, MistralConfig
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, KVScales, attach
 from hf_fp8cache.attention import ATTENTION_NAME
@@ -171,3 +171,7 @@ def test_unsupported_caches_and_layers_are_refused_naming_them(tiny_model):
     sliding = MistralConfig(num_hidden_layers=2, sliding_window=64)
     with pytest.raises(NotImplementedError, match=r"full-attention layers only .* MistralConfig has \['sliding_att"):
         FP8Cache(sliding, strategy="token_head")
+    hybrid = LlamaConfig(num_hidden_layers=2)
+    hybrid.layer_types = ["full_attention", "hybrid"]
+    with pytest.raises(NotImplementedError, match=r"full-attention layers only .* LlamaConfig has \['hybrid'\]"):
+        FP8Cache(hybrid, kv_cache_dtype="int8_per_token_head")
