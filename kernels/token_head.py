@@ -8,7 +8,8 @@ values in the same launch, and the dequantization that reads them (``strategy="t
 
 FMAX is 127 for int8 (``formats.INT8``) and the format's largest finite value for fp8. The scale is rounded up to a
 bf16 value (the measured choice: half of fp32's bytes, fp32's range, no accuracy cost; docs/benchmarks.md), so
-``|x| / scale`` never exceeds FMAX. Every step is exact-rounded fp32 arithmetic or integer arithmetic on bit
+``|x| / scale`` never exceeds FMAX. Every step is exact-rounded fp32 arithmetic (the division by ``tl.math.div_rn``:
+Triton's ``/`` compiles to the approximate ``div.full.f32`` on NVIDIA GPUs) or integer arithmetic on bit
 patterns, so the kernel and its torch twin (``reference.quantize_append_token_head_ref`` /
 ``dequantize_token_head_ref``) write the same bytes on the GPU and under the interpreter; the int8 rounding uses the
 fp32 magic-number trick ((y + 1.5 * 2^23) - 1.5 * 2^23 rounds |y| < 2^22 half to even), which needs no libdevice
@@ -64,7 +65,8 @@ def _quantize_tile(x_ptr, offsets, mask, codes_ptr, cache_offsets, scales_ptr, s
     """One [BLOCK_S, BLOCK_D] tile: per-row scale, codes, both stored."""
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     scale = _bf16_scale_up(tl.max(tl.abs(x), 1), INV_FMAX)
-    tl.store(codes_ptr + cache_offsets, _encode(x / scale[:, None], INT8, MANTISSA_BITS, BIAS, FMAX, FNUZ), mask=mask)
+    y = tl.math.div_rn(x, scale[:, None])  # correctly rounded, as torch's x / scale (Triton's `/` is div.full.f32)
+    tl.store(codes_ptr + cache_offsets, _encode(y, INT8, MANTISSA_BITS, BIAS, FMAX, FNUZ), mask=mask)
     tl.store(scales_ptr + scale_offsets, scale.to(tl.bfloat16), mask=row_mask)  # exact: a bf16 value
 
 
