@@ -629,6 +629,17 @@ def test_token_head_scales_match_oracle_and_twin(fmt, dtype, variant):
     assert _relative_error(twin, _oracle(*args)) < TOLERANCE[dtype]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("L", [4097, 32768])
+def test_token_head_scales_on_gpu_shapes(fmt, L):
+    """The compiled kernel at decode shapes (8 rows, 8 KV heads of 4 query heads, D = 128: one-warp programs over
+    real splits) against the twin, per-token scales read beside the codes."""
+    args = _token_head_case(8, 8, 4, 1, 128, L, [0, 5, 100, 0, 7, 0, 1, 2], fmt=fmt, dtype=torch.bfloat16, seed=L)
+    out = attention.decode_attention(*args)
+    assert _relative_error(out, reference.decode_attention_ref(*args).double().cpu()) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
