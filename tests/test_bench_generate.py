@@ -61,6 +61,8 @@ def test_kv_bytes_of_each_cache(run):
     for name in ("fp8", "fp8+attn"):
         assert by[name]["kv_bytes"] == dynamic // 2 + SCALE_BYTES
         assert by[name]["kv_allocated_bytes"] == _kv_bytes(256, 1) + SCALE_BYTES
+    for name in ("fp8-token-head+attn", "int8-token-head+attn"):  # a bf16 scale per token and KV head, K and V
+        assert by[name]["kv_bytes"] == dynamic // 2 + LAYERS * 2 * B * KV_HEADS * tokens * 2
     ring = _kv_bytes(generate.RECENT_EXACT, 2)  # the 16 most recent tokens also in bf16
     assert by["fp8+attn+exact16"]["kv_bytes"] == dynamic // 2 + SCALE_BYTES + ring
     # static caches hold what they allocate: ours max_cache_len = L + N + 1 tokens, transformers' as generate sizes it

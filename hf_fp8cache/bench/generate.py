@@ -31,6 +31,8 @@ Configurations (``CONFIGURATIONS``):
 - ``fp8``: ``FP8Cache`` dequantized for the model's SDPA;
 - ``fp8+attn``: ``FP8Cache`` + our attention reading FP8 (``attn_implementation="hf_fp8cache"``);
 - ``fp8+attn+exact16``: the same with ``residual_length=16`` (the 16 most recent tokens also kept exact);
+- ``fp8-token-head+attn``, ``int8-token-head+attn``: ``FP8Cache`` with a scale per token and KV head
+  (``kv_cache_dtype="fp8_per_token_head"`` / ``"int8_per_token_head"``) + our attention;
 - ``fp8-static+attn``: ``FP8StaticCache(config, max_cache_len=L+N+1)`` + our attention, compiled by generate
   (every layer is compileable); one cache for the configuration's calls, ``reset()`` before each, as a user
   keeps it (a new cache object would recompile);
@@ -132,6 +134,7 @@ class Configuration:
     attach_options: dict[str, bool] | None = None  # the cache comes from attach(model, **these) (make_cache None)
 
 
+_TOKEN_HEAD_LAYERS = "FP8Cache's per-token-head scales are for full-attention layers only"
 CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
     Configuration("dynamic", "DynamicCache + SDPA", "sdpa", lambda config, _: DynamicCache(config=config)),
     Configuration("static", "transformers static cache + SDPA, compiled by generate", "sdpa", None,
@@ -143,6 +146,12 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
     Configuration(f"fp8+attn+exact{RECENT_EXACT}", f"FP8Cache(residual_length={RECENT_EXACT}) + hf_fp8cache attention",
                   ATTENTION_NAME, lambda config, _: FP8Cache(config, residual_length=RECENT_EXACT),
                   full_attention_only="FP8Cache's residual_length is for full-attention layers only"),
+    Configuration("fp8-token-head+attn", "FP8Cache(kv_cache_dtype='fp8_per_token_head') + hf_fp8cache attention",
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="fp8_per_token_head"),
+                  full_attention_only=_TOKEN_HEAD_LAYERS),
+    Configuration("int8-token-head+attn", "FP8Cache(kv_cache_dtype='int8_per_token_head') + hf_fp8cache attention",
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="int8_per_token_head"),
+                  full_attention_only=_TOKEN_HEAD_LAYERS),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
     Configuration("fp8-attach-static+attn", "attach(static=True): FP8StaticCache sized per call + hf_fp8cache "
