@@ -6,6 +6,8 @@ D=128). Timed with ``triton.testing.do_bench`` (CUDA events, median of many runs
 - ``fp8``: ``kernels.decode_attention`` reading the FP8 bytes (per-tensor scales);
 - ``fp8+exact16``: the same with the 16 most recent tokens read exactly from bf16 ring buffers
   (``residual_length=16``);
+- ``fp8-token-head`` / ``int8-token-head``: the same kernel over e4m3 / int8 codes with a bf16 scale per token and
+  KV head (``strategy="token_head"``; the scales' bytes counted);
 - ``sdpa-flash`` / ``sdpa-cudnn`` / ``sdpa-efficient``: torch SDPA over bf16 K/V (GQA via ``enable_gqa``), each
   backend pinned, skipped where it does not run;
 - ``dequant+sdpa``: our dequantize into bf16, then SDPA (the read path for other attention implementations).
@@ -33,8 +35,8 @@ from typing import Any
 
 import torch
 
-from ..formats import resolve_format
-from ..kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv
+from ..formats import INT8, resolve_format
+from ..kernels import RecentWindow, decode_attention, dequantize_kv, quantize_append_kv, quantize_append_token_head
 from .common import cases_argument, cases_text, copy_ceiling_tb_s, environment, plot_bars, sdpa_backend, write_rows
 
 __all__ = ["DEFAULT_CASES", "SWEEP_CASES", "SWEEP_GRIDS", "run_attention_benchmark", "run_tuning_sweep",
@@ -153,6 +155,12 @@ def _bench_case(
 
     variants = {"fp8": (fp8, fp8_bytes), f"fp8+exact{_WINDOW}": (fp8_window, fp8_bytes),
                 "dequant+sdpa": (dequant_then_sdpa, 3 * fp8_bytes + bf16_bytes)}  # fmt: skip
+    for name, codes_format in (("fp8-token-head", fmt), ("int8-token-head", INT8)):
+        codes = [torch.empty_like(kb) for _ in "kv"]
+        scales = [torch.empty(B, kv_heads, L, dtype=torch.bfloat16, device="cuda") for _ in "kv"]
+        quantize_append_token_head(k, v, *codes, *scales, 0, codes_format)
+        variants[name] = (functools.partial(decode_attention, q, *codes, L, start, *scales, codes_format, sm),
+                          fp8_bytes + 2 * scales[0].numel() * 2)  # fmt: skip
     for name in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient"):
         variants[name] = (functools.partial(_sdpa(name), q, k, v), bf16_bytes)
     return _timed_rows(f"{B}x{L}", B, L, variants, error, ceiling)
