@@ -116,6 +116,30 @@ class FP8LayerBase(CacheLayerMixin):
         self.device: torch.device | None = None
         self._scales_pending = False  # on-the-fly scales come from the next prefill
         self._pending_write: PendingWrite | None = None  # K/V an update kept back
+        self._key_scales: torch.Tensor | None = None  # bf16 [B, H, capacity] under strategy="token_head"
+        self._value_scales: torch.Tensor | None = None
+
+    # -- per-token-head scales (strategy="token_head") ----------------------------------------------------------
+    @property
+    def _token_scales(self) -> bool:
+        return self.strategy == TOKEN_HEAD
+
+    def _new_token_scales(self, B: int, H: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed bf16 ``[B, H, capacity]`` buffers for K's and V's per-token-head scales."""
+        return (torch.zeros(B, H, capacity, dtype=torch.bfloat16, device=self.device),
+                torch.zeros(B, H, capacity, dtype=torch.bfloat16, device=self.device))  # fmt: skip
+
+    def _scale_nbytes(self, tokens: int) -> int:
+        """Bytes of K's and V's scales: per token and head (bf16) for ``tokens`` tokens, or the fp32 scales."""
+        if self._key_scales is not None:  # (strategy="token_head", initialized)
+            return 2 * self._key_scales[:, :, :tokens].numel() * self._key_scales.element_size()
+        return 2 * self.key_scale.numel() * 4
+
+    def _read_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The dequantization scales readers take: the per-token-head buffers, or the fp32 per-tensor / head scales."""
+        if self._token_scales:
+            return self._key_scales, self._value_scales
+        return self.key_scale, self.value_scale
 
     def _first_scales(self, key_states: torch.Tensor, unit_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Take dtype and device from the first K; return the given scales there (checked against its heads), or

@@ -31,7 +31,7 @@ import torch
 
 from .cache_base import DequantWorkspace, FP8LayerBase, RowStarts
 from .contract import LAYER_ATTRIBUTE, FP8AttentionInputs, PendingWrite, layer_of
-from .formats import TOKEN_HEAD, StorageFormat
+from .formats import StorageFormat
 from .kernels import (
     LaunchMemo,
     NewTokens,
@@ -86,8 +86,6 @@ class FP8CacheLayer(FP8LayerBase):
         self.residual_length = residual_length
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
-        self._key_scales: torch.Tensor | None = None  # bf16 [B, H, capacity] under token_head
-        self._value_scales: torch.Tensor | None = None
         self._launches = LaunchMemo()  # this layer's kernel launches, relaunched step after step (kernels/launch.py)
         self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (key buffer, fp8 K, fp8 V)
         self._recent_keys: torch.Tensor | None = None  # model dtype [B, H, residual_length, D], a ring buffer
@@ -133,16 +131,6 @@ class FP8CacheLayer(FP8LayerBase):
     @property
     def _ring_nbytes(self) -> int:
         return 0 if self._recent_keys is None else 2 * self._recent_keys.numel() * self._recent_keys.element_size()
-
-    @property
-    def _token_scales(self) -> bool:
-        return self.strategy == TOKEN_HEAD
-
-    def _scale_nbytes(self, tokens: int) -> int:
-        """Bytes of K's and V's scales: per token and head (bf16) for ``tokens`` tokens, or the fp32 scales."""
-        if self._token_scales:
-            return 2 * self._key_scales[:, :, :tokens].numel() * self._key_scales.element_size()
-        return 2 * self.key_scale.numel() * 4
 
     @property
     def nbytes(self) -> int:
@@ -219,7 +207,7 @@ class FP8CacheLayer(FP8LayerBase):
             value_bytes[:, :, : self.length] = self._value_bytes[:, :, : self.length]
         self._key_bytes, self._value_bytes, self._views = key_bytes, value_bytes, None
         if self._token_scales:
-            scales = [torch.empty(B, H, capacity, dtype=torch.bfloat16, device=self.device) for _ in range(2)]
+            scales = self._new_token_scales(B, H, capacity)
             if self.length > 0:
                 scales[0][:, :, : self.length] = self._key_scales[:, :, : self.length]
                 scales[1][:, :, : self.length] = self._value_scales[:, :, : self.length]
@@ -293,12 +281,6 @@ class FP8CacheLayer(FP8LayerBase):
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, key_scale, value_scale,
                                   self.fmt, self.recent_window, launches=self._launches,
                                   new_tokens=pending)  # fmt: skip
-
-    def _read_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The dequantization scales readers take: the per-token-head buffers, or the fp32 per-tensor / head scales."""
-        if self._token_scales:
-            return self._key_scales, self._value_scales
-        return self.key_scale, self.value_scale
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next

@@ -4,7 +4,8 @@ Every layer is ``is_compileable``, so ``generate`` compiles its decode steps on 
 ``StaticCache``) and ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` runs without graph
 breaks or recompiles from step to step. What makes that possible:
 
-- Fixed storage: per layer two uint8 buffers ``[B, H, max_cache_len, D]`` holding fp8 codes, fp32 scale tensors,
+- Fixed storage: per layer two uint8 buffers ``[B, H, max_cache_len, D]`` holding fp8 codes, fp32 scale tensors
+  (with ``strategy="token_head"``: int8 or fp8 codes and two bf16 scale buffers ``[B, H, max_cache_len]``),
   and the filled length ``cumulative_length`` as a device tensor, all allocated at the first update and marked as
   static addresses. ``reset()`` keeps them, so the next prompt of the same shape reuses buffers and graphs.
 - The kernels run as ``torch.library`` operators (``kernels/ops.py``) that take the length as a tensor: the write
@@ -44,12 +45,13 @@ from .cache_base import (
     DequantWorkspace,
     FP8LayerBase,
     check_model_scales,
+    check_token_head_layers,
     layer_scales,
     resolve_cache_options,
     shared_kv_layers,
 )
 from .contract import FP8AttentionInputs, kv_start_from_mask
-from .formats import TOKEN_HEAD, FP8Format
+from .formats import TOKEN_HEAD, StorageFormat
 from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .kernels import ops
 from .scales import KVScales
@@ -87,8 +89,9 @@ class FP8StaticLayer(FP8LayerBase):
 
     Args:
         max_cache_len: tokens per sequence the buffers hold.
-        fmt: the storage format.
-        strategy: ``"tensor"`` or ``"attn_head"``.
+        fmt: the storage format (an fp8 format, or int8 under ``"token_head"``).
+        strategy: ``"tensor"``, ``"attn_head"`` or ``"token_head"`` (bf16 scale buffers ``[B, H, max_cache_len]``
+            beside the codes, written by the same launch).
         scales: this layer's (key, value) scales, float32 ``[1]`` or ``[H_kv]``; None: unit or on-the-fly scales.
         calculate_kv_scales: set the scales from the first prefill after construction or ``reset()``.
         workspace: the dequantization workspace shared by the cache's layers (``static=True``).
@@ -103,7 +106,7 @@ class FP8StaticLayer(FP8LayerBase):
     def __init__(
         self,
         max_cache_len: int,
-        fmt: FP8Format,
+        fmt: StorageFormat,
         strategy: str,
         *,
         scales: tuple[torch.Tensor, torch.Tensor] | None,
@@ -143,7 +146,7 @@ class FP8StaticLayer(FP8LayerBase):
         """Bytes of the FP8 buffers (all ``max_cache_len`` tokens) and the scales."""
         if not self.is_initialized:
             return 0
-        return 2 * self._key_bytes.numel() + 2 * self.key_scale.numel() * 4
+        return 2 * self._key_bytes.numel() + self._scale_nbytes(self.max_cache_len)
 
     # -- Cache layer API -------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -158,6 +161,8 @@ class FP8StaticLayer(FP8LayerBase):
         self._value_bytes = torch.zeros_like(self._key_bytes)
         self.key_scale, self.value_scale = key_scale.clone(), value_scale.clone()
         self.key_inv_scale, self.value_inv_scale = 1.0 / self.key_scale, 1.0 / self.value_scale
+        if self._token_scales:
+            self._key_scales, self._value_scales = self._new_token_scales(B, H, self.max_cache_len)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         self.row_start, self.writes_row_start = self._row_starts.claim(self.device, B)
         self._publish_buffers()
@@ -169,7 +174,8 @@ class FP8StaticLayer(FP8LayerBase):
             self._key_bytes.view(self.fmt.dtype), self._value_bytes.view(self.fmt.dtype)
         )
         _mark_static(self._key_bytes, self._value_bytes, self.cumulative_length, self.key_scale, self.value_scale,
-                     self.key_inv_scale, self.value_inv_scale, self.row_start)  # fmt: skip
+                     self.key_inv_scale, self.value_inv_scale, self.row_start,
+                     *(() if self._key_scales is None else (self._key_scales, self._value_scales)))  # fmt: skip
 
     def __deepcopy__(self, memo: dict) -> FP8StaticLayer:
         """An independent copy whose attention views alias its own buffers (a plain deepcopy would copy the views
@@ -239,7 +245,12 @@ class FP8StaticLayer(FP8LayerBase):
                 )
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: torch.Tensor, valid) -> None:
-        """Quantize K/V into the buffers at the device position ``start`` (on-the-fly scales first, over ``valid``)."""
+        """Quantize K/V into the buffers at the device position ``start`` (on-the-fly scales first, over ``valid``;
+        per-token-head scales into their buffers by the same launch)."""
+        if self._token_scales:
+            ops.quantize_append_token_head(key_states, value_states, self._key_bytes, self._value_bytes,
+                                           self._key_scales, self._value_scales, start, self.fmt.name)  # fmt: skip
+            return
         self._set_onthefly_scales_from(key_states, value_states, valid)
         ops.quantize_append_kv(key_states, value_states, self._key_bytes, self._value_bytes, start,
                                   self.key_inv_scale, self.value_inv_scale, self.fmt.name)  # fmt: skip
@@ -251,14 +262,18 @@ class FP8StaticLayer(FP8LayerBase):
         if self.writes_row_start:
             self.row_start.copy_(kv_start_from_mask(attention_mask, self.row_start.shape[0], self.device))
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.cumulative_length, self.row_start,
-                                  self.key_scale, self.value_scale, self.fmt, None)  # fmt: skip
+                                  *self._read_scales(), self.fmt, None)  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``max_cache_len`` positions in the model dtype (unwritten ones are stale or zero; the mask hides
         them), in the workspace shared by the cache's layers (valid until the next update of any layer)."""
         key_out, value_out = self._workspace.views(self.device, self.dtype, tuple(self._key_bytes.shape))
-        ops.dequantize_kv(self._key_bytes, self._value_bytes, self.max_cache_len, self.key_scale,
-                               self.value_scale, self.fmt.name, key_out, value_out)  # fmt: skip
+        if self._token_scales:
+            ops.dequantize_token_head(self._key_bytes, self._value_bytes, self._key_scales, self._value_scales,
+                                      self.max_cache_len, self.fmt.name, key_out, value_out)  # fmt: skip
+        else:
+            ops.dequantize_kv(self._key_bytes, self._value_bytes, self.max_cache_len, self.key_scale,
+                              self.value_scale, self.fmt.name, key_out, value_out)  # fmt: skip
         return key_out, value_out
 
     def check_capacity(self, new_tokens: int) -> None:
@@ -298,7 +313,8 @@ class FP8StaticLayer(FP8LayerBase):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the batch rows in place (the buffers keep their addresses)."""
-        for buffer in (self._key_bytes, self._value_bytes):
+        scales = (self._key_scales, self._value_scales) if self._token_scales else ()
+        for buffer in (self._key_bytes, self._value_bytes, *scales):
             buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -344,11 +360,7 @@ class FP8StaticCache(Cache):
             raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
         self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
         if self.strategy == TOKEN_HEAD:
-            raise NotImplementedError(
-                f"FP8StaticCache does not support strategy={TOKEN_HEAD!r} yet (kv_cache_dtype={kv_cache_dtype!r}): "
-                "its layers keep per-tensor / per-head scales; use QuantizedFP8Cache (FP8Cache) for per-token-head "
-                "scales"
-            )
+            check_token_head_layers(config)
         self._max_cache_len = max_cache_len
         self.scales = scales
         self._workspace = DequantWorkspace(static=True)

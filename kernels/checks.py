@@ -71,13 +71,7 @@ def check_quantize_append_kv(
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
     check_caches(key_cache, value_cache)
     B, H, S, D = key.shape
-    if isinstance(start, torch.Tensor):  # read on the device; the kernel writes no position beyond the capacity
-        if start.dtype not in (torch.int32, torch.int64) or start.numel() != 1 or start.device != key_cache.device:
-            raise ValueError(f"a start tensor must be one int32/int64 element on {key_cache.device}, got "
-                             f"{start.dtype} {tuple(start.shape)} on {start.device}")  # fmt: skip
-        known_start = 0
-    else:
-        known_start = start
+    known_start = _known_start(start, key_cache.device)
     if key_cache.shape[:2] != (B, H) or key_cache.shape[3] != D or not 0 <= known_start <= key_cache.shape[2] - S:
         raise ValueError(f"cache {tuple(key_cache.shape)} cannot take {tuple(key.shape)} at position {start}")
     check_scales("inverse scales", key_inv_scale, value_inv_scale, H)
@@ -90,16 +84,16 @@ def check_quantize_append_token_head(
     value_codes: torch.Tensor,
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
 ) -> None:
-    """Validate the arguments of ``quantize_append_token_head`` (``start`` a Python int)."""
+    """Validate the arguments of ``quantize_append_token_head`` (a start tensor only by its form: it is read on the
+    device)."""
     if key.dim() != 4 or value.shape != key.shape:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
     check_caches(key_codes, value_codes)
     B, H, S, D = key.shape
-    if isinstance(start, bool) or not isinstance(start, int):
-        raise ValueError(f"start must be a Python int, got {type(start).__name__}")
-    if key_codes.shape[:2] != (B, H) or key_codes.shape[3] != D or not 0 <= start <= key_codes.shape[2] - S:
+    known_start = _known_start(start, key_codes.device)
+    if key_codes.shape[:2] != (B, H) or key_codes.shape[3] != D or not 0 <= known_start <= key_codes.shape[2] - S:
         raise ValueError(f"codes {tuple(key_codes.shape)} cannot take {tuple(key.shape)} at position {start}")
     check_token_scales(key_scales, value_scales, key_codes)
 
@@ -117,6 +111,19 @@ def check_dequantize_token_head(
     check_caches(key_codes, value_codes)
     _check_dequantized_outputs(key_codes, length, key_out, value_out)
     check_token_scales(key_scales, value_scales, key_codes)
+
+
+def _known_start(start: int | torch.Tensor, device: torch.device) -> int:
+    """A write position as far as the host knows it: an int, or 0 for a one-element int32/int64 tensor on ``device``
+    (read there; the kernels write no position beyond the capacity)."""
+    if isinstance(start, torch.Tensor):
+        if start.dtype not in (torch.int32, torch.int64) or start.numel() != 1 or start.device != device:
+            raise ValueError(f"a start tensor must be one int32/int64 element on {device}, got "
+                             f"{start.dtype} {tuple(start.shape)} on {start.device}")  # fmt: skip
+        return 0
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise ValueError(f"start must be an int or a one-element tensor, got {type(start).__name__}")
+    return start
 
 
 def check_dequantize_kv(

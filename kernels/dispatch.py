@@ -139,12 +139,13 @@ def quantize_append_token_head(
     value_codes: torch.Tensor,
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     fmt: StorageFormat,
     memo: LaunchMemo | None = None,
 ) -> None:
     """Quantize K and V ``[B, H, S, D]`` into ``codes[:, :, start:start + S]`` with one scale per (token, head), written
-    into bf16 ``scales[:, :, start:start + S]`` by the same launch (``token_head.py``; int8 or fp8 codes by ``fmt``)."""
+    into bf16 ``scales[:, :, start:start + S]`` by the same launch (``token_head.py``; int8 or fp8 codes by ``fmt``).
+    ``start``: as for ``quantize_append_kv``."""
     check_quantize_append_token_head(key, value, key_codes, value_codes, key_scales, value_scales, start)
     arguments = (key, value, key_codes, value_codes, key_scales, value_scales, start, fmt)
     _run_token_head("quantize_append_token_head", arguments, memo)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FP8Format", "FORMATS", "INT8", "Int8Format", "StorageFormat", "format_named"]
+__all__ = ["FP8Format", "FORMATS", "INT8", "Int8Format", "StorageFormat", "format_named", "storage_format_named"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,8 @@ def format_named(name: str) -> FP8Format:
     if name not in FORMATS:
         raise ValueError(f"unknown fp8 format {name!r}; use one of {', '.join(map(repr, FORMATS))}")
     return FORMATS[name]
+
+
+def storage_format_named(name: str) -> StorageFormat:
+    """``format_named``, or ``INT8`` for ``"int8"``: the formats a per-token-head operator takes."""
+    return INT8 if name == INT8.name else format_named(name)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .formats import format_named
+from .formats import format_named, storage_format_named
 
-__all__ = ["quantize_append_kv", "dequantize_kv", "decode_attention"]
+__all__ = ["quantize_append_kv", "dequantize_kv", "quantize_append_token_head", "dequantize_token_head",
+           "decode_attention"]  # fmt: skip
 
 
 @torch.library.custom_op("hf_fp8cache::quantize_append_kv", mutates_args=("key_cache", "value_cache"))
@@ -64,6 +65,53 @@ def _(key_cache, value_cache, length, key_scale, value_scale, fmt, key_out, valu
     return None
 
 
+@torch.library.custom_op(
+    "hf_fp8cache::quantize_append_token_head", mutates_args=("key_codes", "value_codes", "key_scales", "value_scales")
+)
+def quantize_append_token_head(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    start: torch.Tensor,
+    fmt: str,
+) -> None:
+    """``kernels.quantize_append_token_head`` at the position held by the one-element tensor ``start`` (``fmt``: an
+    fp8 format's name or ``"int8"``)."""
+    dispatch.quantize_append_token_head(
+        key, value, key_codes, value_codes, key_scales, value_scales, start, storage_format_named(fmt)
+    )
+
+
+@quantize_append_token_head.register_fake
+def _(key, value, key_codes, value_codes, key_scales, value_scales, start, fmt) -> None:
+    return None
+
+
+@torch.library.custom_op("hf_fp8cache::dequantize_token_head", mutates_args=("key_out", "value_out"))
+def dequantize_token_head(
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_scales: torch.Tensor,
+    value_scales: torch.Tensor,
+    length: int,
+    fmt: str,
+    key_out: torch.Tensor,
+    value_out: torch.Tensor,
+) -> None:
+    """``kernels.dequantize_token_head``."""
+    dispatch.dequantize_token_head(
+        key_codes, value_codes, key_scales, value_scales, length, storage_format_named(fmt), key_out, value_out
+    )
+
+
+@dequantize_token_head.register_fake
+def _(key_codes, value_codes, key_scales, value_scales, length, fmt, key_out, value_out) -> None:
+    return None
+
+
 @torch.library.custom_op("hf_fp8cache::decode_attention", mutates_args=())
 def decode_attention(
     query: torch.Tensor,
@@ -82,7 +130,7 @@ def decode_attention(
     """``kernels.decode_attention`` over the first ``kv_length`` (a one-element device tensor) tokens, with its
     optional sliding window, sinks and softcap."""
     return dispatch.decode_attention(
-        query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, format_named(fmt), sm_scale,
+        query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, storage_format_named(fmt), sm_scale,
         sliding_window=sliding_window, sinks=sinks, softcap=softcap,
     )  # fmt: skip
 

@@ -156,11 +156,13 @@ def quantize_append_token_head_ref(
     value_codes: torch.Tensor,
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     fmt: StorageFormat,
 ) -> None:
     """``token_head.quantize_append_token_head`` in torch: per (token, head) scales, int8 (``formats.INT8``: round
-    half to even, +-127) or fp8 codes."""
+    half to even, +-127) or fp8 codes (``start`` an int or a one-element tensor; positions beyond the capacity are
+    dropped)."""
+    start = int(start)
     end = min(start + key.shape[2], key_codes.shape[2])
     for x, codes, scales in ((key, key_codes, key_scales), (value, value_codes, value_scales)):
         x = x[:, :, : end - start].float()

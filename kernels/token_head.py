@@ -16,7 +16,8 @@ fp32 magic-number trick ((y + 1.5 * 2^23) - 1.5 * 2^23 rounds |y| < 2^22 half to
 function.
 
 Layout as ``quantize.py``: K/V ``[B, H, S, D]`` any strides; codes uint8 ``[B, H, capacity, D]`` contiguous; scales
-bf16 ``[B, H, capacity]`` contiguous; ``start`` a Python int.
+bf16 ``[B, H, capacity]`` contiguous; ``start`` a Python int, or a one-element integer tensor read on the device (the
+static cache's filled length).
 """
 
 from __future__ import annotations
@@ -70,20 +71,23 @@ def _quantize_tile(x_ptr, offsets, mask, codes_ptr, cache_offsets, scales_ptr, s
     tl.store(scales_ptr + scale_offsets, scale.to(tl.bfloat16), mask=row_mask)  # exact: a bf16 value
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start"])
 def _quantize_append_token_head_kernel(
-    key_ptr, value_ptr, key_codes_ptr, value_codes_ptr, key_scales_ptr, value_scales_ptr,
+    key_ptr, value_ptr, key_codes_ptr, value_codes_ptr, key_scales_ptr, value_scales_ptr, start_ptr,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     H, S, D, start, capacity,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr, INV_FMAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr, FNUZ: tl.constexpr,
+    START_IN_MEMORY: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
+    if START_IN_MEMORY:  # the static cache's filled length, read on the device
+        start = tl.load(start_ptr).to(tl.int64)
     row_mask = (s < S) & (start + s < capacity)
     mask = row_mask[:, None] & (d[None, :] < D)
     position = pid_bh * capacity + start + s  # [B, H, capacity] contiguous
@@ -132,11 +136,11 @@ def _dequantize_token_head_kernel(
 
 
 @functools.lru_cache(maxsize=64)  # every update asks: one shared read-only dict (the memo compares by identity first)
-def _launch_meta(BLOCK_S: int, BLOCK_D: int, fmt: StorageFormat, quantize: bool) -> dict:
+def _launch_meta(BLOCK_S: int, BLOCK_D: int, fmt: StorageFormat, quantize: bool, start_in_memory: bool = False) -> dict:
     c = fmt.codec_constants()
     names = ("INT8", "MANTISSA_BITS", "BIAS", "FNUZ") + (("FMAX",) if quantize else ("SUBNORMAL_STEP", "HAS_INF"))
     meta = dict(BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **{name: c[name] for name in names})
-    return dict(meta, INV_FMAX=1.0 / fmt.max) if quantize else meta
+    return dict(meta, INV_FMAX=1.0 / fmt.max, START_IN_MEMORY=start_in_memory) if quantize else meta
 
 
 def quantize_append_token_head(
@@ -146,19 +150,22 @@ def quantize_append_token_head(
     value_codes: torch.Tensor,
     key_scales: torch.Tensor,
     value_scales: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     fmt: StorageFormat,
     memo: LaunchMemo | None = None,
 ) -> None:
     """Quantize ``key``/``value`` ``[B, H, S, D]`` with one scale per (token, head) into ``codes[:, :, start:start +
-    S]`` and ``scales[:, :, start:start + S]`` (int8 or fp8 codes by ``fmt``; ``memo``: ``launch.py``)."""
+    S]`` and ``scales[:, :, start:start + S]`` (int8 or fp8 codes by ``fmt``; ``memo``: ``launch.py``). ``start``:
+    a Python int, or a one-element tensor read on the device (positions at or beyond the capacity are dropped)."""
     B, H, S, D = key.shape
     if S == 0 or B == 0:
         return
+    in_memory = isinstance(start, torch.Tensor)
     grid, BLOCK_S, BLOCK_D = token_tiles(B, H, S, D)
-    args = (key, value, key_codes, value_codes, key_scales, value_scales, *key.stride(), *value.stride(), H, S, D,
-            start, key_codes.shape[2])  # fmt: skip
-    launch(_quantize_append_token_head_kernel, grid, args, _launch_meta(BLOCK_S, BLOCK_D, fmt, True), memo)
+    args = (key, value, key_codes, value_codes, key_scales, value_scales, start if in_memory else key_codes,
+            *key.stride(), *value.stride(), H, S, D, 0 if in_memory else start, key_codes.shape[2])  # fmt: skip
+    meta = _launch_meta(BLOCK_S, BLOCK_D, fmt, True, in_memory)
+    launch(_quantize_append_token_head_kernel, grid, args, meta, memo)
 
 
 def dequantize_token_head(

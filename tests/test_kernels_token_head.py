@@ -73,14 +73,14 @@ def test_int8_per_token_head_error_is_half_a_step_and_scales_round_up_to_bf16():
     [
         ("fp32_scales", r"per-token-head scales must be contiguous bfloat16 \(2, 3, 8\) .*got torch.float32"),
         ("past_capacity", r"codes \(2, 3, 8, 64\) cannot take \(2, 3, 4, 64\) at position 5"),
-        ("tensor_start", "start must be a Python int, got Tensor"),
+        ("float_start", "a start tensor must be one int32/int64 element on .*, got torch.float32"),
         ("short_output", r"output \(2, 3, 7, 64\) must be contiguous \(2, 3, 8, 64\)"),
     ],
 )
 def test_dispatch_checks_arguments_on_both_paths(change, message):
     x = _states(2, 3, 4, 64, torch.float32, seed=1)
     (kc, vc), (ks, vs) = _buffers(2, 3, 8, 64)
-    start = {"past_capacity": 5, "tensor_start": torch.tensor(0)}.get(change, 0)
+    start = {"past_capacity": 5, "float_start": torch.tensor(0.0, device=DEVICE)}.get(change, 0)
     ks = ks.float() if change == "fp32_scales" else ks
     out = torch.empty(2, 3, 7 if change == "short_output" else 8, 64, device=DEVICE)
     for backend in ("triton", "torch") if DEVICE == "cpu" else ("torch",):
@@ -105,3 +105,23 @@ def test_dispatch_runs_the_kernel_and_the_twin_alike():
     assert (scales[:, :, 3:].float() > 0).all() and (scales[:, :, :3] == 7.0).all()  # written at 3..7 only
     for ours, theirs, what in zip(written[0], written[-1], ("codes", "scales", "dequantized keys")):
         assert_equal(ours, theirs, what)
+
+
+@pytest.mark.parametrize("fmt", CODECS, ids=["int8", "e4m3fn", "e5m2"])
+def test_a_start_read_on_the_device_writes_what_an_int_start_writes(fmt):
+    """The static cache's path: the position is a device tensor; tokens past the capacity are dropped (6 + 4 > 8)."""
+    x = _states(2, 3, 4, 64, torch.bfloat16, seed=4)
+    written = []
+    for start, quantize in ((2, token_head.quantize_append_token_head),
+                            (torch.tensor(2, device=DEVICE), token_head.quantize_append_token_head),
+                            (torch.tensor(2, device=DEVICE), reference.quantize_append_token_head_ref),
+                            (torch.tensor(6, device=DEVICE), token_head.quantize_append_token_head),
+                            (6, reference.quantize_append_token_head_ref)):  # fmt: skip
+        (kc, vc), (ks, vs) = _buffers(2, 3, 8, 64)
+        quantize(x, x, kc, vc, ks, vs, start, fmt)
+        written.append((kc, vc, ks.view(torch.int16), vs.view(torch.int16)))
+    for i, what in enumerate(("key codes", "value codes", "key scales", "value scales")):
+        assert_equal(written[1][i], written[0][i], f"device start: {what}")
+        assert_equal(written[2][i], written[0][i], f"twin, device start: {what}")
+        assert_equal(written[3][i], written[4][i], f"past the capacity: {what}")
+    assert (written[3][0][:, :, :6] == 0x5A).all() and not (written[3][0][:, :, 6:] == 0x5A).all()

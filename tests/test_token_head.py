@@ -1,13 +1,15 @@
 """strategy="token_head" (issue 18): one scale per (token, KV head), computed from each token as it is written, with
 int8 or fp8 codes. The dynamic cache equals a DynamicCache whose K/V are fake-quantized by the kernels' twins token for
-token (helpers.FakeQuantTokenHeadLayer), on both read paths; an outlier token changes none of the other tokens'
-stored values; what is not supported yet (static cache, sliding layers, checkpoint scales) is refused by name."""
+token (helpers.FakeQuantTokenHeadLayer), on both read paths, and the static cache equals the dynamic one (compiled
+without recompiles); an outlier token changes none of the other tokens' stored values; what is not supported
+(sliding and hybrid layers, checkpoint scales) is refused by name."""
 
 import contextlib
 import copy
 
 import pytest
 import torch
+import torch._dynamo.testing
 from helpers import assert_equal, fake_quant_cache, fake_quant_token_head, left_padded_prompts, tiny_llama
 from transformers import LlamaConfig, MistralConfig
 
@@ -165,13 +167,67 @@ def test_checkpoint_scales_are_refused_before_anything_loads(tiny_model, kwargs)
         FP8Cache.from_pretrained("/nonexistent/checkpoint", tiny_model.config, **kwargs)
 
 
-def test_unsupported_caches_and_layers_are_refused_naming_them(tiny_model):
-    with pytest.raises(NotImplementedError, match="FP8StaticCache does not support strategy='token_head' yet"):
-        FP8StaticCache(tiny_model.config, 16, kv_cache_dtype="int8_per_token_head")
+def test_unsupported_layers_are_refused_naming_them():
     sliding = MistralConfig(num_hidden_layers=2, sliding_window=64)
-    with pytest.raises(NotImplementedError, match=r"full-attention layers only .* MistralConfig has \['sliding_att"):
-        FP8Cache(sliding, strategy="token_head")
+    for make in (FP8Cache, lambda config, **kw: FP8StaticCache(config, 16, **kw)):
+        with pytest.raises(NotImplementedError, match=r"full-attention layers only .* MistralConfig has \['sliding"):
+            make(sliding, strategy="token_head")
     hybrid = LlamaConfig(num_hidden_layers=2)
     hybrid.layer_types = ["full_attention", "hybrid"]
     with pytest.raises(NotImplementedError, match=r"full-attention layers only .* LlamaConfig has \['hybrid'\]"):
         FP8Cache(hybrid, kv_cache_dtype="int8_per_token_head")
+
+
+@pytest.mark.parametrize("kv_cache_dtype, implementation", [("int8_per_token_head", ATTENTION_NAME),
+                                                            ("fp8_per_token_head", "sdpa")])  # fmt: skip
+def test_static_cache_equals_the_dynamic_one(kv_cache_dtype, implementation):
+    """Through the Triton kernels (interpreted): 11-token prompts and 8 new tokens in 24 slots."""
+    model = tiny_llama(seed=1)
+    run = lambda cache: _generate(model, cache, implementation, output_logits=True, return_dict_in_generate=True,
+                                  **GREEDY)  # fmt: skip
+    static = run(FP8StaticCache(model.config, max_cache_len=24, kv_cache_dtype=kv_cache_dtype))
+    dynamic = run(FP8Cache(model.config, kv_cache_dtype=kv_cache_dtype))
+    assert_equal(static.sequences, dynamic.sequences)
+    # measured max |difference| of the step logits: 0 through our attention (the same kernel over the same bytes),
+    # 1.5e-7 through SDPA (over all 24 slots, the unwritten ones masked)
+    assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= 1e-6
+
+
+def test_static_reorder_moves_the_scales_with_the_codes(tiny_model, torch_path):
+    """Beam search reorders the rows in place: each row's scales (row b's values are 10^b times row 0's) go along."""
+    cache = FP8StaticCache(tiny_model.config, 8, kv_cache_dtype="int8_per_token_head")
+    x = (
+        torch.randn(3, 2, 5, 16, generator=torch.Generator().manual_seed(8))
+        * torch.tensor([1.0, 10.0, 100.0])[:, None, None, None]
+    )
+    for layer in range(len(cache.layers)):
+        cache.update(x, x, layer)
+    before = [t[:, :, :5].clone() for t in cache.layers[0].dequantized()]
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    after = cache.layers[0].dequantized()
+    for moved, kept in zip(after, before):
+        assert_equal(moved[:, :, :5], kept[[2, 0, 1]])
+
+
+def test_static_cache_compiles_once_and_counts_its_scale_bytes():
+    """torch.compile(fullgraph=True) over 8 decode steps: one graph, the eager tokens; the scale buffers are fixed
+    and counted in allocated_nbytes."""
+    model = tiny_llama(seed=1)
+    torch._dynamo.reset()  # earlier compiles of LlamaForCausalLM.forward (other tests) count towards dynamo's limits
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.forward, backend=counter, fullgraph=True)
+    ids = left_padded_prompts(batch=2)[0]
+    tokens = []
+    for forward in (compiled, model.forward):
+        cache = FP8StaticCache(model.config, max_cache_len=32, kv_cache_dtype="int8_per_token_head")
+        with torch.no_grad():
+            step = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            out = [step]
+            for _ in range(8):
+                step = forward(input_ids=step, past_key_values=cache).logits[:, -1:].argmax(-1)
+                out.append(step)
+        tokens.append(torch.cat(out, 1))
+    assert counter.frame_count == 1
+    assert_equal(tokens[0], tokens[1])
+    layers, B, H, D = model.config.num_hidden_layers, 2, model.config.num_key_value_heads, model.config.head_dim
+    assert cache.allocated_nbytes == layers * 2 * B * H * 32 * (D + 2)  # codes and a bf16 scale a token and head
