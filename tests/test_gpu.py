@@ -66,6 +66,23 @@ def test_llama8b_shaped_generate_on_gpu_equals_oracle():
     assert cache.nbytes == 32 * 2 * 2 * 8 * 307 * 128 + 32 * 2 * 4  # FP8 K and V of 307 tokens + scales
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_llama8b_shaped_generate_with_per_token_head_scales_equals_the_twin_oracle(fmt):
+    """strategy="token_head" at real shapes (32 layers, 8 KV heads, D = 128) on the dequantize path: the compiled
+    kernels' codes and bf16 scales are the twins' bit for bit, so the tokens are the fake-quantized DynamicCache's.
+    (The decode kernel with these scales: test_kernels_attention's test_token_head_scales_on_gpu_shapes.)"""
+    torch.manual_seed(0)
+    model = build_model("llama-3.1-8b", torch.device("cuda"), torch.bfloat16)
+    config = model.config
+    ids, mask = left_padded_prompts(
+        2, 300, pads=lambda row: 100 if row else 0, pad_id=None, vocab=config.vocab_size, device="cuda"
+    )
+    oracle = _greedy(model, fake_quant_cache(config, fmt, token_head=True), ids, mask, 8)
+    cache = FP8Cache(config, kv_cache_dtype=fmt, strategy="token_head")
+    assert_equal(_greedy(model, cache, ids, mask, 8), oracle)
+    assert cache.nbytes == 32 * 2 * 2 * 8 * 307 * (128 + 2)  # codes and a bf16 scale a token and head, K and V
+
+
 def test_layers_on_different_devices_keep_their_buffers_there():
     """As with a device_map that splits layers: each layer's FP8 buffers and scales live with its inputs."""
     cache = FP8Cache(calculate_kv_scales=True)
@@ -79,7 +96,12 @@ def test_layers_on_different_devices_keep_their_buffers_there():
     assert k0.device.type == "cuda" and k1.device.type == "cpu" and k0.shape == k1.shape == (1, 2, 6, 16)
 
 
-@pytest.mark.parametrize("cache_kwargs", [{}, {"calculate_kv_scales": True, "strategy": "attn_head"}])
+@pytest.mark.parametrize(
+    "cache_kwargs",
+    [{}, {"calculate_kv_scales": True, "strategy": "attn_head"}, {"kv_cache_dtype": "int8_per_token_head"},
+     {"kv_cache_dtype": "fp8_per_token_head"}],
+    ids=["unit", "onthefly-head", "int8-token-head", "fp8-token-head"],
+)  # fmt: skip
 def test_generate_compiles_the_static_cache_and_equals_eager_fp8(cache_kwargs):
     """generate compiles the decode steps of an FP8StaticCache on CUDA (reduce-overhead: CUDA graphs); the tokens
     equal those of the eager dynamic FP8 cache, also after reset() and reuse for a second batch."""
