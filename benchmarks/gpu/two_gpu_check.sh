@@ -2,8 +2,8 @@
 # One call on the nvidia-h200-x2 device machine, from the repository root ($OUT set): the single-GPU tests on
 # cuda:0 (CUDA-graph decode, per-token-head kernels, the decode kernel), the decode-kernel bench at 8x32768 (per-tensor
 # vs per-token-head scales), then the tensor-parallel part of `bench multigpu` (TP=2, 8x32768) on both GPUs.
-# Budget ~570 s: install ~20 s, tests <= 220 s, kernel bench <= 45 s, TP <= 285 s (checkpoint ~40 s, torchrun 240 s) (the ranks write their rows after
-# each configuration, so a cut run keeps the finished ones).
+# Budget ~570 s: install ~20 s, tests <= 220 s, kernel bench <= 45 s, TP <= 285 s (checkpoint ~40 s, torchrun 240 s;
+# the ranks write their rows after each configuration, so a cut run keeps the finished ones).
 set -u
 export PYTHONUNBUFFERED=1 HF_FP8CACHE_NO_INTERPRET=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
