@@ -362,7 +362,11 @@ def _calibrate(args, _checked) -> int:
 
 
 def _add_eval(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="top-1 / KL / perplexity of FP8 cache configurations vs a full cache")
+    p = subparsers.add_parser(
+        "eval",
+        help="top-1 / KL / perplexity of FP8 cache configurations vs a full cache, or "
+        "pass key retrieval (--task passkey)",
+    )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--scales", default=None, help="also evaluate the scales of this checkpoint dir or Hub id")
     p.add_argument("--sequences", type=int, default=8)
@@ -379,6 +383,12 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output", default=None, help="write the rows as JSON here")
+    p.add_argument("--task", choices=("quality", "passkey"), default="quality",
+                   help="quality: top-1 / KL / perplexity over the text; passkey: a key hidden in filler text, asked "
+                        "for at the end (retrieval.py), per length and depth")  # fmt: skip
+    p.add_argument("--lengths", default="2048,4096", help="passkey: prompt lengths in tokens (comma list)")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="passkey: where the key sits, 0 = start, 1 = end")
+    p.add_argument("--trials", type=int, default=4, help="passkey: prompts per length and depth")
     p.set_defaults(func=_eval, check=_check_eval)
 
 
@@ -390,10 +400,18 @@ def _factory(config, **kwargs):
 
 def _check_eval(args) -> tuple[list, list[int], dict, list[str]]:
     """Every argument, before the model is loaded; returns the formats, the exact windows, with ``--scales`` the
-    checkpoint's scales for each fp8 format (read once, checked against the model), and the strategies."""
+    checkpoint's scales for each fp8 format (read once, checked against the model), and the strategies (and parses
+    ``--lengths`` / ``--depths`` into lists on ``args``)."""
     from .cache import QuantizedFP8Cache
 
-    _at_least(args, sequences=1, seq_len=2, prefix=1, step=1, calibration_samples=1, calibration_seq_len=2)
+    _at_least(args, sequences=1, seq_len=2, prefix=1, step=1, calibration_samples=1, calibration_seq_len=2, trials=1)
+    try:
+        args.lengths = [int(n) for n in args.lengths.split(",")]
+        args.depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths takes ints and --depths numbers, got {args.lengths!r}, {args.depths!r}") from None
+    if min(args.lengths) < 64 or not all(0.0 <= d <= 1.0 for d in args.depths):
+        raise ValueError(f"--lengths must be >= 64 tokens and --depths in [0, 1], got {args.lengths}, {args.depths}")
     if args.prefix >= args.seq_len:
         raise ValueError(f"--prefix ({args.prefix}) must be shorter than --seq-len ({args.seq_len})")
     formats = [resolve_format(f) for f in args.formats.split(",")]
@@ -427,10 +445,10 @@ def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
     from .calibration import observe
     from .evaluation import evaluate_configurations, evaluation_ids, format_table
     from .models import load_model_and_tokenizer
+    from .retrieval import format_passkey_table, passkey_prompts, passkey_scores
 
     formats, residual_lengths, checkpoint, strategies = checked
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
-    ids = evaluation_ids(tokenizer, sequences=args.sequences, seq_len=args.seq_len).to(args.device)
     observation = observe(model, tokenizer, num_samples=args.calibration_samples, max_seq_len=args.calibration_seq_len)
     configurations = {}
     for residual_length, fmt in itertools.product(residual_lengths, formats):
@@ -452,10 +470,18 @@ def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
                 )
         if args.scales:
             configurations[f"{fmt.name} checkpoint{window}"] = _factory(model.config, scales=checkpoint[fmt], **kw)
-    rows = evaluate_configurations(model, ids, args.prefix, configurations, step=args.step)
-    print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, then "
-          f"{args.step} at a time; against a {model.dtype} DynamicCache")  # fmt: skip
-    print(format_table(rows))
+    if args.task == "passkey":
+        prompts = passkey_prompts(tokenizer, args.lengths, args.depths, args.trials)
+        rows = passkey_scores(model, tokenizer, prompts, configurations)
+        print(f"{args.model}: pass key retrieval, {args.trials} prompts per length@depth, greedy, fraction retrieved; "
+              f"DynamicCache in {model.dtype}")  # fmt: skip
+        print(format_passkey_table(rows))
+    else:
+        ids = evaluation_ids(tokenizer, sequences=args.sequences, seq_len=args.seq_len).to(args.device)
+        rows = evaluate_configurations(model, ids, args.prefix, configurations, step=args.step)
+        print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, "
+              f"then {args.step} at a time; against a {model.dtype} DynamicCache")  # fmt: skip
+        print(format_table(rows))
     if args.output:
         with open(args.output, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -1,5 +1,6 @@
 """The hf-fp8cache command on the embedded model (fully offline)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -98,6 +99,10 @@ BAD_ARGUMENTS = [
     (["eval", "--residual-lengths", "8,-1"], r"^--residual-lengths must be >= 0, got '8,-1'$"),
     (["eval", "--seq-len", "64", "--prefix", "64"], r"^--prefix \(64\) must be shorter than --seq-len \(64\)$"),
     (["eval", "--step", "0"], r"^--step must be >= 1, got 0$"),
+    (["eval", "--task", "passkey", "--trials", "0"], r"^--trials must be >= 1, got 0$"),
+    (["eval", "--task", "passkey", "--depths", "0.5,x"], r"^--lengths takes ints and --depths numbers, got "),
+    (["eval", "--task", "passkey", "--lengths", "32"], r"^--lengths must be >= 64 tokens and --depths in \[0, 1\]"),
+    (["eval", "--task", "passkey", "--depths", "1.5"], r"^--lengths must be >= 64 tokens and --depths in \[0, 1\]"),
     (["eval", "--calibration-seq-len", "1"], r"^--calibration-seq-len must be >= 2, got 1$"),
     (["eval", "--output", "{tmp}"], r"^--output .* is a directory; name the file to write$"),
     (
@@ -240,3 +245,21 @@ def test_generate_and_eval_with_per_token_head_scales(capsys, torch_path):
     assert main(args) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.startswith(("int8", "e4m3"))]
     assert rows == [["int8", "token_head"], ["e4m3fn", "token_head"], ["e4m3fn", "unit"]]
+
+
+@pytest.mark.slow
+def test_eval_passkey_task_prints_retrieval_per_length_and_depth(capsys, torch_path, tmp_path):
+    """`eval --task passkey` on the embedded SmolLM2: a row per cache, DynamicCache first, a column per length@depth;
+    at 512 tokens the full cache and per-token-head int8 retrieve the key (measured: every trial at 512 and 1024)."""
+    out_file = tmp_path / "passkey.json"
+    args = ["eval", "--task", "passkey", "--lengths", "512", "--depths", "0.5", "--trials", "1", "--formats", "int8",
+            "--strategies", "token_head", "--calibration-samples", "2", "--calibration-seq-len", "32",
+            "--output", str(out_file)]  # fmt: skip
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("configuration"))) :]
+    assert [line.split() for line in table] == [["configuration", "512@0.5"], ["DynamicCache", "1.00"],
+                                                ["int8", "token_head", "1.00"]]  # fmt: skip
+    rows = json.loads(out_file.read_text())
+    assert [(r["configuration"], r["retrieved"], r["trials"]) for r in rows] == [
+        ("DynamicCache", 1.0, 1), ("int8 token_head", 1.0, 1)]  # fmt: skip
