@@ -14,7 +14,9 @@ What a graph bakes in, and why it stays valid:
 - the cache's buffers, scales, lengths and row starts: ``FP8StaticCache`` keeps them at fixed addresses for its
   life (``reset()`` keeps them; they are written in place), and the graphs belong to one cache object (a new cache
   drops them);
-- the model's weights, and the attention implementation (part of the signature);
+- the model's weights (changed in place they are seen; the embeddings' addresses are part of the signature, so a
+  model moved away and back captures anew; after replacing other modules, ``attach`` again), and the attention
+  implementation (part of the signature);
 - the inputs (``input_ids``, ``position_ids``, the 4D masks ``generate`` builds outside the forward for a
   compileable cache): copied into the graph's own tensors before each replay; their shapes, dtypes and devices, and
   every other argument's value, form the signature;
@@ -154,7 +156,10 @@ class DecodeGraphs:
         items = tuple((name, _signature(value)) for name, value in sorted(kwargs.items()) if name != cache_name)
         if any(sig is None for _, sig in items):
             return None
-        return (model.config._attn_implementation, items)
+        # the embeddings' addresses: a model moved off the GPU and back (new addresses) captures anew
+        embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+        weights = tuple(module.weight.data_ptr() for module in embeddings if module is not None)
+        return (model.config._attn_implementation, weights, items)
 
     def _capture(self, model, kwargs: dict[str, Any], cache_name: str) -> _Graph | None:
         if self._pool is None:

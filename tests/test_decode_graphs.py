@@ -73,3 +73,24 @@ def test_eager_reasons(torch_path, monkeypatch):
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
     assert eager_reason(model, static, {"output_hidden_states": True}) == "attentions or hidden states are asked for"
     assert eager_reason(model, static, {"output_hidden_states": False}) is None
+
+
+def test_signature_follows_inputs_attention_and_weight_addresses(torch_path, monkeypatch):
+    """A replayable step's signature (on a model taken for a GPU one): equal for equal inputs; new when an input's
+    shape, the attention implementation or the embeddings' storage (a model moved away and back) changes."""
+    model = tiny_llama(seed=5)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    graphs, cache = DecodeGraphs(model), FP8StaticCache(model.config, 16)
+    keyword = cache_keyword(model)
+
+    def signature(ids):
+        return graphs._signature(model, {"input_ids": ids, keyword: cache}, keyword, cache)
+
+    first = signature(torch.tensor([[5], [7]]))
+    assert first is not None and signature(torch.tensor([[9], [2]])) == first  # values are copied in, not baked
+    assert signature(torch.tensor([[5], [7], [1]])) != first
+    model.get_input_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    moved = signature(torch.tensor([[5], [7]]))
+    assert moved != first
+    model.config._attn_implementation = "eager"
+    assert signature(torch.tensor([[5], [7]])) != moved
