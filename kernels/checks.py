@@ -67,14 +67,8 @@ def check_quantize_append_kv(
     value_inv_scale: torch.Tensor,
 ) -> None:
     """Validate the arguments of ``quantize_append_kv`` (a start tensor only by its form: it is read on the device)."""
-    if key.dim() != 4 or value.shape != key.shape:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
-    check_caches(key_cache, value_cache)
-    B, H, S, D = key.shape
-    known_start = _known_start(start, key_cache.device)
-    if key_cache.shape[:2] != (B, H) or key_cache.shape[3] != D or not 0 <= known_start <= key_cache.shape[2] - S:
-        raise ValueError(f"cache {tuple(key_cache.shape)} cannot take {tuple(key.shape)} at position {start}")
-    check_scales("inverse scales", key_inv_scale, value_inv_scale, H)
+    _check_append(key, value, key_cache, value_cache, start, "cache")
+    check_scales("inverse scales", key_inv_scale, value_inv_scale, key.shape[1])
 
 
 def check_quantize_append_token_head(
@@ -88,14 +82,23 @@ def check_quantize_append_token_head(
 ) -> None:
     """Validate the arguments of ``quantize_append_token_head`` (a start tensor only by its form: it is read on the
     device)."""
+    _check_append(key, value, key_codes, value_codes, start, "codes")
+    check_token_scales(key_scales, value_scales, key_codes)
+
+
+def _check_append(
+    key: torch.Tensor, value: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor,
+    start: int | torch.Tensor, what: str,
+) -> None:  # fmt: skip
+    """K/V ``[B, H, S, D]`` of one shape that fit contiguous 4-D uint8 buffers (``what``: their name in the error) at
+    ``start``: what both quantize-and-append kernels take."""
     if key.dim() != 4 or value.shape != key.shape:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
-    check_caches(key_codes, value_codes)
+    check_caches(key_buffer, value_buffer)
     B, H, S, D = key.shape
-    known_start = _known_start(start, key_codes.device)
-    if key_codes.shape[:2] != (B, H) or key_codes.shape[3] != D or not 0 <= known_start <= key_codes.shape[2] - S:
-        raise ValueError(f"codes {tuple(key_codes.shape)} cannot take {tuple(key.shape)} at position {start}")
-    check_token_scales(key_scales, value_scales, key_codes)
+    known_start = _known_start(start, key_buffer.device)
+    if key_buffer.shape[:2] != (B, H) or key_buffer.shape[3] != D or not 0 <= known_start <= key_buffer.shape[2] - S:
+        raise ValueError(f"{what} {tuple(key_buffer.shape)} cannot take {tuple(key.shape)} at position {start}")
 
 
 def check_dequantize_token_head(
