@@ -47,7 +47,7 @@ _PLAIN = (bool, int, float, str, type(None))
 _EAGER_FLAGS = ("output_attentions", "output_hidden_states")  # outputs generate accumulates over steps
 
 
-def _signature(value: Any) -> Any:
+def _argument_signature(value: Any) -> Any:
     """What a graph depends on in one argument: a tensor's shape, dtype and device, a plain value itself, a dict's
     items; None (not hashable into a signature) for anything else."""
     if isinstance(value, torch.Tensor):
@@ -55,7 +55,7 @@ def _signature(value: Any) -> Any:
     if isinstance(value, _PLAIN):
         return ("value", value)
     if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        items = tuple((key, _signature(item)) for key, item in sorted(value.items()))
+        items = tuple((key, _argument_signature(item)) for key, item in sorted(value.items()))
         return None if any(sig is None for _, sig in items) else ("dict", items)
     return None
 
@@ -153,7 +153,8 @@ class DecodeGraphs:
         """The signature of a decode step a graph can replay, or None for one that goes to ``fallback``."""
         if eager_reason(model, cache, kwargs) is not None:
             return None
-        items = tuple((name, _signature(value)) for name, value in sorted(kwargs.items()) if name != cache_name)
+        arguments = sorted((name, value) for name, value in kwargs.items() if name != cache_name)
+        items = tuple((name, _argument_signature(value)) for name, value in arguments)
         if any(sig is None for _, sig in items):
             return None
         # the embeddings' addresses: a model moved off the GPU and back (new addresses) captures anew

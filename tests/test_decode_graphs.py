@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_llama
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
-from hf_fp8cache.decode_graphs import DecodeGraphs, _signature, eager_reason
+from hf_fp8cache.decode_graphs import DecodeGraphs, _argument_signature, eager_reason
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -14,13 +14,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 def test_signature_of_tensors_values_and_dicts():
     mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
-    assert _signature(mask) == ("tensor", (2, 1, 1, 8), torch.bool, torch.device("cpu"), mask.stride())
-    assert _signature(mask) != _signature(mask.transpose(0, 3))  # strides count
-    assert _signature(3) == ("value", 3) and _signature(None) == ("value", None)
-    assert _signature({"full_attention": mask, "sliding_attention": 1}) == (
-        "dict", (("full_attention", _signature(mask)), ("sliding_attention", ("value", 1))),
+    assert _argument_signature(mask) == ("tensor", (2, 1, 1, 8), torch.bool, torch.device("cpu"), mask.stride())
+    assert _argument_signature(mask) != _argument_signature(mask.transpose(0, 3))  # strides count
+    assert _argument_signature(3) == ("value", 3) and _argument_signature(None) == ("value", None)
+    assert _argument_signature({"full_attention": mask, "sliding_attention": 1}) == (
+        "dict", (("full_attention", _argument_signature(mask)), ("sliding_attention", ("value", 1))),
     )  # fmt: skip
-    assert _signature([mask]) is None and _signature({"a": object()}) is None  # not replayable: the fallback runs
+    # not replayable: the fallback runs
+    assert _argument_signature([mask]) is None and _argument_signature({"a": object()}) is None
 
 
 def test_steps_a_graph_cannot_take_go_to_the_fallback(torch_path):
