@@ -240,3 +240,26 @@ def test_family_baseline_attention_replaces_sdpa_only():
     flex = generate.for_family(CONFIGURATIONS["fp8"], "flex_attention", None)
     assert flex.attention == "flex_attention" and "flex_attention (no SDPA: attention sinks)" in flex.description
     assert generate.for_family(CONFIGURATIONS["fp8+attn"], "flex_attention", None) is CONFIGURATIONS["fp8+attn"]
+
+
+def test_floor_is_weights_plus_the_rows_kv_bytes_over_the_measured_copy_bandwidth(tmp_path, monkeypatch, capsys):
+    # a CPU run has no bandwidth and no floor; with a measured 1 GB/s every row's floor is its bytes in ns
+    monkeypatch.setattr(generate, "_copy_bandwidth_tb_s", lambda device: 1e-3)
+    with quick_cpu():
+        rows = run_generate_benchmark(cases=((2, 8),), model_shape="tiny", new_tokens=3, device="cpu",
+                                      configs=["dynamic", "fp8"], out_dir=tmp_path)  # fmt: skip
+    weights = sum(p.numel() * p.element_size() for p in generate.build_model("tiny", torch.device("cpu"),
+                                                                              torch.float32).parameters())  # fmt: skip
+    for row in rows:
+        assert row["floor_ms"] == pytest.approx((weights + row["kv_bytes"]) / 1e9 * 1e3)
+        assert row["ms_per_token_vs_floor"] == pytest.approx(row["ms_per_token"] / row["floor_ms"])
+        assert row["copy_tb_s"] == 1e-3
+    dynamic, fp8 = rows
+    assert fp8["floor_ms"] < dynamic["floor_ms"]  # half the K/V bytes
+    assert "copy bandwidth 0.00 TB/s" in capsys.readouterr().out
+
+
+def test_no_floor_without_a_gpu(run):
+    by, _, _, printed = run
+    assert all(row["floor_ms"] is None and row["ms_per_token_vs_floor"] is None for row in by.values())
+    assert "copy bandwidth" not in printed

@@ -48,6 +48,10 @@ much as one made inside the call (CUDA only). ``kv_bytes``: bytes holding the ca
 (ours: ``nbytes``; static caches: all they allocate); ``kv_allocated_bytes``: with spare capacity. Running out of
 memory in one configuration gives an ``OOM`` row and the run goes on. Prints a table; writes
 ``generate_benchmark.{json,csv}`` after every case and ``.png`` at the end.
+
+Floor (CUDA): ``floor_ms`` = the bytes a decode step must read at least -- every weight once plus the row's
+``kv_bytes`` -- over the copy bandwidth measured at the start of the run (``copy_tb_s``, a 2 GiB device-to-device
+copy); ``ms_per_token_vs_floor`` = ms per token over it.
 """
 
 from __future__ import annotations
@@ -75,9 +79,11 @@ from .common import (
     build_model,
     cases_argument,
     cases_text,
+    copy_ceiling_tb_s,
     environment,
     free_memory,
     model_family,
+    parameter_bytes,
     plot_bars,
     print_aligned,
     sdpa_backend,
@@ -298,6 +304,21 @@ def _run_configuration(model, configuration: Configuration, inputs, new_tokens: 
     return measured
 
 
+def _copy_bandwidth_tb_s(device: torch.device) -> float | None:
+    """The GPU's copy bandwidth measured now (``common.copy_ceiling_tb_s``); None on CPU (no floor)."""
+    return copy_ceiling_tb_s() if device.type == "cuda" else None
+
+
+def _floor(measured: dict[str, Any], weight_bytes: int, copy_tb_s: float | None) -> dict[str, float | None]:
+    """``floor_ms`` (every weight and the row's cached K/V read once at the copy bandwidth) and the row's ms per
+    token over it; None without a bandwidth (CPU) or a measured row."""
+    kv_bytes, ms = measured["kv_bytes"], measured["ms_per_token"]
+    if copy_tb_s is None or kv_bytes is None or ms is None:
+        return {"floor_ms": None, "ms_per_token_vs_floor": None}
+    floor_ms = (weight_bytes + kv_bytes) / (copy_tb_s * 1e12) * 1e3
+    return {"floor_ms": floor_ms, "ms_per_token_vs_floor": ms / floor_ms}
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each metric of a case's rows over the same case's dynamic row (None where either is missing or zero)."""
     dynamic = next((r for r in rows if r["config"] == "dynamic"), None)
@@ -318,7 +339,7 @@ def _median_of_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]
             rows.append(failed)
             continue
         row = dict(measured[0])
-        for key in (*RATIO_KEYS, *RATIO_KEYS.values(), "generate_ms"):
+        for key in (*RATIO_KEYS, *RATIO_KEYS.values(), "generate_ms", "ms_per_token_vs_floor"):
             values = [r[key] for r in measured]
             row[key] = None if any(v is None for v in values) else statistics.median(values)
         row["ms_per_token_rounds"] = [r["ms_per_token"] for r in measured]
@@ -372,8 +393,11 @@ def run_generate_benchmark(
         raise ValueError(f"sdpa must be one of {SDPA_BACKENDS} or None, got {sdpa!r}")
     model = build_model(model_shape, dev, dtype)
     baseline = baseline_attention(model_family(model_shape), dev)
+    copy_tb_s = _copy_bandwidth_tb_s(dev)
+    weight_bytes = parameter_bytes(model)
     env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
-           "repeats": repeats, "rounds": rounds, "sdpa_backend": sdpa or "default", **environment(dev)}  # fmt: skip
+           "repeats": repeats, "rounds": rounds, "sdpa_backend": sdpa or "default", "copy_tb_s": copy_tb_s,
+           **environment(dev)}  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     rows: list[dict[str, Any]] = []
     for B, L in cases:
@@ -386,7 +410,8 @@ def run_generate_benchmark(
                 configuration = for_family(CONFIGURATIONS[name], baseline, getattr(model.config, "layer_types", None))
                 measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa, baseline)
                 case_rows.append({"case": f"{B}x{L}", "B": B, "L": L, "config": name,
-                                  "description": configuration.description, **measured})  # fmt: skip
+                                  "description": configuration.description, **measured,
+                                  **_floor(measured, weight_bytes, copy_tb_s)})  # fmt: skip
             _add_ratios(case_rows)
             case_rounds.append(case_rows)
         rows += [{**row, **env} for row in _median_of_rounds(case_rounds)]
@@ -410,16 +435,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
           f"median of {first['repeats']} pairs, of {first['rounds']} rounds | {first['model_shape']} "
           f"{first['dtype']} | sdpa {first['sdpa_backend']} | {first['gpu']} | torch {first['torch']} | transformers "
           f"{first['transformers']} | triton {first['triton']} | {first['git_sha']}")  # fmt: skip
+    if first["copy_tb_s"] is not None:
+        print(f"floor = (weights + the row's KV bytes) / copy bandwidth {first['copy_tb_s']:.2f} TB/s")
     head = ["case", "config"]
     for _, label, _, _ in COLUMNS:
         head += [label, "/dyn"]
-    lines = [[*head, "compiled", "status"]]
+    lines = [[*head, "ms/floor", "compiled", "status"]]
     for row in rows:
         line = [row["case"], row["config"]]
         for key, _, divisor, digits in COLUMNS:
             line += [_cell(row[key], divisor, digits), _cell(row[RATIO_KEYS[key]], 1, 3)]
         compiled = "-" if row["compiled"] is None else "yes" if row["compiled"] else "no"
-        lines.append([*line, compiled, row["status"]])
+        lines.append([*line, _cell(row["ms_per_token_vs_floor"], 1, 2), compiled, row["status"]])
     print_aligned(lines)
 
 
