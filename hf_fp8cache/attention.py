@@ -52,7 +52,7 @@ def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks
     options = dict(sliding_window=inputs.sliding_window, sinks=sinks, softcap=softcap)
     if isinstance(inputs.length, torch.Tensor):  # read on the device: the operator torch.compile captures
         return ops.decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
-                                    inputs.key_scale, inputs.value_scale, inputs.fmt.name, scale,
+                                    inputs.key_scale, inputs.value_scale, inputs.fmt.name, scale, ring=inputs.ring,
                                     **options)  # fmt: skip
     new = None if inputs.new_tokens is None else inputs.new_tokens.claim()  # the launch writes the step's token
     return decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,

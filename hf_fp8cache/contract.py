@@ -78,6 +78,7 @@ class FP8AttentionInputs(NamedTuple):
     sliding_window: int | None = None
     launches: LaunchMemo | None = None  # the layer's kernel launches, relaunched step after step (kernels/launch.py)
     new_tokens: PendingWrite | None = None  # the step's K/V, not yet written: the decode kernel claims and writes them
+    ring: bool = False  # the buffers are a ring of capacity slots, position p at slot p % capacity (static sliding)
 
 
 def attended_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

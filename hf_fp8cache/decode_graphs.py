@@ -25,7 +25,8 @@ What a graph bakes in, and why it stays valid:
 The first decode step of a signature runs eagerly (Triton compiles its kernels and the libraries make their
 workspaces outside the capture); the second captures and replays. Anything else goes where ``generate`` would send
 it, the model's own compiled call (``eager_reason``): caches with layers other than ``FP8StaticLayer`` (sliding-window
-rings, hybrid states, transformers' static cache), models off the GPU or over several devices (``device_map``,
+rings, whose host-side token count feeds generate's mask sizes and would not advance through replays; hybrid
+states; transformers' static cache), models off the GPU or over several devices (``device_map``,
 tensor parallelism), requests for attentions or hidden states (``generate`` keeps them across steps), arguments that
 are neither tensors nor plain values. A capture that fails warns and leaves that signature eager.
 """

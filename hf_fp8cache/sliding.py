@@ -31,7 +31,7 @@ import torch
 from .cache_layer import FP8CacheLayer
 from .contract import FP8AttentionInputs
 
-__all__ = ["FP8SlidingWindowLayer"]
+__all__ = ["FP8SlidingWindowLayer", "is_chunked"]
 
 # older tokens held in front of the window at most (beyond what the capacity allows anyway): the window moves to the
 # front once in that many steps, and a long first prompt stored whole (exact_prefill=False) is trimmed at once
@@ -55,7 +55,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         self.sliding_window = sliding_window
         self.cumulative_length = 0  # every token seen; ``length`` counts the kept ones
         self.record_past = False
-        self.chunked = _is_chunked(self._attention_config, self.layer_idx)
+        self.chunked = is_chunked(self._attention_config, self.layer_idx)
         self._served = 0  # the last tokens of the buffers that the last update returned (what the mask covers)
         self._skip_on_write = 0  # leading tokens of the next write that set scales but are not stored
 
@@ -178,7 +178,7 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         self._keep_last(self.sliding_window - 1)
 
 
-def _is_chunked(config, layer_idx: int) -> bool:
+def is_chunked(config, layer_idx: int) -> bool:
     """Whether the model's layer ``layer_idx`` is a chunked-attention one (by transformers' own reading of the config's
     layer types); False without a config."""
     if config is None:

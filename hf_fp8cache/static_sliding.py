@@ -7,10 +7,18 @@ slot ``p % W``. A decode step writes its one token at slot ``cumulative_length %
 (``kernels.quantize_append_kv`` reads the start there), so nothing the graph depends on moves between steps and no
 stored byte is copied. Memory is bounded by the window, whatever the sequence length.
 
-What ``update`` returns -- and ``get_mask_sizes`` announces -- is exactly what transformers' static sliding layer
-returns, dequantized into the model dtype (the decode kernel reads no window yet, so every attention
-implementation, ``"hf_fp8cache"`` included, gets these tensors and runs its own attention with the model's sliding
-mask). With ``seen`` tokens before an update of ``q`` tokens:
+Read paths. With ``attn_implementation="hf_fp8cache"`` a decode step (one token after the first update) hands
+attention the ring itself: ``update`` returns the whole fp8 buffers and ``attention_inputs`` marks them as a ring
+(``FP8AttentionInputs.ring``), which the decode kernel reads slot by slot, each slot's position worked out on the
+device from the filled length (``kernels.decode_attention``), no byte copied or dequantized. Its row starts come
+from the sliding mask, whose columns start at transformers' ``kv_offset`` = max(L - W, 0) (L the length after the
+update, held on the device), so nothing on the host changes from step to step and ``generate`` compiles these
+layers (``is_compileable``). Everything else -- other attention implementations, chunks of several tokens, chunked
+layers (Llama 4: same-chunk masks the kernel does not compute) -- gets what transformers' static sliding layer
+returns (and ``get_mask_sizes`` announces), dequantized into the model dtype, and runs the model's attention with
+its mask; those are not compileable (under CUDA graphs a dequantized ring, a graph output, was overwritten by the
+next replay before the next step read it: Mistral on the H200). With ``seen`` tokens before an update of ``q``
+tokens:
 
 - ``seen + q <= W`` (the ring has not wrapped, slot = position): all ``W`` slots, the unwritten ones masked;
   mask sizes ``(W, 0)``;
@@ -34,8 +42,9 @@ from __future__ import annotations
 
 import torch
 
-from .contract import FP8AttentionInputs
+from .contract import FP8AttentionInputs, kv_start_from_mask
 from .kernels import ops
+from .sliding import is_chunked
 from .static_cache import FP8StaticLayer
 
 __all__ = ["FP8StaticSlidingLayer"]
@@ -53,10 +62,6 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
     """
 
     is_sliding = True
-    # generate does not compile a cache with these layers: under its CUDA graphs the dequantized ring (a graph
-    # output) was overwritten by the next replay before the next step read it (Mistral on the H200). Eager until the
-    # decode kernel reads the ring itself.
-    is_compileable = False
 
     def __init__(self, max_cache_len: int, sliding_window: int, *, residual_length: int = 0, **layer_kwargs) -> None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
@@ -70,20 +75,32 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         self.sliding_window = sliding_window
         self.cumulative_length_int = 0  # every token seen, on the host (mask sizes); the device twin places writes
         self._is_croppable = max_cache_len <= sliding_window
+        self.chunked = is_chunked(self._attention_config, self.layer_idx)
 
     @property
     def is_croppable(self) -> bool:
         """transformers' flag: the cache never holds more than the window, so a crop never needs evicted tokens."""
         return self._is_croppable
 
+    @property
+    def is_compileable(self) -> bool:
+        """Whether ``generate`` may compile steps through this layer: when our attention reads the ring (see the
+        module docstring)."""
+        return self._serves_fp8_attention()
+
     def _serves_fp8_attention(self) -> bool:
-        return False  # the decode kernel reads no window yet: attention always gets the dequantized window
+        return not self.chunked and super()._serves_fp8_attention()
 
     def attention_inputs(self, attention_mask: torch.Tensor | None) -> FP8AttentionInputs:
-        raise NotImplementedError(
-            f"layer {self.layer_idx}: the FP8 attention does not read sliding-window layers yet (update returns "
-            "their dequantized window)"
-        )
+        """The ring for the decode kernel, with row starts in positions: the mask's first attended column plus
+        transformers' ``kv_offset`` max(L - W, 0), computed on the device (``FP8StaticLayer`` shares its row starts
+        between full layers, whose masks start at position 0; these are this layer's own)."""
+        self._finish_pending_write(attention_mask)
+        offset = (self.cumulative_length - self.max_cache_len).clamp(min=0)
+        row_start = (kv_start_from_mask(attention_mask, self._key_bytes.shape[0], self.device) + offset).int()
+        return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.cumulative_length, row_start,
+                                  *self._read_scales(), self.fmt, None, sliding_window=self.sliding_window,
+                                  ring=True)  # fmt: skip
 
     # -- update ------------------------------------------------------------------------------------------------
     def update(
@@ -92,6 +109,9 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         """Store K/V ``[B, H, S, D]`` in the ring and return what transformers' static sliding layer returns."""
         self._begin_update(key_states, value_states)
         seen, new, window = self.cumulative_length_int, key_states.shape[2], self.max_cache_len
+        if new == 1 and seen > 0 and self._serves_fp8_attention():  # our kernel reads the ring (attention_inputs)
+            self._store(key_states, value_states)
+            return self.keys, self.values
         if seen + new <= window:  # not wrapped: slot == position, the whole ring as transformers returns it
             self._store(key_states, value_states)
             return self._unwrapped_ring(key_states, value_states, exact=seen == 0)
@@ -134,7 +154,7 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *, exact: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All W slots dequantized (unwritten ones stale or zero, masked); a first prefill's tokens exact."""
-        key_out, value_out = self.dequantized()
+        key_out, value_out = super().dequantized()
         if exact:
             key_out[:, :, : key_states.shape[2]] = key_states
             value_out[:, :, : value_states.shape[2]] = value_states
@@ -145,6 +165,13 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         window = self.max_cache_len
         order = (torch.arange(window, device=self.device) + self.cumulative_length) % window
         return self._key_bytes.index_select(2, order), self._value_bytes.index_select(2, order)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decode step's ``update`` returns on the other read paths, for a call our attention's kernel does not
+        serve: the W slots oldest first once the ring has wrapped, else all of them in slot order."""
+        if self.cumulative_length_int > self.max_cache_len:
+            return self._dequantize(*self._oldest_first())
+        return super().dequantized()
 
     def _last_stored(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the bytes of the last ``tokens`` stored tokens, oldest first."""

@@ -180,10 +180,10 @@ def _output_factor(m, total, v_scale, sink_ptrs, sink_mask, HAS_SINKS: tl.conste
 @triton.jit
 def _attend_fp8_blocks(
     q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
-    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
+    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, ring_slots,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
-    TOKEN_SCALES: tl.constexpr, NEW_TOKEN: tl.constexpr = False,
+    TOKEN_SCALES: tl.constexpr, NEW_TOKEN: tl.constexpr = False, RING: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax over the fp8 key blocks at lo, lo + BLOCK_N, ... below hi of the (b, h) whose keys start at
     block_base (contiguous rows of D bytes). Addressing: a 64-bit block pointer plus int32 offsets inside the block
@@ -193,7 +193,10 @@ def _attend_fp8_blocks(
     (masked blocks only): position new_position takes the codes new_k_codes / new_v_codes ``[BLOCK_D]`` from
     registers (the step's own token, which this program also writes to the cache), not from memory. TOKEN_SCALES:
     each key's and value's bf16 scale is read beside its codes (``[B, H, capacity]``, so the (b, h) row's scales start
-    at block_base / D) and goes to ``_attend_block``; codes are int8 or fp8 (``CODE_DTYPE``)."""
+    at block_base / D) and goes to ``_attend_block``; codes are int8 or fp8 (``CODE_DTYPE``). RING: n counts
+    slots of a ring of ``ring_slots`` below kv_end, and slot n holds the latest position p <= L - 1 (L - 1 is
+    ``new_position``) with p % ring_slots == n (negative before the ring's first wrap: never written), which the
+    masks compare."""
     k_block = k_cache_ptr + block_base + lo.to(tl.int64) * D
     v_block = v_cache_ptr + block_base + lo.to(tl.int64) * D
     k_scales = k_scale_ptr + block_base // D + lo.to(tl.int64)
@@ -202,7 +205,12 @@ def _attend_fp8_blocks(
     tile_d_valid = (tl.arange(0, BLOCK_D)[None, :] < D) | (BLOCK_D == D)
     for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         n = start + tl.arange(0, BLOCK_N)
-        n_valid = (n >= kv_first) & (n < kv_end)
+        if RING:  # slot -> position (% on non-negative operands: the GPU's truncates, the interpreter's floors)
+            n_valid = n < kv_end
+            n = new_position - (new_position - n + ring_slots) % ring_slots
+            n_valid = n_valid & (n >= kv_first)
+        else:
+            n_valid = (n >= kv_first) & (n < kv_end)
         if MASKED:
             kv_mask = n_valid[:, None] & tile_d_valid
         else:
@@ -257,12 +265,13 @@ def _decode_attention_kernel(
     stride_nkb, stride_nkh, stride_nkd, stride_nvb, stride_nvh, stride_nvd,
     scale_stride_h,
     H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start, window, softcap,
+    ring_slots,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
     NEW_TOKEN: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
-    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr,
+    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -271,8 +280,12 @@ def _decode_attention_kernel(
     h = pid_bh % H
     if LENGTH_IN_MEMORY:  # the filled length lives on the device; share its blocks among the launched splits
         L = tl.load(length_ptr).to(tl.int32)
-        recent_start = L
-        key_blocks = tl.cdiv(L - _first_key_block(L, SQ, window, BLOCK_N, SLIDING), BLOCK_N)
+        if RING:  # the written slots
+            recent_start = tl.minimum(L, ring_slots)
+            key_blocks = tl.cdiv(recent_start, BLOCK_N)
+        else:
+            recent_start = L
+            key_blocks = tl.cdiv(L - _first_key_block(L, SQ, window, BLOCK_N, SLIDING), BLOCK_N)
         blocks_per_split = tl.cdiv(key_blocks, tl.num_programs(1))
 
     # query rows of this tile: r = g * SQ + i -> query head h * G + g at position L - SQ + i
@@ -321,21 +334,27 @@ def _decode_attention_kernel(
         # blocks from the one holding the first row's window start on (blocks below are never read)
         if not TOKEN_SCALES:  # (per-token key scales multiply each logit in _attend_fp8_blocks)
             qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
-        lo = _first_key_block(L, SQ, window, BLOCK_N, SLIDING) + split * blocks_per_split * BLOCK_N
-        hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
-        lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
         # Blocks in [inner_lo, inner_hi) hold only keys that are valid and visible to every row: they skip all
         # masking (3 % faster at 8x32768 on the H200) and are software-pipelined; the partial blocks around them (at
         # most one below, two above; with a sliding window, below also those the first rows' windows cut) are
         # masked and not pipelined.
-        inner_lo = tl.maximum(lo, tl.cdiv(kv_first, BLOCK_N) * BLOCK_N)
-        if SLIDING:  # the last row's window starts at L - window
-            inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(L - window, 0), BLOCK_N) * BLOCK_N)
-        inner_lo = tl.minimum(inner_lo, hi)
-        if NEW_TOKEN:  # the new token (position L - 1) stays in a masked block: it is read from registers
-            inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - 1) // BLOCK_N) * BLOCK_N)
+        if RING:  # slots: all valid and visible once the ring is full and the row's padding lies before it
+            lo = split * blocks_per_split * BLOCK_N
+            hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
+            inner_lo = tl.where((L >= ring_slots) & (kv_first <= L - ring_slots), lo, hi)
+            inner_hi = tl.maximum(inner_lo, (hi // BLOCK_N) * BLOCK_N)  # whole blocks only: the ring may end inside one
         else:
-            inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
+            lo = _first_key_block(L, SQ, window, BLOCK_N, SLIDING) + split * blocks_per_split * BLOCK_N
+            hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
+            lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
+            inner_lo = tl.maximum(lo, tl.cdiv(kv_first, BLOCK_N) * BLOCK_N)
+            if SLIDING:  # the last row's window starts at L - window
+                inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(L - window, 0), BLOCK_N) * BLOCK_N)
+            inner_lo = tl.minimum(inner_lo, hi)
+            if NEW_TOKEN:  # the new token (position L - 1) stays in a masked block: it is read from registers
+                inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - 1) // BLOCK_N) * BLOCK_N)
+            else:
+                inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
         block_base = b * stride_cb + h * stride_ch
         new_position = L - 1
         new_k_codes = tl.zeros([BLOCK_D], tl.uint8)
@@ -357,21 +376,22 @@ def _decode_attention_kernel(
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, D,
-                                           BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
-                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
-                                           NEW_TOKEN=NEW_TOKEN)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
+                                           ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True,
+                                           STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
+                                           NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, D,
-                                           BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=False, STAGES=None,
-                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
+                                           ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=False,
+                                           STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP,
+                                           TOKEN_SCALES=TOKEN_SCALES)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, D,
-                                           BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True, STAGES=1,
-                                           SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
-                                           NEW_TOKEN=NEW_TOKEN)  # fmt: skip
+                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
+                                           ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True,
+                                           STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
+                                           NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
 
     if TOKEN_SCALES:  # each value's own scale went in before P @ V
         v_scale = 1.0
@@ -524,7 +544,7 @@ def _code_dtype(fmt: StorageFormat) -> tl.dtype:
 
 @functools.lru_cache(maxsize=256)  # one pair per plan and options: decode asks again every step
 def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_in_memory: bool, sliding: bool,
-                 softcap: bool, sinks: bool, new_token: bool, token_scales: bool,
+                 softcap: bool, sinks: bool, new_token: bool, token_scales: bool, ring: bool,
                  num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
     """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
     read-only: the launch memo compares them by identity first)."""
@@ -534,7 +554,7 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
         CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales,
         DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
         WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
-        SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token,
+        SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token, RING=ring,
         MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"], FNUZ=codec["FNUZ"],
         num_warps=plan.num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
@@ -597,18 +617,21 @@ def decode_attention(
     num_stages: int | None = None,
     memo: LaunchMemo | None = None,
     new: NewTokens | None = None,
+    ring: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` tokens -> ``[B, Sq, Hq, D]``: fp8
     tokens, except those of the exact ``recent`` window when given, with an optional ``sliding_window``, learned
     ``sinks`` and logit ``softcap`` (see ``kernels.decode_attention``). With ``new`` (Sq = 1), the query's own K/V
-    is quantized into the cache at ``kv_length - 1`` by the same launch (``new_tokens.py``).
+    is quantized into the cache at ``kv_length - 1`` by the same launch (``new_tokens.py``). With ``ring`` the caches
+    are a ring of ``capacity`` slots holding the last positions before ``kv_length`` (a device tensor), position p at
+    slot ``p % capacity`` (see ``kernels.decode_attention``).
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``. ``memo``: the caller's
     ``LaunchMemo`` (``launch.py``), which relaunches the compiled kernels with less host work.
     """
     check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
-                           recent, sliding_window, sinks, softcap, new)  # fmt: skip
+                           recent, sliding_window, sinks, softcap, new, ring)  # fmt: skip
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H
@@ -655,10 +678,11 @@ def decode_attention(
     )  # fmt: skip
     fp8_meta, window_meta = _launch_meta(plan, fmt, query.dtype == torch.float32, length_tensor is not None,
                                          sliding_window is not None, softcap is not None, sinks is not None,
-                                         new_token, key_scale.dim() == 3, num_stages)  # fmt: skip
+                                         new_token, key_scale.dim() == 3, ring, num_stages)  # fmt: skip
     # with a softcap the logit scale carries the tanh's 2 / softcap, and softcap * log2(e) rescales (_softcapped)
     logit_scale = sm_scale * _LOG2E if softcap is None else sm_scale * 2 * _LOG2E / softcap
-    window_args = (logit_scale, recent.keys.shape[2], recent.start, sliding_window or 0, (softcap or 0.0) * _LOG2E)
+    window_args = (logit_scale, recent.keys.shape[2], recent.start, sliding_window or 0, (softcap or 0.0) * _LOG2E,
+                   key_cache.shape[2])  # fmt: skip
     if plan.splits:  # slots 0 .. splits - 1
         launch(
             _decode_attention_kernel,

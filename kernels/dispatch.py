@@ -199,6 +199,7 @@ def decode_attention(
     softcap: float | None = None,
     memo: LaunchMemo | None = None,
     new: NewTokens | None = None,
+    ring: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
 
@@ -218,14 +219,18 @@ def decode_attention(
     (Gemma's ``query_pre_attn_scalar ** -0.5``). ``memo``: as for ``quantize_append_kv``. ``new`` (one query
     token): its own K/V, written into the cache at ``kv_length - 1`` first, by the same launch on the Triton path
     (``new_tokens.py``); the cache then holds what ``quantize_append_kv`` would have written.
+
+    ``ring`` (one query token, ``kv_length`` a device tensor, a ``sliding_window`` of at least the capacity): the
+    caches are a ring of ``capacity`` slots, position p at slot ``p % capacity``, holding the last ``capacity``
+    positions before ``kv_length`` (the static sliding layer's storage); ``kv_start`` is in positions.
     """
     arguments = (query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt)
     if not uses_triton(query):
-        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap, new)
+        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap, new, ring)
         return reference.decode_attention_ref(*arguments, sm_scale, out, recent, sliding_window=sliding_window,
-                                              sinks=sinks, softcap=softcap, new=new)  # fmt: skip
+                                              sinks=sinks, softcap=softcap, new=new, ring=ring)  # fmt: skip
     from .attention import decode_attention as run  # validates the arguments itself
 
     with _on_device_of(query):
         return run(*arguments, sm_scale, out, recent, sliding_window=sliding_window, sinks=sinks, softcap=softcap,
-                   memo=memo, new=new)  # fmt: skip
+                   memo=memo, new=new, ring=ring)  # fmt: skip

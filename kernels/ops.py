@@ -126,17 +126,18 @@ def decode_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    ring: bool = False,
 ) -> torch.Tensor:
     """``kernels.decode_attention`` over the first ``kv_length`` (a one-element device tensor) tokens, with its
-    optional sliding window, sinks and softcap."""
+    optional sliding window, sinks and softcap, over a ring of slots with ``ring``."""
     return dispatch.decode_attention(
         query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, storage_format_named(fmt), sm_scale,
-        sliding_window=sliding_window, sinks=sinks, softcap=softcap,
+        sliding_window=sliding_window, sinks=sinks, softcap=softcap, ring=ring,
     )  # fmt: skip
 
 
 @decode_attention.register_fake
 def _(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, sliding_window=None,
-      sinks=None, softcap=None) -> torch.Tensor:  # fmt: skip
+      sinks=None, softcap=None, ring=False) -> torch.Tensor:  # fmt: skip
     B, Hq, Sq, D = query.shape
     return query.new_empty(B, Sq, Hq, D)

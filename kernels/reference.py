@@ -90,6 +90,7 @@ def decode_attention_ref(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     new: NewTokens | None = None,
+    ring: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``
     (with ``new``, the query's own K/V are first quantized into the cache at ``kv_length - 1``). Scales per tensor, per
@@ -99,9 +100,17 @@ def decode_attention_ref(
     ``kernels.RecentWindow``) taken exactly from its ring: query row i (position ``kv_length - Sq + i``) sees positions
     ``kv_start[b]`` up to its own. Values outside ``[kv_start, kv_length)`` count as zero and a row that sees no
     key gives zeros, as in the kernel (so do values below every row's sliding window). Output in the query's dtype
-    (into ``out`` when given).
+    (into ``out`` when given). With ``ring`` (a ring of ``capacity`` slots, position p at slot ``p % capacity``), the
+    written slots are first put in position order, oldest first, and the positions shifted to start at 0.
     """
     kv_length = int(kv_length)  # an int or a one-element tensor
+    if ring:
+        capacity = key_cache.shape[2]
+        filled = min(kv_length, capacity)
+        order = (torch.arange(filled, device=key_cache.device) + kv_length - filled) % capacity
+        key_cache, value_cache = key_cache.index_select(2, order), value_cache.index_select(2, order)
+        kv_start = (kv_start.long() - (kv_length - filled)).clamp(min=0)
+        kv_length = filled
     if new is not None:  # (the checks allow new tokens with per-tensor / per-head fp8 scales only)
         quantize_append_kv_ref(new.keys, new.values, key_cache, value_cache, kv_length - 1, new.key_inv_scale,
                                new.value_inv_scale, cast(FP8Format, fmt))  # fmt: skip

@@ -309,6 +309,78 @@ def test_window_sinks_and_softcap_match_oracle_and_twin(name, num_splits):
         assert _relative_error(out, _oracle(*args)) > 10 * TOLERANCE[dtype]
 
 
+def _as_ring(args, slots):
+    """The one-query case ``args`` (caches of exactly L tokens) with its caches moved into a ring of ``slots`` slots,
+    as the static sliding layer stores them: position p at slot p % slots for the last min(L, slots) positions,
+    never-written slots poisoned; the length as a device tensor."""
+    query, key_cache, value_cache, L = args[:4]
+    rings = []
+    for cache in (key_cache, value_cache):
+        ring = torch.full((*cache.shape[:2], slots, cache.shape[3]), NAN_CODE, dtype=torch.uint8, device=DEVICE)
+        for p in range(max(L - slots, 0), L):
+            ring[:, :, p % slots] = cache[:, :, p]
+        rings.append(ring)
+    return (query, *rings, torch.tensor(L, device=DEVICE), *args[4:])
+
+
+# A ring before its first wrap, after one and after several; padding before the ring's oldest position, and inside
+# it (row 1 of the second case starts at 270 of 300 with 64 slots); the window equal to the ring (the static sliding
+# layer's usual case: the ring is min(window, max_cache_len)) or above it before the wrap; a ring that ends inside
+# a key block (48 slots).
+@pytest.mark.parametrize(
+    "L, slots, kv_start, window",
+    [
+        (50, 64, [0, 20], 64),
+        (50, 64, [3, 0], 100),
+        (300, 64, [0, 270], 64),
+        (300, 48, [0, 270], 48),
+        (1000, 128, [0, 3], 128),
+    ],
+)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_ring_of_slots_matches_the_same_positions_in_order(L, slots, kv_start, window, num_splits):
+    dtype = torch.float16 if num_splits != 1 else torch.float32
+    args = _case(2, 2, 4, 1, 64, L, kv_start, dtype=dtype, seed=L + slots, spare=0)
+    expected = _oracle(*args, sliding_window=window)
+    ring = _as_ring(args, slots)
+    out = attention.decode_attention(*ring, sliding_window=window, num_splits=num_splits, ring=True)
+    assert _relative_error(out, expected) < TOLERANCE[dtype]
+    assert _relative_error(reference.decode_attention_ref(*ring, sliding_window=window, ring=True),
+                           expected) < TOLERANCE[dtype]  # fmt: skip
+    operator = ops.decode_attention(*ring[:7], ring[7].name, ring[8], sliding_window=window, ring=True)
+    assert _relative_error(operator, expected) < TOLERANCE[dtype]
+    if L > slots:  # read as a plain cache, the slots would be the wrong positions
+        plain = attention.decode_attention(*ring, sliding_window=window)
+        assert _relative_error(plain, expected) > 10 * TOLERANCE[dtype]
+
+
+def test_ring_with_sinks_and_softcap():
+    args = _case(2, 2, 4, 1, 64, 200, [0, 150], dtype=torch.bfloat16, seed=7, spare=0)
+    options = dict(sliding_window=48, sinks=_sinks(8, seed=5), softcap=3.0)
+    out = attention.decode_attention(*_as_ring(args, 48), ring=True, **options)
+    assert _relative_error(out, _oracle(*args, **options)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("int_length", "a ring is read for one query token with a device kv_length"),
+        ("two_queries", "got 2 query tokens"),
+        ("narrow_window", "a ring of 64 slots needs a sliding window of at least 64, got 63"),
+        ("no_window", "a ring of 64 slots needs a sliding window of at least 64, got None"),
+    ],
+)
+def test_rejects_a_ring_it_cannot_read(change, message):
+    args = list(_as_ring(_case(2, 2, 4, 1, 64, 100, [0, 1], spare=0), 64))
+    window = dict(narrow_window=63, no_window=None).get(change, 64)
+    if change == "int_length":
+        args[3] = 100
+    if change == "two_queries":
+        args[0] = torch.cat([args[0], args[0]], dim=2)
+    with pytest.raises(ValueError, match=message):
+        kernels.decode_attention(*args, sliding_window=window, ring=True)
+
+
 @pytest.mark.parametrize("Sq, window", [(1, 40), (4, 40), (4, 1)])
 def test_sliding_window_reads_no_block_below_the_window(Sq, window):
     # every key below the first block holding the first row's window start is NaN: reading one would give NaN
@@ -410,6 +482,16 @@ def test_window_sinks_softcap_on_gpu_match_the_twin(Sq, dtype):
         assert _relative_error(attention.decode_attention(*args, **options), oracle) < TOLERANCE[dtype]
         device_length = (*args[:3], torch.tensor(5000, device=DEVICE), *args[4:])
         assert _relative_error(kernels.decode_attention(*device_length, **options), oracle) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [1024, 1000])
+def test_ring_on_gpu_matches_the_same_positions_in_order(slots):
+    """The compiled kernel over a wrapped ring (one-warp programs, real splits; a ring ending inside a key block)."""
+    args = _case(4, 8, 4, 1, 128, 5000, [0, 700, 4500, 4990], dtype=torch.bfloat16, seed=slots, spare=0)
+    options = dict(sliding_window=slots, sinks=_sinks(32, seed=3))
+    out = kernels.decode_attention(*_as_ring(args, slots), ring=True, **options)
+    assert _relative_error(out, _oracle(*args, **options)) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)

@@ -254,14 +254,16 @@ def test_exact_recent_window_is_refused_on_sliding_layers():
         _layer(MAX_CACHE_LEN, residual_length=4)
 
 
-def test_compiled_decode_traces_whole_steps_and_equals_eager(torch_path):
+@pytest.mark.parametrize("family, attention", [("mistral", "sdpa"), ("gemma3", ATTENTION_NAME)])
+def test_compiled_decode_traces_whole_steps_and_equals_eager(family, attention, torch_path):
     """torch.compile(fullgraph=True) over 12 decode steps from a 4-token prompt (filling the ring, then 8 steps
-    past the window): no graph breaks, the eager tokens and logits. Three frames, as for transformers' own static
-    sliding layer: the first step, the host length turning dynamic, the ring's first wrap."""
+    past the window): no graph breaks, the eager tokens and logits. At most three frames, as for transformers' own
+    static sliding layer: the first step, the host length turning dynamic, the ring's first wrap. Through SDPA the
+    layer hands over its dequantized ring; through ours (Gemma 3: sliding and full layers) the kernel reads it."""
     from test_static_cache import _decode_steps
 
     torch._dynamo.reset()
-    model = _model("mistral", "sdpa")
+    model = _model(family, attention)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model.forward, backend=counter, fullgraph=True)
     ids = _prompts(*PROMPTS["short"])[0]
@@ -270,8 +272,35 @@ def test_compiled_decode_traces_whole_steps_and_equals_eager(torch_path):
                                                ids, 12)  # fmt: skip
     assert counter.frame_count <= 3
     assert_equal(tokens, eager_tokens)
-    # measured max |difference| 8.9e-8: SDPA traced and decomposed by AOTAutograd (the cache's values are the same)
+    # measured max |difference| 8.9e-8 through SDPA (traced and decomposed by AOTAutograd; the cache's values are
+    # the same), 0 through ours (the same kernel calls)
     assert (logits - eager_logits).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_our_attention_reads_the_ring_in_place_on_decode_steps(family, torch_path, monkeypatch):
+    """With our attention every decode step of a sliding layer goes to the decode kernel as a ring (no dequantized
+    copy): one ring call per sliding layer and step, the first prefill excepted; the layer is then compileable, and
+    with SDPA it is not (its dequantized ring would be a CUDA-graph output)."""
+    import hf_fp8cache.attention as attention_module
+
+    calls = []
+    original = attention_module.ops.decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("ring", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.ops, "decode_attention", counting)
+    model = _model(family, ATTENTION_NAME)
+    cache = FP8StaticCache(model.config, max_cache_len=MAX_CACHE_LEN)
+    _generate(model, cache, "long", new_tokens=12)
+    sliding = sum(layer.is_sliding for layer in cache.layers)
+    assert calls.count(True) == sliding * 11  # 11 decode steps after the prefill
+    assert calls.count(False) == (len(cache.layers) - sliding) * 11
+    assert cache.is_compileable and all(layer.is_compileable for layer in cache.layers)
+    model.set_attn_implementation("sdpa")
+    assert not cache.is_compileable
 
 
 def _layer(max_cache_len: int, **kwargs) -> FP8StaticSlidingLayer:
@@ -282,11 +311,15 @@ def _layer(max_cache_len: int, **kwargs) -> FP8StaticSlidingLayer:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family, attention", [("mistral", "sdpa"), ("gemma3", ATTENTION_NAME)])
-def test_generate_runs_the_static_sliding_cache_eagerly_and_equals_the_oracle(family, attention):
-    """On CUDA generate compiles a cache only when all its layers are compileable; a sliding layer is not (yet: its
-    dequantized ring was overwritten between CUDA-graph replays), so generate runs these steps eagerly and the tokens
-    equal the oracle's, decoding past the window."""
+@pytest.mark.parametrize(
+    "family, attention, compiled",
+    [("mistral", "sdpa", False), ("gemma3", ATTENTION_NAME, True), ("gpt-oss", ATTENTION_NAME, True)],
+)
+def test_generate_compiles_sliding_layers_only_through_our_attention_and_equals_the_oracle(family, attention, compiled):
+    """On CUDA generate compiles a cache only when all its layers are compileable: a sliding layer is when our
+    attention reads its ring in place, not when it hands a dequantized ring to SDPA (a CUDA-graph output the next
+    replay overwrote before the next step read it). Either way the tokens equal the oracle's, decoding past the
+    window."""
     model = _model(family, attention).cuda()  # fp32: no bf16 rounding between the compiled and the eager graph
     ids, mask = (t.cuda() for t in _prompts(3, 11))
 
@@ -295,7 +328,7 @@ def test_generate_runs_the_static_sliding_cache_eagerly_and_equals_the_oracle(fa
                               **{cache_keyword(model): cache}, **kwargs)  # fmt: skip
 
     cache = FP8StaticCache(model.config, max_cache_len=MAX_CACHE_LEN)
-    assert not cache.is_compileable
+    assert cache.is_compileable == compiled
     tokens = greedy(cache)
-    assert not hasattr(model, "_compiled_call")  # generate stayed eager
+    assert hasattr(model, "_compiled_call") == compiled
     assert_equal(tokens, greedy(fake_fp8_static_cache(model.config, MAX_CACHE_LEN), disable_compile=True))
