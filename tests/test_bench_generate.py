@@ -166,7 +166,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
     assert by["dynamic"]["status"] == by["fp8+attn"]["status"] == "ok"  # measured after the OOM, with its attention
     fp8 = LAYERS * 2 * KV_HEADS * (8 + 2) * HEAD_DIM  # batch 1, 8 + 2 tokens, one byte each; the model is fp32
     assert by["fp8+attn"]["kv_bytes_vs_dynamic"] == pytest.approx((fp8 + SCALE_BYTES) / (4 * fp8))
-    assert any(line.split()[1:] == ["fp8", *["-"] * 10, "-", "OOM"] for line in capsys.readouterr().out.splitlines())
+    assert any(line.split()[1:] == ["fp8", *["-"] * 11, "-", "OOM"] for line in capsys.readouterr().out.splitlines())
 
 
 @pytest.mark.parametrize(
