@@ -150,6 +150,23 @@ def test_rounds_take_each_ratio_within_its_round_then_the_median(tmp_path, monke
     assert fp8["ms_per_token_vs_dynamic"] == pytest.approx(1.5) and dynamic["rounds"] == 3
 
 
+def test_warmup_tokens_warm_up_on_the_prompts_start_and_time_the_whole_prompt(tmp_path, monkeypatch):
+    real = generate._timed_generate
+    prompts = []
+
+    def recording(model, inputs, new_tokens, cache, extra):
+        prompts.append((new_tokens, tuple(inputs["input_ids"].shape), tuple(inputs["attention_mask"].shape)))
+        return real(model, inputs, new_tokens, cache, extra)
+
+    monkeypatch.setattr(generate, "_timed_generate", recording)
+    with quick_cpu():
+        rows = run_generate_benchmark(cases=((2, 12),), model_shape="tiny", new_tokens=3, device="cpu",
+                                      configs=["fp8-static+attn"], out_dir=tmp_path, warmup_tokens=5)  # fmt: skip
+    # two warm-up calls on 5 tokens, then the timed pair on all 12
+    assert prompts == [(4, (2, 5), (2, 5)), (1, (2, 5), (2, 5)), (4, (2, 12), (2, 12)), (1, (2, 12), (2, 12))]
+    assert rows[0]["status"] == "ok" and rows[0]["warmup_tokens"] == 5
+
+
 def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     def no_memory(config, max_cache_len):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
@@ -179,6 +196,11 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
         ({"configs": ["dynamic", "fp9"]}, r"configs must be among \['dynamic', .*got \['dynamic', 'fp9'\]"),
         ({"model_shape": "llama-70b"}, "model_shape must be one of .*got 'llama-70b'"),
         ({"sdpa": "fastest"}, "sdpa must be one of .*got 'fastest'"),
+        ({"warmup_tokens": 0}, "warmup_tokens must be None or an int >= 1, got 0"),
+        (
+            {"warmup_tokens": 16, "configs": ["dynamic", "static", "fp8-attach-graphs+attn"]},
+            r"warmup_tokens cannot warm up \['static', 'fp8-attach-graphs\+attn'\]: their cache is sized per call",
+        ),
     ],
 )
 def test_bad_settings_are_refused_by_name_before_building_a_model(kwargs, match, monkeypatch, tmp_path):

@@ -10,9 +10,12 @@ random ids ``[B, L]``; greedy, ``min_new_tokens = max_new_tokens`` (no early sto
 
 Per token: ``(t(generate N+1 tokens) - t(generate 1 token)) / N`` (N = 64 by default): the prefill and generate's
 set-up cancel, the N decode steps remain with everything generate does around each forward. Each configuration
-first generates N+1 and then 1 token untimed (Triton kernels and torch.compile compile there), then ``repeats``
-timed pairs; a row gives the median of the pairs' per-token times, tokens/s = B / that time, and the median 1-token
-time as the time to first token. ``torch.cuda.synchronize`` before and after every timed call.
+first generates N+1 and then 1 token untimed (Triton kernels and torch.compile compile there; with
+``warmup_tokens`` from the first that many prompt tokens only, which compiles the same kernels and graphs at a
+fraction of a long prefill's cost -- refused for the configurations whose cache is sized per call, ``static`` and
+``fp8-attach-*``, which would compile again for the timed calls' length), then ``repeats`` timed pairs; a row
+gives the median of the pairs' per-token times, tokens/s = B / that time, and the median 1-token time as the time to
+first token. ``torch.cuda.synchronize`` before and after every timed call.
 
 Rounds: with ``rounds`` R > 1 the whole sequence of configurations runs R times in turn (A B C, A B C, ...), and a
 row gives the median over the rounds of each value and of each ratio to the same round's ``dynamic`` row
@@ -222,7 +225,7 @@ def _timed_generate(model, inputs: dict[str, torch.Tensor], new_tokens: int, cac
 
 
 def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor], new_tokens: int,
-             repeats: int) -> dict[str, Any]:  # fmt: skip
+             repeats: int, warmup_tokens: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Warm-up, then ``repeats`` timed (N+1, 1)-token pairs with one configuration; the row's measured fields."""
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
@@ -234,16 +237,17 @@ def _measure(model, configuration: Configuration, inputs: dict[str, torch.Tensor
     make = configuration.make_cache
     shared = make(model.config, max_cache_len) if configuration.reuse_cache else None
 
-    def call(tokens: int):
+    def call(tokens: int, prompt: dict[str, torch.Tensor] = inputs):
         if shared is not None:
             shared.reset()
             cache = shared
         else:
             cache = None if make is None else make(model.config, max_cache_len)
-        return _timed_generate(model, inputs, tokens, cache, configuration.generate_kwargs)
+        return _timed_generate(model, prompt, tokens, cache, configuration.generate_kwargs)
 
-    call(new_tokens + 1)  # warm-up, the longer call first: a static cache generate makes keeps the longer length
-    call(1)
+    warmup = inputs if warmup_tokens is None else {name: t[:, :warmup_tokens] for name, t in inputs.items()}
+    call(new_tokens + 1, warmup)  # the longer call first: a static cache generate makes keeps the longer length
+    call(1, warmup)
     compiled = "_compiled_call" in model.__dict__ and not (configuration.attach_options or {}).get("cuda_graphs")
     long_s, short_s = [], []
     for repeat in range(repeats):
@@ -282,7 +286,8 @@ def _unmeasured(status: str) -> dict[str, Any]:
 
 
 def _run_configuration(model, configuration: Configuration, inputs, new_tokens: int, repeats: int,
-                       backend: str | None, baseline: str = "sdpa") -> dict[str, Any]:  # fmt: skip
+                       backend: str | None, baseline: str = "sdpa",
+                       warmup_tokens: int | None = None) -> dict[str, Any]:  # fmt: skip
     """One configuration's measured fields (or an ``OOM`` / ``skipped: ...`` row); the model goes back to its
     ``baseline`` attention after it."""
     missing = configuration.missing()
@@ -293,7 +298,7 @@ def _run_configuration(model, configuration: Configuration, inputs, new_tokens: 
     free_memory(device)
     try:
         with torch.no_grad(), sdpa_backend(backend):
-            measured = {**_measure(model, configuration, inputs, new_tokens, repeats), "status": "ok"}
+            measured = {**_measure(model, configuration, inputs, new_tokens, repeats, warmup_tokens), "status": "ok"}
     except torch.cuda.OutOfMemoryError:
         measured = _unmeasured("OOM")
     finally:
@@ -356,7 +361,8 @@ def _defaults(device, model_shape, cases, dtype):
     return dev, model_shape, cases, dtype
 
 
-def _check(cases, new_tokens: int, repeats: int, rounds: int, configs: Sequence[str], model_shape: str) -> None:
+def _check(cases, new_tokens: int, repeats: int, rounds: int, configs: Sequence[str], model_shape: str,
+           warmup_tokens: int | None = None) -> None:  # fmt: skip
     for name, value in (("new_tokens", new_tokens), ("repeats", repeats), ("rounds", rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -367,6 +373,13 @@ def _check(cases, new_tokens: int, repeats: int, rounds: int, configs: Sequence[
         raise ValueError(f"configs must be among {list(CONFIGURATIONS)}, got {list(configs)!r}")
     if model_shape not in MODEL_SHAPES:
         raise ValueError(f"model_shape must be one of {sorted(MODEL_SHAPES)}, got {model_shape!r}")
+    if warmup_tokens is not None:
+        if isinstance(warmup_tokens, bool) or not isinstance(warmup_tokens, int) or warmup_tokens < 1:
+            raise ValueError(f"warmup_tokens must be None or an int >= 1, got {warmup_tokens!r}")
+        sized_per_call = [name for name in configs if CONFIGURATIONS[name].make_cache is None]
+        if sized_per_call:
+            raise ValueError(f"warmup_tokens cannot warm up {sized_per_call}: their cache is sized per call, so the "
+                             "timed calls would compile again")  # fmt: skip
 
 
 def run_generate_benchmark(
@@ -380,6 +393,7 @@ def run_generate_benchmark(
     out_dir: str | Path = "results",
     sdpa: str | None = None,
     rounds: int = 1,
+    warmup_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Time ``model.generate`` with each configuration at every ``(B, L)``, ``rounds`` times in turn (module
     docstring); print, save and return the rows.
@@ -388,7 +402,7 @@ def run_generate_benchmark(
     shape in fp32 over ``CPU_CASES`` on CPU; every configuration."""
     dev, model_shape, cases, dtype = _defaults(device, model_shape, cases, dtype)
     configs = list(CONFIGURATIONS) if configs is None else list(configs)
-    _check(cases, new_tokens, repeats, rounds, configs, model_shape)
+    _check(cases, new_tokens, repeats, rounds, configs, model_shape, warmup_tokens)
     if sdpa is not None and sdpa not in SDPA_BACKENDS:
         raise ValueError(f"sdpa must be one of {SDPA_BACKENDS} or None, got {sdpa!r}")
     model = build_model(model_shape, dev, dtype)
@@ -396,7 +410,8 @@ def run_generate_benchmark(
     copy_tb_s = _copy_bandwidth_tb_s(dev)
     weight_bytes = parameter_bytes(model)
     env = {"model_shape": model_shape, "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
-           "repeats": repeats, "rounds": rounds, "sdpa_backend": sdpa or "default", "copy_tb_s": copy_tb_s,
+           "repeats": repeats, "rounds": rounds, "warmup_tokens": warmup_tokens, "sdpa_backend": sdpa or "default",
+           "copy_tb_s": copy_tb_s,
            **environment(dev)}  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -408,7 +423,8 @@ def run_generate_benchmark(
             case_rows = []
             for name in configs:
                 configuration = for_family(CONFIGURATIONS[name], baseline, getattr(model.config, "layer_types", None))
-                measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa, baseline)
+                measured = _run_configuration(model, configuration, inputs, new_tokens, repeats, sdpa, baseline,
+                                              warmup_tokens)  # fmt: skip
                 case_rows.append({"case": f"{B}x{L}", "B": B, "L": L, "config": name,
                                   "description": configuration.description, **measured,
                                   **_floor(measured, weight_bytes, copy_tb_s)})  # fmt: skip
@@ -477,6 +493,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="N: per token = (t(N+1) - t(1)) / N")
     parser.add_argument("--repeats", type=int, default=1, help="timed (N+1, 1) pairs; the median is reported")
     parser.add_argument("--rounds", type=int, default=1, help="runs of every configuration in turn; the median")
+    parser.add_argument("--warmup-tokens", type=int, default=None,
+                        help="warm up on the first W prompt tokens (default: the whole prompt)")  # fmt: skip
     parser.add_argument("--configs", default=None, help=f"comma list among {','.join(CONFIGURATIONS)} (default all)")
     parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
     parser.add_argument(
@@ -494,4 +512,5 @@ def run(args) -> list[dict[str, Any]]:
         args.cases, args.model_shape, args.new_tokens, args.repeats, args.device,
         getattr(torch, args.dtype) if args.dtype else None,
         args.configs.split(",") if args.configs else None, args.out_dir, args.sdpa_backend, args.rounds,
+        args.warmup_tokens,
     )  # fmt: skip
