@@ -24,11 +24,16 @@ What a graph bakes in, and why it stays valid:
 
 The first decode step of a signature runs eagerly (Triton compiles its kernels and the libraries make their
 workspaces outside the capture); the second captures and replays. Anything else goes where ``generate`` would send
-it, the model's own compiled call (``eager_reason``): caches with layers other than ``FP8StaticLayer`` (sliding-window
-rings, whose host-side token count feeds generate's mask sizes and would not advance through replays; hybrid
-states; transformers' static cache), models off the GPU or over several devices (``device_map``,
+it, the model's own compiled call (``eager_reason``): caches with layers other than ``FP8StaticLayer`` and the
+sliding-window rings our attention reads in place (hybrid states, rings handed to another attention, transformers'
+static cache), models off the GPU or over several devices (``device_map``,
 tensor parallelism), requests for attentions or hidden states (``generate`` keeps them across steps), arguments that
 are neither tensors nor plain values. A capture that fails warns and leaves that signature eager.
+
+A replay runs no Python: what a step's ``update`` changes on the host must be advanced by hand. Full static layers
+change nothing there; a sliding ring counts its tokens on the host (transformers' mask sizes are ints), so each
+replay but the one right after the capture (whose forward ran the update once) calls the ring's ``advance`` with
+the step's token count.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 import torch
 
 from .static_cache import FP8StaticCache, FP8StaticLayer
+from .static_sliding import FP8StaticSlidingLayer
 
 __all__ = ["DecodeGraphs", "eager_reason"]
 
@@ -65,8 +71,8 @@ def eager_reason(model, cache: Any, kwargs: dict[str, Any]) -> str | None:
     """Why a decode step cannot be replayed from a graph, or None when it can. A capture records the kernels of the
     current device's stream only: work on another GPU (``device_map`` over several, tensor parallelism's
     collectives) would run once during the capture and never again, so those models are left alone."""
-    if not isinstance(cache, FP8StaticCache) or any(type(layer) is not FP8StaticLayer for layer in cache.layers):
-        return "not a static cache of full-attention layers"
+    if not isinstance(cache, FP8StaticCache) or not all(_replayable(layer) for layer in cache.layers):
+        return "not a static cache of full-attention layers and rings read in place"
     if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
         return "the model is spread over several devices"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -76,6 +82,12 @@ def eager_reason(model, cache: Any, kwargs: dict[str, Any]) -> str | None:
     if any(kwargs.get(flag) for flag in _EAGER_FLAGS):
         return "attentions or hidden states are asked for"
     return None
+
+
+def _replayable(layer) -> bool:
+    """A static full-attention layer, or a sliding ring our attention reads in place (``is_compileable``): the
+    layers whose decode step has no host state a replay would miss but the ring's token count (``advance``)."""
+    return type(layer) is FP8StaticLayer or (type(layer) is FP8StaticSlidingLayer and layer.is_compileable)
 
 
 def _copy_into(static: Any, value: Any) -> None:
@@ -101,6 +113,10 @@ class _Graph:
     def __init__(self, model, kwargs: dict[str, Any], cache_name: str, pool) -> None:
         self.inputs = {name: _cloned(value) for name, value in kwargs.items() if name != cache_name}
         cache = kwargs[cache_name]
+        self.rings = [layer for layer in cache.layers if isinstance(layer, FP8StaticSlidingLayer)]
+        embedded = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        self.tokens = 1 if embedded is None else embedded.shape[1]  # a step's new tokens (its signature fixes them)
+        self.captured = True  # the capture ran the step's update on the host; later replays do not
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = model(**self.inputs, **{cache_name: cache})
@@ -108,6 +124,10 @@ class _Graph:
     def replay(self, kwargs: dict[str, Any]):
         for name, static in self.inputs.items():
             _copy_into(static, kwargs[name])
+        if not self.captured:
+            for ring in self.rings:
+                ring.advance(self.tokens)
+        self.captured = False
         self.graph.replay()
         output = self.output
         return type(output)(**{**output, "logits": output.logits.clone()})

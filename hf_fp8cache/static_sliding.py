@@ -207,6 +207,11 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
     def get_seq_length(self) -> int:
         return self.cumulative_length_int
 
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more on the host, for a decode step a CUDA graph replayed: its ``update`` ran on the
+        device only (``decode_graphs.py``), and the mask sizes read this count."""
+        self.cumulative_length_int += tokens
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """transformers' ``StaticSlidingWindowLayer.get_mask_sizes``: (length, first position) of what ``update``
         returns for ``query_length`` new tokens."""

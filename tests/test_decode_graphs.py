@@ -4,9 +4,11 @@
 import pytest
 import torch
 from helpers import tiny_llama
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, attach, detach
-from hf_fp8cache.decode_graphs import DecodeGraphs, _argument_signature, eager_reason
+from hf_fp8cache.contract import ATTENTION_NAME
+from hf_fp8cache.decode_graphs import DecodeGraphs, _argument_signature, _Graph, eager_reason
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -63,7 +65,9 @@ def test_eager_reasons(torch_path, monkeypatch):
     are reached first)."""
     model = tiny_llama(seed=3)
     static = FP8StaticCache(model.config, 16)
-    assert eager_reason(model, FP8Cache(model.config), {}) == "not a static cache of full-attention layers"
+    assert eager_reason(model, FP8Cache(model.config), {}) == (
+        "not a static cache of full-attention layers and rings read in place"
+    )
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}  # a capture would miss the second GPU's work
     assert eager_reason(model, static, {}) == "the model is spread over several devices"
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 0}
@@ -95,3 +99,39 @@ def test_signature_follows_inputs_attention_and_weight_addresses(torch_path, mon
     assert moved != first
     model.config._attn_implementation = "eager"
     assert signature(torch.tensor([[5], [7]])) != moved
+
+
+def test_sliding_rings_replay_only_when_our_attention_reads_them(torch_path):
+    """A static cache with sliding rings is replayable when our attention reads the rings in place (they are
+    compileable), not when they hand a dequantized ring to SDPA."""
+    from test_sliding import _model
+
+    model = _model("gemma3", ATTENTION_NAME)
+    cache = FP8StaticCache(model.config, 16)
+    assert eager_reason(model, cache, {}) == "the model is not on a GPU"  # the layers passed
+    model.set_attn_implementation("sdpa")
+    assert eager_reason(model, cache, {}) == "not a static cache of full-attention layers and rings read in place"
+
+
+def test_a_replay_advances_the_rings_host_count_except_right_after_its_capture():
+    """A replay runs no Python: each replay but the first (the capture ran the step's update) advances every ring's
+    host-side token count by the step's tokens, which the next mask sizes read."""
+
+    class Ring:
+        count = 0
+
+        def advance(self, tokens):
+            self.count += tokens
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    graph = _Graph.__new__(_Graph)
+    graph.inputs, graph.rings, graph.tokens, graph.captured, graph.graph = {}, [Ring(), Ring()], 1, True, Graph()
+    graph.output = CausalLMOutputWithPast(logits=torch.zeros(1))
+    for _ in range(4):
+        graph.replay({})
+    assert graph.graph.replays == 4 and [ring.count for ring in graph.rings] == [3, 3]

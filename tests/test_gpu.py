@@ -179,6 +179,20 @@ def test_attach_static_compiles_once_for_calls_of_one_size_and_equals_eager_fp8(
     assert_equal(second, eager)
 
 
+def _graphed_generates(model, prompts, options) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Under attach(static=True, cuda_graphs=True), one generate per (ids, mask) prompt: its tokens and the graphs'
+    (captures, replays) after it."""
+    attach(model, attention=True, static=True, cuda_graphs=True)
+    try:
+        graphs, results = model.get_compiled_call(None), []
+        for ids, mask in prompts:
+            tokens = model.generate(input_ids=ids, attention_mask=mask, **options)
+            results.append((tokens, (graphs.captures, graphs.replays)))
+    finally:
+        detach(model)
+    return results
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attach_cuda_graphs_replays_decode_steps_without_compiling_and_equals_eager_steps(dtype):
     """attach(static=True, cuda_graphs=True): the first decode step of a signature runs eagerly, the second is
@@ -192,17 +206,12 @@ def test_attach_cuda_graphs_replays_decode_steps_without_compiling_and_equals_ea
     wider_ids, wider_mask = left_padded_prompts(3, 30, pads=lambda row: 5 * row, pad_id=None, seed=6, device="cuda")
     options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     compiles = dynamo_utils.counters["stats"]["unique_graphs"]
-    attach(model, attention=True, static=True, cuda_graphs=True)
-    try:
-        graphs = model.get_compiled_call(None)
-        first = model.generate(input_ids=ids, attention_mask=mask, **options)
-        assert (graphs.captures, graphs.replays) == (1, 10)  # 11 decode steps: one eager, then captured + replayed
-        second = model.generate(input_ids=ids, attention_mask=mask, **options)
-        assert (graphs.captures, graphs.replays) == (1, 21)  # the kept cache: every decode step replays
-        wider = model.generate(input_ids=wider_ids, attention_mask=wider_mask, **options)
-        assert graphs.captures == 2  # another batch: a new cache, its own graph
-    finally:
-        detach(model)
+    (first, counts), (second, kept), (wider, other) = _graphed_generates(
+        model, [(ids, mask), (ids, mask), (wider_ids, wider_mask)], options
+    )
+    assert counts == (1, 10)  # 11 decode steps: one eager, then captured + replayed
+    assert kept == (1, 21)  # the kept cache: every decode step replays
+    assert other[0] == 2  # another batch: a new cache, its own graph
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiles  # nothing compiled
 
     def eager_steps(ids, mask):  # the cache attach makes (30 + 12 tokens: the 256 minimum), never compiled or captured
@@ -213,6 +222,25 @@ def test_attach_cuda_graphs_replays_decode_steps_without_compiling_and_equals_ea
     assert_equal(first, eager_steps(ids, mask))
     assert_equal(second, first)
     assert_equal(wider, eager_steps(wider_ids, wider_mask))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt-oss"])
+def test_attach_cuda_graphs_replays_sliding_rings_and_equals_eager_steps(family):
+    """attach(static=True, cuda_graphs=True) on models with sliding layers whose rings our attention reads in place:
+    decode steps replay past the 6-token window (each replay advances the rings' host-side count, which the next
+    mask sizes read), a second call with the kept cache replays every step, and the tokens equal the same static
+    cache run eagerly."""
+    from test_sliding import _model
+
+    model = _model(family, ATTENTION_NAME).cuda()
+    ids, mask = left_padded_prompts(2, 11, pads=lambda row: 3 * row, pad_id=None, seed=7, device="cuda")
+    options = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    (first, counts), (second, kept) = _graphed_generates(model, [(ids, mask), (ids, mask)], options)
+    assert counts == (1, 14) and kept == (1, 29)  # 15 decode steps: one eager, then captured + replayed; then all
+    eager = model.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **options,
+                           **{cache_keyword(model): FP8StaticCache(model.config, 256)})  # fmt: skip
+    assert_equal(first, eager)
+    assert_equal(second, eager)
 
 
 @pytest.mark.parametrize("family", ["qwen3-next", "falcon-h1"])
