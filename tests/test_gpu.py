@@ -179,10 +179,10 @@ def test_attach_static_compiles_once_for_calls_of_one_size_and_equals_eager_fp8(
     assert_equal(second, eager)
 
 
-def _graphed_generates(model, prompts, options) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-    """Under attach(static=True, cuda_graphs=True), one generate per (ids, mask) prompt: its tokens and the graphs'
-    (captures, replays) after it."""
-    attach(model, attention=True, static=True, cuda_graphs=True)
+def _graphed_generates(model, prompts, options, **cache_kwargs) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Under attach(static=True, cuda_graphs=True, **cache_kwargs), one generate per (ids, mask) prompt: its tokens
+    and the graphs' (captures, replays) after it."""
+    attach(model, attention=True, static=True, cuda_graphs=True, **cache_kwargs)
     try:
         graphs, results = model.get_compiled_call(None), []
         for ids, mask in prompts:
@@ -222,6 +222,21 @@ def test_attach_cuda_graphs_replays_decode_steps_without_compiling_and_equals_ea
     assert_equal(first, eager_steps(ids, mask))
     assert_equal(second, first)
     assert_equal(wider, eager_steps(wider_ids, wider_mask))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_per_token_head", "int8_per_token_head"])
+def test_attach_cuda_graphs_replays_per_token_head_scales_and_equals_eager_steps(kv_cache_dtype):
+    """Per-token-head scales (issue 18) under CUDA-graph decode: each step's quantize writes codes and scales inside
+    the graph; the tokens equal the same static cache run eagerly, left padding included."""
+    model = tiny_llama(seed=8).to("cuda")
+    ids, mask = left_padded_prompts(2, 30, pads=lambda row: 7 * row, pad_id=None, seed=9, device="cuda")
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    [(tokens, counts)] = _graphed_generates(model, [(ids, mask)], options, kv_cache_dtype=kv_cache_dtype)
+    assert counts == (1, 10)
+    cache = FP8StaticCache(model.config, 256, kv_cache_dtype=kv_cache_dtype)
+    eager = model.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **options,
+                           **{cache_keyword(model): cache})  # fmt: skip
+    assert_equal(tokens, eager)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt-oss"])
