@@ -18,13 +18,11 @@ from .cache_base import (
     DequantWorkspace,
     RowStarts,
     check_model_scales,
-    check_token_head_layers,
     layer_scales,
     resolve_cache_options,
     shared_kv_layers,
 )
 from .cache_layer import FP8CacheLayer
-from .formats import TOKEN_HEAD
 from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .scales import KVScales
 from .sliding import FP8SlidingWindowLayer
@@ -83,8 +81,6 @@ class QuantizedFP8Cache(Cache):
         layers = []
         if config is not None:
             check_model_scales(config, scales)
-            if self.strategy == TOKEN_HEAD:
-                check_token_head_layers(config)
             layers = build_layers(config, lambda i, layer_type, window: self._new_layer(i, window))
         super().__init__(layers=layers)
 

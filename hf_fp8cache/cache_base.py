@@ -392,17 +392,6 @@ def check_token_head_options(calculate_kv_scales: bool, has_scales: bool, what: 
                          "calculate_kv_scales=True (scales from the first prefill) conflicts with it")  # fmt: skip
 
 
-def check_token_head_layers(config) -> None:
-    """Refuse ``strategy="token_head"`` for a model with K/V layers other than full attention: sliding-window,
-    chunked and hybrid layers do not keep per-token-head scales yet."""
-    others = sorted({t for t in decoder_layer_types(config) if t in KV_LAYER_TYPES and t != "full_attention"})
-    if others:
-        raise NotImplementedError(
-            f"strategy={TOKEN_HEAD!r} is supported on full-attention layers only for now; "
-            f"{type(config.get_text_config(decoder=True)).__name__} has {others} layers"
-        )
-
-
 def check_model_scales(config, scales: KVScales | None) -> None:
     """Refuse scales that do not fit the model's layers and KV heads. Scales are indexed by decoder layer, as in
     checkpoints: a model whose layers are not all attention (linear attention, SSM, conv, KV sharing) has one for every

@@ -291,11 +291,13 @@ class FP8CacheLayer(FP8LayerBase):
         """``dequantized`` of the cached tokens from position ``first`` on (the kernel reads that range in place)."""
         self._finish_pending_write(None)
         B, H, _, D = self._key_bytes.shape
-        key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length - first, D))
-        if self._token_scales:  # full-attention layers only (first == 0): sliding layers refuse token_head
+        if self._token_scales:  # the kernel reads whole buffers from position 0: the tokens before first too
+            key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length, D))
             dequantize_token_head(self._key_bytes, self._value_bytes, self._key_scales, self._value_scales,
                                   self.length, self.fmt, key_out, value_out, memo=self._launches)  # fmt: skip
+            key_out, value_out = key_out[:, :, first:], value_out[:, :, first:]
         else:
+            key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length - first, D))
             dequantize_kv(
                 self._key_bytes[:, :, first:], self._value_bytes[:, :, first:], self.length - first, self.key_scale,
                 self.value_scale, self.fmt, key_out, value_out, memo=self._launches,

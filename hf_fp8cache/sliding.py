@@ -126,7 +126,8 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         drop = self.length - tokens
         if drop <= 0:
             return
-        for buffer in (self._key_bytes, self._value_bytes):
+        scales = (self._key_scales, self._value_scales) if self._token_scales else ()  # per token: they move along
+        for buffer in (self._key_bytes, self._value_bytes, *scales):
             buffer[:, :, :tokens] = buffer[:, :, drop : self.length].clone()  # the ranges overlap
         self.length = tokens
 
@@ -138,7 +139,9 @@ class FP8SlidingWindowLayer(FP8CacheLayer):
         if self._key_bytes is None or self.record_past:
             return super().nbytes
         B, H, _, D = self._key_bytes.shape
-        return super().nbytes - 2 * B * H * max(self.length - self._served, 0) * D
+        unserved = max(self.length - self._served, 0)
+        unserved_scales = self._scale_nbytes(unserved) if self._token_scales else 0
+        return super().nbytes - 2 * B * H * unserved * D - unserved_scales
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

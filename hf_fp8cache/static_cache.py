@@ -45,13 +45,12 @@ from .cache_base import (
     DequantWorkspace,
     FP8LayerBase,
     check_model_scales,
-    check_token_head_layers,
     layer_scales,
     resolve_cache_options,
     shared_kv_layers,
 )
 from .contract import FP8AttentionInputs, kv_start_from_mask
-from .formats import TOKEN_HEAD, StorageFormat
+from .formats import StorageFormat
 from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .kernels import ops
 from .scales import KVScales
@@ -359,8 +358,6 @@ class FP8StaticCache(Cache):
         ):
             raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
         self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
-        if self.strategy == TOKEN_HEAD:
-            check_token_head_layers(config)
         self._max_cache_len = max_cache_len
         self.scales = scales
         self._workspace = DequantWorkspace(static=True)

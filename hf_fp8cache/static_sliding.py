@@ -160,11 +160,18 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
             value_out[:, :, : value_states.shape[2]] = value_states
         return key_out, value_out
 
-    def _oldest_first(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full ring's bytes rotated so the oldest token comes first (a gather indexed on the device)."""
+    def _slots(self, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Copies of the ring's slots ``order`` (a device index): K's and V's codes, then, with per-token-head
+        scales, K's and V's scales (what ``_dequantize`` takes)."""
+        buffers = (self._key_bytes, self._value_bytes)
+        if self._token_scales:
+            buffers += (self._key_scales, self._value_scales)
+        return tuple(buffer.index_select(2, order) for buffer in buffers)
+
+    def _oldest_first(self) -> tuple[torch.Tensor, ...]:
+        """The full ring rotated so the oldest token comes first (``_slots``: a gather indexed on the device)."""
         window = self.max_cache_len
-        order = (torch.arange(window, device=self.device) + self.cumulative_length) % window
-        return self._key_bytes.index_select(2, order), self._value_bytes.index_select(2, order)
+        return self._slots((torch.arange(window, device=self.device) + self.cumulative_length) % window)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What a decode step's ``update`` returns on the other read paths, for a call our attention's kernel does not
@@ -173,34 +180,43 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
             return self._dequantize(*self._oldest_first())
         return super().dequantized()
 
-    def _last_stored(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the bytes of the last ``tokens`` stored tokens, oldest first."""
+    def _last_stored(self, tokens: int) -> tuple[torch.Tensor, ...]:
+        """Copies of the last ``tokens`` stored tokens, oldest first (``_slots``)."""
         seen, window = self.cumulative_length_int, self.max_cache_len
-        order = torch.arange(seen - tokens, seen, device=self.device) % window
-        return self._key_bytes.index_select(2, order), self._value_bytes.index_select(2, order)
+        return self._slots(torch.arange(seen - tokens, seen, device=self.device) % window)
 
     def _quantized_copy(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The fp8 bytes of K/V in new buffers (the same kernel and scales as the ring's writes)."""
+        """K/V quantized into new buffers, as ``_slots`` gives them (the same kernel and scales as the ring's
+        writes)."""
         key_bytes = torch.empty(key_states.shape, dtype=torch.uint8, device=self.device)
         value_bytes = torch.empty_like(key_bytes)
         start = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self._token_scales:
+            scales = self._new_token_scales(*key_states.shape[:3])
+            ops.quantize_append_token_head(key_states, value_states, key_bytes, value_bytes, *scales, start,
+                                           self.fmt.name)  # fmt: skip
+            return key_bytes, value_bytes, *scales
         ops.quantize_append_kv(key_states, value_states, key_bytes, value_bytes, start,
                                self.key_inv_scale, self.value_inv_scale, self.fmt.name)  # fmt: skip
         return key_bytes, value_bytes
 
-    def _dequantize(
-        self, key_bytes: torch.Tensor, value_bytes: torch.Tensor, *, workspace: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp8 bytes ``[B, H, n, D]`` in the model dtype: in the shared workspace (W tokens: a decode step), or in new
-        tensors (a longer chunk: the fixed workspace keeps its size)."""
+    def _dequantize(self, *slots: torch.Tensor, workspace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[B, H, n, D]`` (and per-token-head scales ``[B, H, n]``, as ``_slots`` gives them) in the model
+        dtype: in the shared workspace (W tokens: a decode step), or in new tensors (a longer chunk: the fixed
+        workspace keeps its size)."""
+        key_bytes, value_bytes = slots[:2]
         shape = tuple(key_bytes.shape)
         if workspace:
             key_out, value_out = self._workspace.views(self.device, self.dtype, shape)
         else:
             key_out = torch.empty(shape, dtype=self.dtype, device=self.device)
             value_out = torch.empty_like(key_out)
-        ops.dequantize_kv(key_bytes, value_bytes, shape[2], self.key_scale, self.value_scale, self.fmt.name,
-                          key_out, value_out)  # fmt: skip
+        if self._token_scales:
+            ops.dequantize_token_head(key_bytes, value_bytes, *slots[2:], shape[2], self.fmt.name, key_out,
+                                      value_out)  # fmt: skip
+        else:
+            ops.dequantize_kv(key_bytes, value_bytes, shape[2], self.key_scale, self.value_scale, self.fmt.name,
+                              key_out, value_out)  # fmt: skip
         return key_out, value_out
 
     # -- lengths and masks -------------------------------------------------------------------------------------

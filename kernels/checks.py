@@ -189,7 +189,7 @@ def check_decode_attention(
     if D > 256:
         raise ValueError(f"head dim {D} is larger than the supported 256")
     if ring:
-        _check_ring(Sq, capacity, kv_length, recent, new, sliding_window, key_scale)
+        _check_ring(Sq, capacity, kv_length, recent, new, sliding_window)
     if isinstance(kv_length, torch.Tensor):  # read on the device: only its form and the capacity are checked here
         if kv_length.dtype not in (torch.int32, torch.int64) or kv_length.numel() != 1:
             raise ValueError(f"a kv_length tensor must be one int32/int64 element, got {kv_length.dtype} "
@@ -217,17 +217,18 @@ def check_decode_attention(
     if new is not None:
         check_new_tokens(new, query, H, kv_length, recent)
     if recent is not None:
-        window_keys = recent.keys
-        if window_keys.dim() != 4 or window_keys.shape[:2] != (B, H) or window_keys.shape[3] != D or window_keys.shape[2] == 0:
-            raise ValueError(f"recent window buffers must be [{B}, {H}, R, {D}], got {tuple(window_keys.shape)}")
-        if recent.values.shape != window_keys.shape or window_keys.dtype != query.dtype or recent.values.dtype != query.dtype:
-            raise ValueError(f"recent window keys and values must both be {query.dtype} {tuple(window_keys.shape)}")
-        if window_keys.stride(3) != 1 or recent.values.stride() != window_keys.stride():
+        exact_keys = recent.keys
+        exact_shape = tuple(exact_keys.shape)
+        if exact_keys.dim() != 4 or exact_shape[:2] != (B, H) or exact_shape[3] != D or exact_shape[2] == 0:
+            raise ValueError(f"recent window buffers must be [{B}, {H}, R, {D}], got {tuple(exact_keys.shape)}")
+        if recent.values.shape != exact_keys.shape or {exact_keys.dtype, recent.values.dtype} != {query.dtype}:
+            raise ValueError(f"recent window keys and values must both be {query.dtype} {tuple(exact_keys.shape)}")
+        if exact_keys.stride(3) != 1 or recent.values.stride() != exact_keys.stride():
             raise ValueError("recent window buffers must have the same strides, contiguous along the head dim")
-        if not 0 <= kv_length - recent.start <= window_keys.shape[2]:
+        if not 0 <= kv_length - recent.start <= exact_keys.shape[2]:
             raise ValueError(
-                f"recent window start {recent.start} must be in [{kv_length - window_keys.shape[2]}, {kv_length}] "
-                f"(kv_length {kv_length}, {window_keys.shape[2]} slots)"
+                f"recent window start {recent.start} must be in [{kv_length - exact_keys.shape[2]}, {kv_length}] "
+                f"(kv_length {kv_length}, {exact_keys.shape[2]} slots)"
             )
     check_attention_options(Hq, sliding_window, sinks, softcap)
     tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
@@ -240,10 +241,10 @@ def check_decode_attention(
 
 def _check_ring(
     Sq: int, capacity: int, kv_length: int | torch.Tensor, recent: RecentWindow | None, new: NewTokens | None,
-    sliding_window: int | None, key_scale: torch.Tensor,
+    sliding_window: int | None,
 ) -> None:  # fmt: skip
     """A ring of ``capacity`` slots (the static sliding layer's) is read for one query token whose window covers the
-    whole ring, with the length on the device, per-tensor / per-head scales, and no exact window or new token."""
+    whole ring, with the length on the device, and no exact window or new token."""
     if Sq != 1 or not isinstance(kv_length, torch.Tensor) or recent is not None or new is not None:
         raise ValueError(
             f"a ring is read for one query token with a device kv_length and no exact window or new tokens; got {Sq} "
@@ -253,8 +254,6 @@ def _check_ring(
     if sliding_window is None or sliding_window < capacity:
         raise ValueError(f"a ring of {capacity} slots needs a sliding window of at least {capacity}, got "
                          f"{sliding_window}")  # fmt: skip
-    if key_scale.dim() == 3:
-        raise ValueError("a ring is read with per-tensor / per-head scales, not per-token-head ones")
 
 
 def check_attention_options(

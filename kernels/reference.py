@@ -109,6 +109,8 @@ def decode_attention_ref(
         filled = min(kv_length, capacity)
         order = (torch.arange(filled, device=key_cache.device) + kv_length - filled) % capacity
         key_cache, value_cache = key_cache.index_select(2, order), value_cache.index_select(2, order)
+        if key_scale.dim() == 3:  # per-token-head scales sit beside their slots
+            key_scale, value_scale = key_scale.index_select(2, order), value_scale.index_select(2, order)
         kv_start = (kv_start.long() - (kv_length - filled)).clamp(min=0)
         kv_length = filled
     if new is not None:  # (the checks allow new tokens with per-tensor / per-head fp8 scales only)

@@ -313,14 +313,17 @@ def _as_ring(args, slots):
     """The one-query case ``args`` (caches of exactly L tokens) with its caches moved into a ring of ``slots`` slots,
     as the static sliding layer stores them: position p at slot p % slots for the last min(L, slots) positions,
     never-written slots poisoned; the length as a device tensor."""
-    query, key_cache, value_cache, L = args[:4]
+    query, key_cache, value_cache, L, kv_start, key_scale, value_scale = args[:7]
+    per_token = key_scale.dim() == 3  # per-token-head scales sit beside their codes: into the ring too
     rings = []
-    for cache in (key_cache, value_cache):
-        ring = torch.full((*cache.shape[:2], slots, cache.shape[3]), NAN_CODE, dtype=torch.uint8, device=DEVICE)
+    for tensor in (key_cache, value_cache, *((key_scale, value_scale) if per_token else ())):
+        poison = NAN_CODE if tensor.dtype == torch.uint8 else float("nan")
+        ring = torch.full((*tensor.shape[:2], slots, *tensor.shape[3:]), poison, dtype=tensor.dtype, device=DEVICE)
         for p in range(max(L - slots, 0), L):
-            ring[:, :, p % slots] = cache[:, :, p]
+            ring[:, :, p % slots] = tensor[:, :, p]
         rings.append(ring)
-    return (query, *rings, torch.tensor(L, device=DEVICE), *args[4:])
+    scales = rings[2:] if per_token else [key_scale, value_scale]
+    return (query, *rings[:2], torch.tensor(L, device=DEVICE), kv_start, *scales, *args[7:])
 
 
 # A ring before its first wrap, after one and after several; padding before the ring's oldest position, and inside
@@ -709,6 +712,17 @@ def test_token_head_scales_match_oracle_and_twin(fmt, dtype, variant):
     _check_kernel(args, num_splits=3)
     twin = reference.decode_attention_ref(*args)
     assert _relative_error(twin, _oracle(*args)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+def test_token_head_scales_in_a_ring(fmt):
+    """A static sliding layer's ring with per-token-head scales: each slot's scales are read beside its codes, the
+    never-written slots' NaN scales masked; the kernel and the twin against the same positions in order."""
+    args = _token_head_case(2, 2, 2, 1, 64, 100, [0, 70], fmt=fmt, dtype=torch.float16, seed=4, spare=0)
+    expected = _oracle(*args, sliding_window=48)
+    ring = _as_ring(args, 48)
+    for run in (attention.decode_attention, reference.decode_attention_ref):
+        assert _relative_error(run(*ring, sliding_window=48, ring=True), expected) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.gpu

@@ -1,8 +1,8 @@
 """strategy="token_head" (issue 18): one scale per (token, KV head), computed from each token as it is written, with
 int8 or fp8 codes. The dynamic cache equals a DynamicCache whose K/V are fake-quantized by the kernels' twins token for
 token (helpers.FakeQuantTokenHeadLayer), on both read paths, and the static cache equals the dynamic one (compiled
-without recompiles); an outlier token changes none of the other tokens' stored values; what is not supported
-(sliding and hybrid layers, checkpoint scales) is refused by name."""
+without recompiles); sliding-window and hybrid models keep them too; an outlier token changes none of the other
+tokens' stored values; checkpoint scales are refused by name."""
 
 import contextlib
 import copy
@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch._dynamo.testing
 from helpers import assert_equal, fake_quant_cache, fake_quant_token_head, left_padded_prompts, tiny_llama
-from transformers import LlamaConfig, MistralConfig
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_fp8cache import FP8Cache, FP8StaticCache, KVScales, attach
 from hf_fp8cache.attention import ATTENTION_NAME
-from hf_fp8cache.formats import INT8
+from hf_fp8cache.formats import INT8, resolve_format
 from hf_fp8cache.integration import cache_keyword
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning")
@@ -167,15 +168,75 @@ def test_checkpoint_scales_are_refused_before_anything_loads(tiny_model, kwargs)
         FP8Cache.from_pretrained("/nonexistent/checkpoint", tiny_model.config, **kwargs)
 
 
-def test_unsupported_layers_are_refused_naming_them():
-    sliding = MistralConfig(num_hidden_layers=2, sliding_window=64)
-    for make in (FP8Cache, lambda config, **kw: FP8StaticCache(config, 16, **kw)):
-        with pytest.raises(NotImplementedError, match=r"full-attention layers only .* MistralConfig has \['sliding"):
-            make(sliding, strategy="token_head")
-    hybrid = LlamaConfig(num_hidden_layers=2)
-    hybrid.layer_types = ["full_attention", "hybrid"]
-    with pytest.raises(NotImplementedError, match=r"full-attention layers only .* LlamaConfig has \['hybrid'\]"):
-        FP8Cache(hybrid, kv_cache_dtype="int8_per_token_head")
+class _TokenHeadSlidingOracle(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer storing K/V fake-quantized per (token, head) by the twins
+    (``fake_quant_token_head``); the first update of an empty layer returns the exact K/V."""
+
+    def __init__(self, sliding_window: int, fmt) -> None:
+        super().__init__(sliding_window)
+        self.fmt = fmt
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        empty = self.get_seq_length() == 0
+        keys, values = super().update(fake_quant_token_head(key_states, self.fmt),
+                                      fake_quant_token_head(value_states, self.fmt))  # fmt: skip
+        return (key_states, value_states) if empty else (keys, values)
+
+
+def _sliding_oracle(config, fmt_name):
+    """A DynamicCache for a sliding model: its sliding layers ``_TokenHeadSlidingOracle``, its full ones
+    ``FakeQuantTokenHeadLayer`` (``fake_quant_cache``)."""
+    fmt = resolve_format(fmt_name)
+    cache, full = DynamicCache(config=config), fake_quant_cache(config, fmt_name, token_head=True).layers
+    cache.layers = [_TokenHeadSlidingOracle(layer.sliding_window, fmt) if isinstance(layer, DynamicSlidingWindowLayer)
+                    else full[i] for i, layer in enumerate(cache.layers)]  # fmt: skip
+    return cache
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "gpt-oss"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_sliding_layers_keep_per_token_head_scales_and_equal_the_oracle(family, fmt, torch_path):
+    """Sliding-window models decoding twice past their 6-token window (test_sliding's prompts: left padding, a
+    prompt longer than the window): the dynamic cache equals the oracle token for token on both read paths (the
+    window's tokens move to the front with their scales), and the static cache's ring equals the dynamic cache."""
+    from test_sliding import FAMILIES, _model, _prompts
+
+    baseline = FAMILIES[family][1][0]  # the family's own attention (eager for softcap / sinks)
+    model = _model(family, baseline)
+    ids, mask = _prompts()
+
+    def run(cache, implementation):
+        model.set_attn_implementation(implementation)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              pad_token_id=0, **{cache_keyword(model): cache})  # fmt: skip
+
+    oracle = run(_sliding_oracle(model.config, fmt), baseline)
+    for implementation in (baseline, ATTENTION_NAME):
+        dynamic = run(FP8Cache(model.config, kv_cache_dtype=fmt, strategy="token_head"), implementation)
+        assert_equal(dynamic, oracle)
+        static = run(FP8StaticCache(model.config, 40, kv_cache_dtype=fmt, strategy="token_head"), implementation)
+        assert_equal(static, oracle)
+
+
+@pytest.mark.parametrize("family", ["qwen3-next", "falcon-h1"])
+def test_hybrid_models_keep_per_token_head_scales(family, torch_path):
+    """Linear-attention hybrids: only K/V take per-token-head scales (the states stay transformers' own); the
+    static cache gives the dynamic one's tokens, and the stored bytes are read (they differ from bf16's)."""
+    from test_hybrid import _model
+
+    model = _model(family, ATTENTION_NAME)
+    ids, mask = left_padded_prompts(2, 12, pads=lambda row: 3 * row, pad_id=None, seed=2)
+
+    def run(cache):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True,
+                              **{cache_keyword(model): cache})  # fmt: skip
+
+    dynamic = run(FP8Cache(model.config, kv_cache_dtype="int8_per_token_head"))
+    static = run(FP8StaticCache(model.config, 24, kv_cache_dtype="int8_per_token_head"))
+    assert_equal(static.sequences, dynamic.sequences)
+    bf16 = run(None)
+    assert not torch.equal(torch.stack(dynamic.logits), torch.stack(bf16.logits))
 
 
 @pytest.mark.parametrize("kv_cache_dtype, implementation", [("int8_per_token_head", ATTENTION_NAME),

@@ -143,7 +143,6 @@ class Configuration:
     attach_options: dict[str, bool] | None = None  # the cache comes from attach(model, **these) (make_cache None)
 
 
-_TOKEN_HEAD_LAYERS = "FP8Cache's per-token-head scales are for full-attention layers only"
 CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
     Configuration("dynamic", "DynamicCache + SDPA", "sdpa", lambda config, _: DynamicCache(config=config)),
     Configuration("static", "transformers static cache + SDPA, compiled by generate", "sdpa", None,
@@ -156,11 +155,9 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
                   ATTENTION_NAME, lambda config, _: FP8Cache(config, residual_length=RECENT_EXACT),
                   full_attention_only="FP8Cache's residual_length is for full-attention layers only"),
     Configuration("fp8-token-head+attn", "FP8Cache(kv_cache_dtype='fp8_per_token_head') + hf_fp8cache attention",
-                  ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="fp8_per_token_head"),
-                  full_attention_only=_TOKEN_HEAD_LAYERS),
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="fp8_per_token_head")),
     Configuration("int8-token-head+attn", "FP8Cache(kv_cache_dtype='int8_per_token_head') + hf_fp8cache attention",
-                  ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="int8_per_token_head"),
-                  full_attention_only=_TOKEN_HEAD_LAYERS),
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="int8_per_token_head")),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
     Configuration("fp8-attach-static+attn", "attach(static=True): FP8StaticCache sized per call + hf_fp8cache "
