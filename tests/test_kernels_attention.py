@@ -727,6 +727,16 @@ def test_token_head_scales_in_a_ring(fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+def test_token_head_scales_in_a_ring_on_gpu(fmt):
+    """The compiled kernel over a wrapped 1000-slot ring with per-token-head scales (one-warp programs, real splits)."""
+    args = _token_head_case(4, 8, 4, 1, 128, 5000, [0, 700, 4500, 4990], fmt=fmt, dtype=torch.bfloat16, seed=9,
+                            spare=0)  # fmt: skip
+    out = kernels.decode_attention(*_as_ring(args, 1000), sliding_window=1000, ring=True)
+    assert _relative_error(out, _oracle(*args, sliding_window=1000)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
 @pytest.mark.parametrize("L", [4097, 32768])
 def test_token_head_scales_on_gpu_shapes(fmt, L):
     """The compiled kernel at decode shapes (8 rows, 8 KV heads of 4 query heads, D = 128: one-warp programs over
