@@ -16,7 +16,8 @@ scales, format, exact recent window, sliding window -- and:
   module's learned sinks (``s_aux``, GPT-OSS), logit softcapping (``softcap``, Gemma 2) and ``scaling`` (Gemma's
   ``query_pre_attn_scalar``) go to the kernel;
 - longer chunks over an FP8 history (chunked prefill), and calls the kernel cannot serve exactly (a window the model
-  asks for that the layer does not hold, dropout in training), ask the layer for its dequantized K/V;
+  asks for that the layer does not hold, dropout in training, a mask with padding inside a row -- a batch's next
+  turn left-padded after its history), ask the layer for its dequantized K/V and run with the model's mask;
 - the first prefill of an empty cache (exact K/V), and any call without an FP8 cache, run on what they were given.
 
 Everything not served by the kernel runs SDPA: with learned sinks, SDPA with each sink as one more key
@@ -61,11 +62,13 @@ def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks
 
 
 def _kernel_serves(module, query: torch.Tensor, inputs: FP8AttentionInputs, dropout: float, kwargs: dict) -> bool:
-    """Whether the decode kernel computes exactly what the model asks: a few queries, no dropout, and the model's
-    sliding window (``sliding_window=`` of the call, None for full attention) the one the layer holds."""
+    """Whether the decode kernel computes exactly what the model asks: a few queries, no dropout, the model's
+    sliding window (``sliding_window=`` of the call, None for full attention) the one the layer holds, and no row
+    with padding inside it (the kernel reads a row's padding as one start: a batch's next turn left-padded after
+    its history takes the model's attention with the mask)."""
     training_dropout = dropout and getattr(module, "training", False)
     same_window = kwargs.get("sliding_window") == inputs.sliding_window
-    return query.shape[2] <= MAX_DECODE_QUERIES and same_window and not training_dropout
+    return query.shape[2] <= MAX_DECODE_QUERIES and same_window and not training_dropout and not inputs.inner_padding
 
 
 _SINK_DIMS = 8  # head dims added to carry the sink logit (SDPA's fused kernels take head dims in multiples of 8)

@@ -13,7 +13,14 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .contract import ATTENTION_NAME, LAYER_ATTRIBUTE, PendingWrite, attended_positions, kv_start_from_mask
+from .contract import (
+    ATTENTION_NAME,
+    LAYER_ATTRIBUTE,
+    PendingWrite,
+    attended_positions,
+    kv_start_from_mask,
+    rows_with_inner_padding,
+)
 from .formats import INT8, TOKEN_HEAD, FP8Format, StorageFormat, resolve_fp8_format, resolve_kv_cache_dtype
 from .kernels import NewTokens
 from .scales import ONTHEFLY_HEADROOM, KVScales, check_scale_range, check_strategy, onthefly_scale, outlier_warning
@@ -55,12 +62,14 @@ class RowStarts:
     """The first attended position of each batch row, computed once per attention mask and device and shared by the
     layers of a dynamic cache: every layer of one forward gets the same mask object (a new one each forward, so a
     batch that changes between steps is always seen). An in-place change of the mask is seen through its version.
-    The mask is held weakly: a prefill's ``[B, 1, L, L]`` mask must not outlive its forward."""
+    The mask is held weakly: a prefill's ``[B, 1, L, L]`` mask must not outlive its forward. ``inner_padding`` says,
+    once per mask too, whether some row's mask skips positions inside it (``rows_with_inner_padding``)."""
 
     def __init__(self) -> None:
         self._mask: weakref.ref | str | None = None  # a weak reference to the last mask, "none" for no mask
         self._version = -1
         self._starts: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._inner_padding: bool | None = None
 
     def _seen(self, attention_mask: torch.Tensor | None) -> bool:
         if attention_mask is None:
@@ -75,11 +84,17 @@ class RowStarts:
         if not self._seen(attention_mask):
             self._mask = "none" if attention_mask is None else weakref.ref(attention_mask)
             self._version = -1 if attention_mask is None else attention_mask._version
-            self._starts = {}
+            self._starts, self._inner_padding = {}, None
         starts = self._starts.get((batch, device))
         if starts is None:
             starts = self._starts[(batch, device)] = kv_start_from_mask(attention_mask, batch, device)
         return starts
+
+    def inner_padding(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether some row of ``attention_mask`` (the mask of the last ``__call__``) has padding inside it."""
+        if self._inner_padding is None:
+            self._inner_padding = bool(rows_with_inner_padding(attention_mask))
+        return self._inner_padding
 
     def __deepcopy__(self, memo: dict) -> RowStarts:
         return RowStarts()  # derived state: a copy recomputes it

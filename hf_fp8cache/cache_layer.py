@@ -279,8 +279,8 @@ class FP8CacheLayer(FP8LayerBase):
         kv_start = self._row_starts(attention_mask, self._key_bytes.shape[0], self.device)
         key_scale, value_scale = self._read_scales()
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, key_scale, value_scale,
-                                  self.fmt, self.recent_window, launches=self._launches,
-                                  new_tokens=pending)  # fmt: skip
+                                  self.fmt, self.recent_window, launches=self._launches, new_tokens=pending,
+                                  inner_padding=self._row_starts.inner_padding(attention_mask))  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next

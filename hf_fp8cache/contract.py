@@ -79,6 +79,7 @@ class FP8AttentionInputs(NamedTuple):
     launches: LaunchMemo | None = None  # the layer's kernel launches, relaunched step after step (kernels/launch.py)
     new_tokens: PendingWrite | None = None  # the step's K/V, not yet written: the decode kernel claims and writes them
     ring: bool = False  # the buffers are a ring of capacity slots, position p at slot p % capacity (static sliding)
+    inner_padding: bool = False  # some row's mask skips positions inside it: the kernel cannot serve the call
 
 
 def attended_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -101,6 +102,21 @@ def attended_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | No
 def _attends(mask: torch.Tensor) -> torch.Tensor:
     """A slice of a boolean mask as is; of an additive float mask, where it is 0."""
     return mask if mask.dtype == torch.bool else mask == 0
+
+
+def rows_with_inner_padding(attention_mask: torch.Tensor | None) -> list[int]:
+    """The batch rows whose attended positions (``attended_positions``) skip one between their first and their last:
+    padding inside a row, as a batch's next turn left-padded after its history gives. The decode kernel reads a row's
+    padding as one start position, so it cannot serve such a mask. One host sync (a mask is given)."""
+    attended = attended_positions(attention_mask)
+    if attended is None:
+        return []
+    length = attended.shape[-1]
+    positions = torch.arange(length, device=attended.device)
+    first = torch.where(attended, positions, length).amin(-1)
+    last = torch.where(attended, positions, -1).amax(-1)
+    inner = attended.sum(-1) < (last - first + 1).clamp(min=0)
+    return inner.nonzero().flatten().tolist()
 
 
 def kv_start_from_mask(attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:

@@ -49,7 +49,7 @@ from .cache_base import (
     resolve_cache_options,
     shared_kv_layers,
 )
-from .contract import FP8AttentionInputs, kv_start_from_mask
+from .contract import FP8AttentionInputs, kv_start_from_mask, rows_with_inner_padding
 from .formats import StorageFormat
 from .hybrid import FP8HybridLayer, build_layers, model_checkpoint_scales
 from .kernels import ops
@@ -63,6 +63,21 @@ def _mark_static(*tensors: torch.Tensor) -> None:
     if not torch.compiler.is_compiling():
         for t in tensors:
             torch._dynamo.mark_static_address(t)
+
+
+def refuse_inner_padding(attention_mask: torch.Tensor | None, layer_idx: int | None) -> None:
+    """Raise for a mask with padding inside a row (``rows_with_inner_padding``), which the decode kernel cannot serve
+    and a compiled step could not fall back from. Checked in eager calls only (a compiled or captured step cannot
+    read the mask on the host): every turn's prefill, which brings that padding, runs eagerly."""
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    rows = rows_with_inner_padding(attention_mask)
+    if rows:
+        raise ValueError(
+            f"layer {layer_idx}: rows {rows} of the attention mask have padding inside them (a batch's next turn "
+            "left-padded after its history?), which FP8StaticCache's attention cannot read (one start position a "
+            "row); use FP8Cache (it runs such calls through the model's attention) or pad rows at their start only"
+        )
 
 
 class StaticRowStarts:
@@ -259,6 +274,7 @@ class FP8StaticLayer(FP8LayerBase):
         row-start buffer, the others read it (no host sync, a fixed address for CUDA graphs)."""
         self._finish_pending_write(attention_mask)
         if self.writes_row_start:
+            refuse_inner_padding(attention_mask, self.layer_idx)
             self.row_start.copy_(kv_start_from_mask(attention_mask, self.row_start.shape[0], self.device))
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.cumulative_length, self.row_start,
                                   *self._read_scales(), self.fmt, None)  # fmt: skip

@@ -45,7 +45,7 @@ import torch
 from .contract import FP8AttentionInputs, kv_start_from_mask
 from .kernels import ops
 from .sliding import is_chunked
-from .static_cache import FP8StaticLayer
+from .static_cache import FP8StaticLayer, refuse_inner_padding
 
 __all__ = ["FP8StaticSlidingLayer"]
 
@@ -96,6 +96,7 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         transformers' ``kv_offset`` max(L - W, 0), computed on the device (``FP8StaticLayer`` shares its row starts
         between full layers, whose masks start at position 0; these are this layer's own)."""
         self._finish_pending_write(attention_mask)
+        refuse_inner_padding(attention_mask, self.layer_idx)
         offset = (self.cumulative_length - self.max_cache_len).clamp(min=0)
         row_start = (kv_start_from_mask(attention_mask, self._key_bytes.shape[0], self.device) + offset).int()
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.cumulative_length, row_start,

@@ -159,3 +159,44 @@ def test_calls_with_sinks_outside_the_kernel_equal_gpt_oss_eager_attention(queri
     expected, _ = eager_attention_forward(module, q, k, v, torch.where(mask, 0.0, -1e30), scaling=0.25)
     ours, _ = fp8_attention_forward(module, q, k, v, mask if padded else None, scaling=0.25, s_aux=module.sinks)
     assert (ours - expected).abs().max() < 2e-6  # measured 2.4e-7 (fp32)
+
+
+def _second_turn_with_inner_padding(model, cache, implementation):
+    """Two rows (row 1 left-padded), then a second turn whose new tokens are left-padded in row 1 -- after its
+    history, so row 1's mask skips positions inside it -- through ``implementation``: the second call's output."""
+    model.set_attn_implementation(implementation)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 200, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :4] = mask[1, :4] = 0
+    options = dict(do_sample=False, pad_token_id=0, **{cache_keyword(model): cache})
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, **options)
+    new = torch.randint(3, 200, (2, 6), generator=g)
+    new_mask = torch.ones_like(new)
+    new[1, :3] = new_mask[1, :3] = 0
+    ids, mask = torch.cat([first, new], 1), torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype), new_mask], 1)
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, output_logits=True,
+                          return_dict_in_generate=True, **options)  # fmt: skip
+
+
+def test_padding_inside_a_row_runs_the_models_attention_and_equals_the_oracle(torch_path):
+    """The decode kernel reads a row's padding as one start position; a mask with padding inside a row (a batch's
+    next turn left-padded after its history) goes to the model's attention over the dequantized K/V instead. Before,
+    the kernel attended over that padding: row 1's logits moved by 0.72 (measured), the tokens changed."""
+    from oracle import fake_fp8_cache
+
+    model = tiny_llama(seed=3)
+    ours = _second_turn_with_inner_padding(model, FP8Cache(model.config), ATTENTION_NAME)
+    oracle = _second_turn_with_inner_padding(model, fake_fp8_cache(model.config), "sdpa")
+    assert_equal(ours.sequences, oracle.sequences)
+    # measured max |difference| 0: the same fp8 values through the same SDPA
+    assert (torch.stack(ours.logits) - torch.stack(oracle.logits)).abs().max() <= 1e-6
+
+
+def test_the_static_cache_refuses_padding_inside_a_row_by_name(torch_path):
+    """FP8StaticCache cannot fall back inside a compiled step: the eager prefill that brings such a mask raises."""
+    from hf_fp8cache import FP8StaticCache
+
+    model = tiny_llama(seed=3)
+    with pytest.raises(ValueError, match=r"rows \[1\] of the attention mask have padding inside them"):
+        _second_turn_with_inner_padding(model, FP8StaticCache(model.config, 64), ATTENTION_NAME)

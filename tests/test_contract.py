@@ -153,3 +153,22 @@ def test_dynamic_row_starts_hold_no_mask_alive(config, torch_path):
     gc.collect()
     assert alive() is None
     assert cache.layers[0].attention_inputs(None).kv_start.tolist() == [0, 0, 0]  # a dead mask is not reused
+
+
+def test_rows_with_inner_padding_are_the_rows_whose_mask_skips_a_position_inside_them():
+    """Left padding (a row's first positions) is one start; padding after the first attended position (a next turn
+    left-padded after its history) is inside the row. Decode masks and a chunk's causal mask, bool and additive."""
+    from hf_fp8cache.contract import rows_with_inner_padding
+
+    decode = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    assert rows_with_inner_padding(decode[:, None, None, :]) == [2]
+    additive = torch.where(decode, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    assert rows_with_inner_padding(additive) == [2]
+    # a chunk of 3 queries at positions 3..5 over 6 keys (causal), the history's positions 1..2 padded in row 1
+    causal = torch.ones(3, 6, dtype=torch.bool).tril(diagonal=3)
+    chunk = torch.stack([causal, causal.clone()])
+    chunk[1, :, 1:3] = False
+    assert rows_with_inner_padding(chunk[:, None]) == [1]
+    static = torch.zeros(2, 1, 1, 10, dtype=torch.bool)  # a static cache's mask: unwritten positions after the last
+    static[0, 0, 0, :4] = static[1, 0, 0, 2:6] = True
+    assert rows_with_inner_padding(static) == [] and rows_with_inner_padding(None) == []
