@@ -207,7 +207,8 @@ def decode_attention(
     need).
 
     Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal,
-    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). With ``recent``, the positions of
+    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). ``Sq`` is 1 for a decode step and may
+    be any length up to ``kv_length``: a chunk (prefill over the cache) runs in causal tiles of 128 query rows. With ``recent``, the positions of
     that window are read exactly from its ring buffers instead of the fp8 cache. Output in the query's dtype,
     written into ``out`` when given.
 
