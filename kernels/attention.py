@@ -72,7 +72,8 @@ Design:
   itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and counts its slot done on an
   int32 counter per (b, h, row tile) (``tl.atomic_add`` with acquire-release semantics, after a barrier so every
   thread's stores are issued); the program that completes the count sets it back to zero and merges the tile's
-  slots (``_merge_slots``: one round of loads a query row, all its slots at once) into ``out``. One launch a step,
+  slots (``_merge_slots``: one round of loads a query row, all its slots at once; a chunk tile's 128 rows one slot a
+  round, ``_merge_tile_slots``) into ``out``. One launch a step,
   no combine kernel (a launch less of host time per layer in eager decode).
 - The step's own token (``new``, ``NEW_TOKEN``; one query token): the program whose keys hold position L - 1
   quantizes its K/V with ``fp8_codec.encode_fp8`` (bit for bit what ``quantize_append_kv`` writes), stores the codes
@@ -290,7 +291,7 @@ def _decode_attention_kernel(
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
     NEW_TOKEN: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
-    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr,
+    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr, MERGE_BY_SLOT: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -425,13 +426,49 @@ def _decode_attention_kernel(
         if done == num_slots - 1:
             tl.debug_barrier()
             tl.store(counter, 0)  # ready for the next launch
-            _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_ptr, pid_bh, pid_m, b, h,
-                         num_slots, H, G, SQ, D, BLOCK_M, BLOCK_S, BLOCK_D, M_INIT, HAS_SINKS, LOG2E)  # fmt: skip
+            if MERGE_BY_SLOT:
+                m_i, l_i, acc = _merge_tile_slots(part_acc_ptr, part_m_ptr, part_l_ptr, pid_bh, rows, row_valid, d,
+                                                  q_mask, num_slots, G, SQ, D, BLOCK_M, BLOCK_D, M_INIT)  # fmt: skip
+                _store_rows(out_ptr, m_i, l_i, acc, v_scale, sink_ptr, b, h, g, i, d, row_valid, q_mask, H, G, SQ, D,
+                            HAS_SINKS, LOG2E)  # fmt: skip
+            else:
+                _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_ptr, pid_bh, pid_m, b, h,
+                             num_slots, H, G, SQ, D, BLOCK_M, BLOCK_S, BLOCK_D, M_INIT, HAS_SINKS, LOG2E)  # fmt: skip
     else:
-        factor = _output_factor(m_i, l_i, v_scale, sink_ptr + h * G + g, row_valid, HAS_SINKS, LOG2E)
-        out = acc * factor[:, None]
-        out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
-        tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
+        _store_rows(out_ptr, m_i, l_i, acc, v_scale, sink_ptr, b, h, g, i, d, row_valid, q_mask, H, G, SQ, D,
+                    HAS_SINKS, LOG2E)  # fmt: skip
+
+
+@triton.jit
+def _store_rows(out_ptr, m, total, acc, v_scale, sink_ptr, b, h, g, i, d, row_valid, q_mask, H, G, SQ, D,
+                HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr):  # fmt: skip
+    """The tile's rows ``acc * v_scale / total`` (``_output_factor``) into ``out`` ``[B, SQ, H * G, D]``."""
+    out = acc * _output_factor(m, total, v_scale, sink_ptr + h * G + g, row_valid, HAS_SINKS, LOG2E)[:, None]
+    out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
+    tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
+
+
+@triton.jit
+def _merge_tile_slots(part_acc_ptr, part_m_ptr, part_l_ptr, pid_bh, rows, row_valid, d, q_mask, num_slots, G, SQ, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, M_INIT: tl.constexpr):  # fmt: skip
+    """(m, l, acc) of the whole tile from its slots' partials, one slot a step (a chunk tile's merge: ``num_slots``
+    rounds of ``[BLOCK_M, BLOCK_D]`` loads rather than ``_merge_slots``' one round a row, 128 rounds for a 128-row
+    tile), each slot rescaled to the running max as in the online softmax. Empty slots (m = M_INIT, l = 0, acc = 0)
+    add nothing. The loads bypass L1 (``.cg``): other SMs wrote the partials."""
+    m = tl.full([BLOCK_M], M_INIT, tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(num_slots):
+        part = (pid_bh * G * SQ + rows) * num_slots + s
+        m_s = tl.load(part_m_ptr + part, mask=row_valid, other=M_INIT, cache_modifier=".cg")
+        l_s = tl.load(part_l_ptr + part, mask=row_valid, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=q_mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+        total = total * old + l_s * new
+        acc = acc * old[:, None] + acc_s * new[:, None]
+        m = m_new
+    return m, total, acc
 
 
 @triton.jit
@@ -570,7 +607,8 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, BLOCK_S=triton.next_power_of_2(plan.slots),
         CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales,
         DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
-        WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
+        WRITE_PARTIAL=plan.slots > 1, MERGE_BY_SLOT=plan.block_m > _MAX_BLOCK_M, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        LENGTH_IN_MEMORY=length_in_memory,
         SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token,
         MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"], FNUZ=codec["FNUZ"],
         num_warps=plan.num_warps, **({} if num_stages is None else {"num_stages": num_stages}),

@@ -882,3 +882,35 @@ def test_block_m_must_be_a_power_of_two():
     args = _case(1, 1, 4, 20, 64, 50, [0])
     with pytest.raises(ValueError, match="block_m must be a power of two >= 16, got 48"):
         attention.decode_attention(*args, block_m=48)
+
+
+def _twin_error(args, **options) -> float:
+    """Relative error of the compiled kernel against the torch twin (both on the GPU; the twin in fp32)."""
+    out = attention.decode_attention(*args, **options)
+    return _relative_error(out, reference.decode_attention_ref(*args, **options).double().cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L, Sq, B", [(32768, 17, 4), (32768, 64, 2), (32768, 512, 2), (16384, 2048, 1)])
+def test_chunks_on_gpu_shapes_match_the_twin(L, Sq, B):
+    """The compiled kernel at issue 17's shapes (8 KV heads of 4 query heads, D = 128, bf16, left padding; split keys
+    for short chunks, 128-row tiles for long ones) against the twin: a 32k history catches accumulation errors."""
+    args = _case(B, 8, 4, Sq, 128, L, [0, 1000, 7, 0][:B], dtype=torch.bfloat16, seed=Sq)
+    assert _twin_error(args) < TOLERANCE[torch.bfloat16]
+    device_length = (*args[:3], torch.tensor(L, device=DEVICE), *args[4:])  # the static cache's form
+    out = kernels.decode_attention(*device_length)
+    assert _relative_error(out, reference.decode_attention_ref(*args).double().cpu()) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_chunk_options_on_gpu_shapes_match_the_twin():
+    """A 256-token chunk over 32k keys with a 4096-token sliding window, sinks and a softcap, an exact recent window
+    of 300 positions, and int8 per-token-head scales, each against the twin."""
+    args = _case(2, 8, 4, 256, 128, 32768, [0, 3000], dtype=torch.bfloat16, seed=2)
+    for options in (dict(sliding_window=4096), dict(sinks=_sinks(32, seed=1), softcap=30.0),
+                    dict(sliding_window=1000, sinks=_sinks(32, seed=2), softcap=5.0)):  # fmt: skip
+        assert _twin_error(args, **options) < TOLERANCE[torch.bfloat16]
+    windowed = _with_window(_case(2, 8, 4, 256, 128, 8192, [0, 3000], dtype=torch.bfloat16, seed=3), 512, 300)
+    assert _twin_error(windowed) < TOLERANCE[torch.bfloat16]
+    token_head = _token_head_case(2, 8, 4, 256, 128, 8192, [0, 3000], fmt=INT8, dtype=torch.bfloat16, seed=4)
+    assert _twin_error(token_head) < TOLERANCE[torch.bfloat16]
