@@ -603,11 +603,13 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
     """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
     read-only: the launch memo compares them by identity first)."""
     codec = fmt.codec_constants()
+    merge_by_slot = plan.block_m > _MAX_BLOCK_M  # a chunk tile: _merge_tile_slots, which needs no BLOCK_S (one compile)
     meta = dict(
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, BLOCK_S=triton.next_power_of_2(plan.slots),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+        BLOCK_S=1 if merge_by_slot else triton.next_power_of_2(plan.slots),
         CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales,
         DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
-        WRITE_PARTIAL=plan.slots > 1, MERGE_BY_SLOT=plan.block_m > _MAX_BLOCK_M, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        WRITE_PARTIAL=plan.slots > 1, MERGE_BY_SLOT=merge_by_slot, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
         LENGTH_IN_MEMORY=length_in_memory,
         SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token,
         MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"], FNUZ=codec["FNUZ"],
