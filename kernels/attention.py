@@ -21,9 +21,9 @@ not L), a logit softcap c (``SOFTCAP``: logits c * tanh(logits / c) before maski
 where l is divided).
 
 Layout and dtypes:
-- query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is small
-  (1 for plain decode, a few for speculative tokens), or any length up to L (a chunk of a prompt over the cache), D
-  in {64, 80, 128, 256} (any D <= 256 works).
+- query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is 1 for
+  plain decode, a few for speculative tokens, or any length up to L (a chunk of a prompt over the cache); D in
+  {64, 80, 128, 256} (any D <= 256 works).
 - key / value caches: uint8 views of contiguous fp8 buffers ``[B, H, capacity, D]``, of which the first L tokens are
   read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``), and int8 with per-token scales.
 - key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head), or contiguous bf16 ``[B, H,
