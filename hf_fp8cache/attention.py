@@ -8,24 +8,28 @@ When the model runs with it, the FP8 caches' ``update`` hands attention tensors 
 (``contract.py``). Attention asks that layer for ``attention_inputs(mask)`` -- buffers, filled length, row starts,
 scales, format, exact recent window, sliding window -- and:
 
-- decode (up to ``MAX_DECODE_QUERIES`` new tokens over fp8 views) runs ``kernels.decode_attention``: split-KV
-  attention straight from the FP8 bytes, scales folded in; no bf16 copy of the history ever exists. A dynamic full
+- every call over fp8 views -- a decode step, speculative tokens, and chunks of any length over an FP8 history (the
+  second turn of a chat, a prompt fed in chunks, a first prefill with ``exact_prefill=False``) -- runs
+  ``kernels.decode_attention``: attention straight from the FP8 bytes, scales folded in, split over the keys for
+  short chunks and in causal 128-row tiles for long ones; no bf16 copy of the history ever exists. A dynamic full
   layer leaves a decode step's one token unwritten (``FP8AttentionInputs.new_tokens``): the kernel claims it and
-  writes it as it attends, one launch for both. A length held
-  on the device (the static cache) goes through the compileable operator. The layer's sliding window, and the
-  module's learned sinks (``s_aux``, GPT-OSS), logit softcapping (``softcap``, Gemma 2) and ``scaling`` (Gemma's
-  ``query_pre_attn_scalar``) go to the kernel;
-- longer chunks over an FP8 history (chunked prefill), and calls the kernel cannot serve exactly (a window the model
-  asks for that the layer does not hold, dropout in training, a mask with padding inside a row -- a batch's next
-  turn left-padded after its history), ask the layer for its dequantized K/V and run with the model's mask;
+  writes it as it attends, one launch for both. A length held on the device (the static cache) goes through the
+  compileable operator. The layer's sliding window and exact recent window, and the module's learned sinks
+  (``s_aux``, GPT-OSS), logit softcapping (``softcap``, Gemma 2) and ``scaling`` (Gemma's ``query_pre_attn_scalar``)
+  go to the kernel;
+- calls the kernel cannot serve exactly (a window the model asks for that the layer does not hold, dropout in
+  training, a mask with padding inside a row -- a batch's next turn left-padded after its history) ask the layer
+  for its dequantized K/V and run with the model's mask;
 - the first prefill of an empty cache (exact K/V), and any call without an FP8 cache, run on what they were given.
 
 Everything not served by the kernel runs SDPA: with learned sinks, SDPA with each sink as one more key
 (``_sdpa_with_sinks``: no L x L tensor); with a softcap, which SDPA lacks, the model family's own eager attention
 (its module's ``eager_attention_forward``) with the mask made additive.
 
-The decode kernel reads the padding mask as one start position per row (left padding, as ``generate`` builds it)
-plus causality and the layer's window.
+The kernel reads the padding mask as one start position per row (left padding, as ``generate`` builds it) plus
+causality and the layer's window; a mask with padding in the middle of a row (a batch whose rows' new chunks were
+padded apart after the history) is found once per mask (``contract.rows_with_inner_padding``) and that call runs the
+model's attention over the dequantized K/V (the dynamic cache; the static cache refuses such a mask).
 """
 
 from __future__ import annotations
@@ -41,14 +45,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .contract import ATTENTION_NAME, FP8AttentionInputs, layer_of
 from .kernels import decode_attention, ops
 
-__all__ = ["MAX_DECODE_QUERIES", "fp8_attention_forward"]
-
-MAX_DECODE_QUERIES = 16  # query tokens per row the decode kernel takes (decode, speculative tokens)
+__all__ = ["fp8_attention_forward"]
 
 
-def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks, softcap) -> torch.Tensor:
-    """The decode kernel over ``inputs``, with the module's sinks (any float dtype, ``[Hq]``) and softcap:
-    ``[B, Sq, Hq, D]``."""
+def _kernel_attention(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks, softcap) -> torch.Tensor:
+    """The kernel over ``inputs`` (any number of queries), with the module's sinks (any float dtype, ``[Hq]``) and
+    softcap: ``[B, Sq, Hq, D]``."""
     sinks = None if sinks is None else sinks.detach().float().contiguous()  # no copy when already float32
     options = dict(sliding_window=inputs.sliding_window, sinks=sinks, softcap=softcap)
     if isinstance(inputs.length, torch.Tensor):  # read on the device: the operator torch.compile captures
@@ -61,14 +63,14 @@ def _decode(query: torch.Tensor, inputs: FP8AttentionInputs, scale: float, sinks
                             memo=inputs.launches, new=new, **options)  # fmt: skip
 
 
-def _kernel_serves(module, query: torch.Tensor, inputs: FP8AttentionInputs, dropout: float, kwargs: dict) -> bool:
-    """Whether the decode kernel computes exactly what the model asks: a few queries, no dropout, the model's
-    sliding window (``sliding_window=`` of the call, None for full attention) the one the layer holds, and no row
-    with padding inside it (the kernel reads a row's padding as one start: a batch's next turn left-padded after
-    its history takes the model's attention with the mask)."""
+def _kernel_serves(module, inputs: FP8AttentionInputs, dropout: float, kwargs: dict) -> bool:
+    """Whether the kernel computes exactly what the model asks: no dropout, the model's sliding window
+    (``sliding_window=`` of the call, None for full attention) the one the layer holds, and no row with padding inside
+    it (the kernel reads a row's padding as one start: a batch's next turn left-padded after its history takes the
+    model's attention with the mask)."""
     training_dropout = dropout and getattr(module, "training", False)
     same_window = kwargs.get("sliding_window") == inputs.sliding_window
-    return query.shape[2] <= MAX_DECODE_QUERIES and same_window and not training_dropout and not inputs.inner_padding
+    return same_window and not training_dropout and not inputs.inner_padding
 
 
 _SINK_DIMS = 8  # head dims added to carry the sink logit (SDPA's fused kernels take head dims in multiples of 8)
@@ -131,9 +133,9 @@ def fp8_attention_forward(module, query, key, value, attention_mask, scaling=Non
     if layer is not None:
         inputs = layer.attention_inputs(attention_mask)
         if key.dtype == inputs.fmt.dtype:  # fp8 views: attention reads the cache
-            if _kernel_serves(module, query, inputs, dropout, kwargs):
+            if _kernel_serves(module, inputs, dropout, kwargs):
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-                return _decode(query, inputs, scale, kwargs.get("s_aux"), kwargs.get("softcap")), None
+                return _kernel_attention(query, inputs, scale, kwargs.get("s_aux"), kwargs.get("softcap")), None
             key, value = layer.dequantized()
     return _model_attention(module, kwargs)(module, query, key, value, attention_mask, scaling=scaling,
                                             dropout=dropout, **kwargs)  # fmt: skip

@@ -1,15 +1,15 @@
 """The seam between the FP8 cache layers and the attention that reads them (``attn_implementation="hf_fp8cache"``).
 
 A cache layer serving that attention returns from ``update`` tensors that carry the layer (attribute
-``LAYER_ATTRIBUTE``): fp8 views of its buffers when attention should read the cache, or the exact K/V of a first
-prefill whose FP8 write waits for the padding mask. The attention then asks the layer one question,
-``layer.attention_inputs(attention_mask) -> FP8AttentionInputs``, and reads only that bundle; for chunks the decode
-kernel does not take it asks ``layer.dequantized()``. It never reads or writes a layer's fields, so every layer
-kind (dynamic, static; full, sliding; on another device) extends the bundle, not the attention. A bundle may offer
-K/V the layer has not written yet (``new_tokens``, a ``PendingWrite``): the decode kernel ``claim()``s them and
-writes them in its launch; otherwise the layer writes them before anything reads its buffers (``dequantized()``,
-the next update). What the bundle holds comes from the cache side (the layer's window); what comes from the
-model's attention module (learned sinks, logit softcapping, the scaling) arrives as that attention call's
+``LAYER_ATTRIBUTE``): fp8 views of its buffers when attention should read the cache, or the exact K/V of a first prefill
+whose FP8 write waits for the padding mask. The attention then asks the layer one question,
+``layer.attention_inputs(attention_mask) -> FP8AttentionInputs``, and reads only that bundle; for the calls its kernel
+cannot serve (a window the layer does not hold, dropout in training) it asks ``layer.dequantized()``. It never reads or
+writes a layer's fields, so every layer kind (dynamic, static; full, sliding; on another device) extends the bundle, not
+the attention. A bundle may offer K/V the layer has not written yet (``new_tokens``, a ``PendingWrite``): the decode
+kernel ``claim()``s them and writes them in its launch; otherwise the layer writes them before anything reads its
+buffers (``dequantized()``, the next update). What the bundle holds comes from the cache side (the layer's window); what
+comes from the model's attention module (learned sinks, logit softcapping, the scaling) arrives as that attention call's
 arguments.
 
 A leaf module: the caches and the attention both import it, neither imports the other.

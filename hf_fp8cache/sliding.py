@@ -13,8 +13,8 @@ announces to the mask); ``get_seq_length`` counts every token seen. The first pr
 Read paths, as ``FP8CacheLayer``'s: with ``attn_implementation="hf_fp8cache"``, ``update`` returns fp8 views and
 ``attention_inputs`` hands the decode kernel the buffers with the window (``FP8AttentionInputs.sliding_window``): a
 query at buffer position p sees keys p - W < n <= p, the mask's rule in the buffers' positions, and the kernel reads
-only the window's key blocks; a decode step's token is written by that launch, as on full layers. Chunks longer
-than the kernel takes, and other attention implementations, get the dequantized tokens the mask covers. On-the-fly
+only the window's key blocks (a chunk's tiles each only their own rows' windows); a decode step's token is written by
+that launch, as on full layers. Other attention implementations get the dequantized tokens the mask covers. On-the-fly
 scales wait for the padding mask as on full layers (``cache_base``), over the whole first prompt, of which only the
 tail is stored. Chunked layers (Llama 4: same-chunk masks, which the
 kernel does not compute) always hand over dequantized tokens. The exact recent window (``residual_length``) is

@@ -1,4 +1,5 @@
-"""Decode attention straight from the FP8 cache bytes: split-KV ("flash-decoding") Triton kernel.
+"""Attention of new queries straight from the FP8 cache bytes: a split-KV ("flash-decoding") Triton kernel for decode
+steps that also runs chunks of any length (prefill over the cache) in FlashAttention-style causal tiles.
 
     p[n]             = softmax_n(q[b, hq, i, :] . k_fp8[b, h, n, :] * sm_scale * k_scale[h])
     out[b, i, hq, :] = sum_n p[n] * v_fp8[b, h, n, :] * v_scale[h]
@@ -20,8 +21,9 @@ not L), a logit softcap c (``SOFTCAP``: logits c * tanh(logits / c) before maski
 where l is divided).
 
 Layout and dtypes:
-- query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is small
-  (1 for plain decode, a few for speculative tokens), D in {64, 80, 128, 256} (any D <= 256 works).
+- query ``[B, Hq, Sq, D]`` fp16 / bf16 / fp32, any strides (transformers hands over a transposed view); Sq is 1 for
+  plain decode, a few for speculative tokens, or any length up to L (a chunk of a prompt over the cache); D in
+  {64, 80, 128, 256} (any D <= 256 works).
 - key / value caches: uint8 views of contiguous fp8 buffers ``[B, H, capacity, D]``, of which the first L tokens are
   read; formats e4m3fn and e5m2 (the ROCm fnuz formats raise ``ValueError``), and int8 with per-token scales.
 - key_scale / value_scale: fp32 with 1 element (per tensor) or H (per KV head), or contiguous bf16 ``[B, H,
@@ -37,7 +39,15 @@ Layout and dtypes:
 Design:
 - Grid (B * H, splits, row tiles). A program owns one (batch row, KV head), one contiguous range of the keys (its
   split) and a tile of BLOCK_M query rows: the G query heads sharing the KV head times the Sq positions, row
-  r = g * Sq + i, padded to BLOCK_M >= 16 (the smallest tl.dot shape), so each K/V byte is read once per tile.
+  r = i * G + g (position major, ``_query_of_row``: a tile holds consecutive positions), padded to BLOCK_M >= 16
+  (the smallest tl.dot shape), so each K/V byte is read once per tile.
+- Causal tiles: a tile reads keys only up to its last row's position (later key blocks are skipped: a chunk's work
+  is a trapezoid, not a rectangle), masks only the blocks from its first row's position on (and, with a sliding
+  window, those below its last row's window start), and reads no block below its first row's window.
+- Chunks (more than _MAX_BLOCK_M = 64 query rows a KV head, ``block_rows``): tiles of 128 rows and eight warps while
+  a tile stays 128 x 128 elements (FlashAttention's tile on Hopper: each K/V byte read and converted serves 128
+  rows), with splits aimed at 2 programs an SM (``_CHUNK_PROGRAMS_PER_SM``): a short chunk over a long history
+  still splits its keys (8 x 32768 with q = 17: 4 splits), a long chunk runs one split a tile.
 - Keys are decoded with the hardware conversion (uint8 -> fp8 bitcast -> fp16, exact for both formats) and fed to
   tl.dot in fp16 for fp16 / bf16 queries (bf16 q is saturated to +-65504 and rounded to fp16: exact for
   2^-14 <= |q| <= 65504, and fp16 keeps more mantissa than bf16) and in fp32 (input_precision="ieee") for fp32
@@ -62,7 +72,8 @@ Design:
   itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and counts its slot done on an
   int32 counter per (b, h, row tile) (``tl.atomic_add`` with acquire-release semantics, after a barrier so every
   thread's stores are issued); the program that completes the count sets it back to zero and merges the tile's
-  slots (``_merge_slots``: one round of loads a query row, all its slots at once) into ``out``. One launch a step,
+  slots (``_merge_slots``: one round of loads a query row, all its slots at once; a chunk tile's 128 rows one slot a
+  round, ``_merge_tile_slots``) into ``out``. One launch a step,
   no combine kernel (a launch less of host time per layer in eager decode).
 - The step's own token (``new``, ``NEW_TOKEN``; one query token): the program whose keys hold position L - 1
   quantizes its K/V with ``fp8_codec.encode_fp8`` (bit for bit what ``quantize_append_kv`` writes), stores the codes
@@ -95,8 +106,14 @@ from .recent_window import RecentWindow
 _LOG2E = 1.4426950408889634
 # tl.dot needs every dimension (M, N, K) to be at least 16.
 _MIN_DOT_SIZE = 16
-# Query rows (G * Sq) per program; bigger groups get more programs along grid axis 2 (keeps acc in registers).
+# Query rows (G * Sq) per program of a decode-sized tile; bigger groups get more programs along grid axis 2 (keeps
+# acc in registers).
 _MAX_BLOCK_M = 64
+# Query rows per program when there are more than _MAX_BLOCK_M (a chunk: prefill over the cache, or a large group):
+# 128-row tiles with eight warps, FlashAttention's shape on Hopper, so each K/V byte read and converted serves twice
+# the rows. Only while a tile stays at 128 x 128 elements (D <= 128); D = 256 keeps 64-row tiles.
+_CHUNK_BLOCK_M = 128
+_CHUNK_TILE = 128 * 128
 # Keys per loop iteration, halved for D > 128 so a K or V tile stays at 8K elements.
 _BLOCK_N = 64
 # One-warp programs: for tiles of at most 16 query rows x 128 dims, over 32 keys a step, when there is work for at
@@ -108,6 +125,11 @@ _NARROW_MIN_PROGRAMS_PER_SM = 4
 # a thread, so 8 of them always fit an SM's 64K registers together. For four-warp programs (few programs, or tiles
 # beyond 16 x 128) 8 an SM is more than a wave; with few programs the split count stops at _MAX_SPLITS first.
 _PROGRAMS_PER_SM = 8
+# Programs an SM in the wave the split count aims at for chunk tiles (_CHUNK_BLOCK_M rows, eight warps): such a
+# program holds ~200 registers a thread (a 128 x 128 fp32 accumulator, the query tile, a 128 x 64 logit tile), so
+# one or two of them fit an SM; two an SM fills one wave either way (two waves of one). Not measured yet (issue 17:
+# benchmarks/gpu/chunk_sweep.py sweeps the split count).
+_CHUNK_PROGRAMS_PER_SM = 2
 # At most this many splits per (batch row, KV head): more only adds merge work (1x32768 on the H200: 32 splits
 # 29.9 us, 128 splits 35.5 us).
 _MAX_SPLITS = 32
@@ -125,6 +147,13 @@ def _to_dot_dtype(x, DOT_DTYPE: tl.constexpr, FP16_MAX: tl.constexpr):
     if x.dtype != DOT_DTYPE:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -FP16_MAX), FP16_MAX).to(DOT_DTYPE)
     return x
+
+
+@triton.jit
+def _query_of_row(r, G):
+    """(g, i) of query row r of a (b, h) program: r = i * G + g, query head h * G + g at chunk position i. Position
+    major, so a tile of rows holds consecutive positions (of all G heads): its causal range is narrow."""
+    return r % G, r // G
 
 
 @triton.jit
@@ -271,7 +300,7 @@ def _decode_attention_kernel(
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
     NEW_TOKEN: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
-    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr, RING: tl.constexpr,
+    FNUZ: tl.constexpr, TOKEN_SCALES: tl.constexpr, MERGE_BY_SLOT: tl.constexpr, RING: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -288,11 +317,13 @@ def _decode_attention_kernel(
             key_blocks = tl.cdiv(L - _first_key_block(L, SQ, window, BLOCK_N, SLIDING), BLOCK_N)
         blocks_per_split = tl.cdiv(key_blocks, tl.num_programs(1))
 
-    # query rows of this tile: r = g * SQ + i -> query head h * G + g at position L - SQ + i
+    # query rows of this tile: r = i * G + g -> query head h * G + g at position L - SQ + i (_query_of_row); the
+    # tile's rows sit at positions first_row ..= last_row
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < G * SQ
-    g = (rows // SQ).to(tl.int64)
-    i = (rows % SQ).to(tl.int64)
+    g, i = _query_of_row(rows.to(tl.int64), G)
+    first_row = L - SQ + (pid_m * BLOCK_M) // G
+    last_row = L - SQ + tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, SQ - 1)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_valid = d < D
     q_mask = row_valid[:, None] & d_valid[None, :]
@@ -317,10 +348,11 @@ def _decode_attention_kernel(
         recent_base = b * stride_rb + h * stride_rh
         ring_lo = tl.maximum(recent_start, kv_first)
         if SLIDING:
-            ring_lo = tl.maximum(ring_lo, L - SQ - window + 1)
-        for start in range(ring_lo, L, BLOCK_N):
+            ring_lo = tl.maximum(ring_lo, first_row - window + 1)
+        ring_hi = last_row + 1  # causal: nothing past the tile's last row
+        for start in range(ring_lo, ring_hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            n_valid = n < L
+            n_valid = n < ring_hi
             kv_mask = n_valid[:, None] & d_valid[None, :]
             offsets = recent_base + (n % R).to(tl.int64)[:, None] * stride_rs + d[None, :]
             k = _to_dot_dtype(tl.load(recent_k_ptr + offsets, mask=kv_mask, other=0.0), DOT_DTYPE, FP16_MAX)
@@ -330,14 +362,15 @@ def _decode_attention_kernel(
                                           l_i, acc, DOT_DTYPE, True, SLIDING, SOFTCAP)  # fmt: skip
     else:
         # this split's fp8 keys, from the block holding kv_start (blocks of pure padding are skipped) up to the
-        # exact window's start (recent_start == L without one); with a sliding window the splits share only the
-        # blocks from the one holding the first row's window start on (blocks below are never read)
+        # exact window's start (recent_start == L without one) and the tile's last row (causal: later key blocks
+        # are skipped); with a sliding window the splits share only the blocks from the one holding the first row's
+        # window start on, and a tile reads only those from its own first row's window start
         if not TOKEN_SCALES:  # (per-token key scales multiply each logit in _attend_fp8_blocks)
             qk_scale = qk_scale * tl.load(k_scale_ptr + h * scale_stride_h)  # sm_scale * log2(e) * k_scale[h]
-        # Blocks in [inner_lo, inner_hi) hold only keys that are valid and visible to every row: they skip all
-        # masking (3 % faster at 8x32768 on the H200) and are software-pipelined; the partial blocks around them (at
-        # most one below, two above; with a sliding window, below also those the first rows' windows cut) are
-        # masked and not pipelined.
+        # Blocks in [inner_lo, inner_hi) hold only keys that are valid and visible to every row of the tile: they
+        # skip all masking (3 % faster at 8x32768 on the H200) and are software-pipelined; the partial blocks around
+        # them (at most one below; above, those the tile's rows reach causally; with a sliding window, below also
+        # those the first rows' windows cut) are masked and not pipelined.
         if RING:  # slots: all valid and visible once the ring is full and the row's padding lies before it
             lo = split * blocks_per_split * BLOCK_N
             hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
@@ -345,16 +378,18 @@ def _decode_attention_kernel(
             inner_hi = tl.maximum(inner_lo, (hi // BLOCK_N) * BLOCK_N)  # whole blocks only: the ring may end inside one
         else:
             lo = _first_key_block(L, SQ, window, BLOCK_N, SLIDING) + split * blocks_per_split * BLOCK_N
-            hi = tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start)
+            hi = tl.minimum(tl.minimum(lo + blocks_per_split * BLOCK_N, recent_start), last_row + 1)
             lo = tl.maximum(lo, (kv_first // BLOCK_N) * BLOCK_N)
+            if SLIDING:
+                lo = tl.maximum(lo, (tl.maximum(first_row - window + 1, 0) // BLOCK_N) * BLOCK_N)
             inner_lo = tl.maximum(lo, tl.cdiv(kv_first, BLOCK_N) * BLOCK_N)
-            if SLIDING:  # the last row's window starts at L - window
-                inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(L - window, 0), BLOCK_N) * BLOCK_N)
+            if SLIDING:  # the tile's last row's window starts at last_row - window + 1
+                inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(last_row - window + 1, 0), BLOCK_N) * BLOCK_N)
             inner_lo = tl.minimum(inner_lo, hi)
+            inner_end = first_row + 1  # every row of the tile sees the keys up to its first row's position
             if NEW_TOKEN:  # the new token (position L - 1) stays in a masked block: it is read from registers
-                inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - 1) // BLOCK_N) * BLOCK_N)
-            else:
-                inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, L - SQ + 1) // BLOCK_N) * BLOCK_N)
+                inner_end = first_row
+            inner_hi = tl.maximum(inner_lo, (tl.minimum(hi, inner_end) // BLOCK_N) * BLOCK_N)
         block_base = b * stride_cb + h * stride_ch
         new_position = L - 1
         new_k_codes = tl.zeros([BLOCK_D], tl.uint8)
@@ -411,13 +446,49 @@ def _decode_attention_kernel(
         if done == num_slots - 1:
             tl.debug_barrier()
             tl.store(counter, 0)  # ready for the next launch
-            _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_ptr, pid_bh, pid_m, b, h,
-                         num_slots, H, G, SQ, D, BLOCK_M, BLOCK_S, BLOCK_D, M_INIT, HAS_SINKS, LOG2E)  # fmt: skip
+            if MERGE_BY_SLOT:
+                m_i, l_i, acc = _merge_tile_slots(part_acc_ptr, part_m_ptr, part_l_ptr, pid_bh, rows, row_valid, d,
+                                                  q_mask, num_slots, G, SQ, D, BLOCK_M, BLOCK_D, M_INIT)  # fmt: skip
+                _store_rows(out_ptr, m_i, l_i, acc, v_scale, sink_ptr, b, h, g, i, d, row_valid, q_mask, H, G, SQ, D,
+                            HAS_SINKS, LOG2E)  # fmt: skip
+            else:
+                _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_ptr, pid_bh, pid_m, b, h,
+                             num_slots, H, G, SQ, D, BLOCK_M, BLOCK_S, BLOCK_D, M_INIT, HAS_SINKS, LOG2E)  # fmt: skip
     else:
-        factor = _output_factor(m_i, l_i, v_scale, sink_ptr + h * G + g, row_valid, HAS_SINKS, LOG2E)
-        out = acc * factor[:, None]
-        out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
-        tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
+        _store_rows(out_ptr, m_i, l_i, acc, v_scale, sink_ptr, b, h, g, i, d, row_valid, q_mask, H, G, SQ, D,
+                    HAS_SINKS, LOG2E)  # fmt: skip
+
+
+@triton.jit
+def _store_rows(out_ptr, m, total, acc, v_scale, sink_ptr, b, h, g, i, d, row_valid, q_mask, H, G, SQ, D,
+                HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr):  # fmt: skip
+    """The tile's rows ``acc * v_scale / total`` (``_output_factor``) into ``out`` ``[B, SQ, H * G, D]``."""
+    out = acc * _output_factor(m, total, v_scale, sink_ptr + h * G + g, row_valid, HAS_SINKS, LOG2E)[:, None]
+    out_offsets = ((b * SQ + i[:, None]) * (H * G) + h * G + g[:, None]) * D + d[None, :]
+    tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=q_mask)
+
+
+@triton.jit
+def _merge_tile_slots(part_acc_ptr, part_m_ptr, part_l_ptr, pid_bh, rows, row_valid, d, q_mask, num_slots, G, SQ, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, M_INIT: tl.constexpr):  # fmt: skip
+    """(m, l, acc) of the whole tile from its slots' partials, one slot a step (a chunk tile's merge: ``num_slots``
+    rounds of ``[BLOCK_M, BLOCK_D]`` loads rather than ``_merge_slots``' one round a row, 128 rounds for a 128-row
+    tile), each slot rescaled to the running max as in the online softmax. Empty slots (m = M_INIT, l = 0, acc = 0)
+    add nothing. The loads bypass L1 (``.cg``): other SMs wrote the partials."""
+    m = tl.full([BLOCK_M], M_INIT, tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(num_slots):
+        part = (pid_bh * G * SQ + rows) * num_slots + s
+        m_s = tl.load(part_m_ptr + part, mask=row_valid, other=M_INIT, cache_modifier=".cg")
+        l_s = tl.load(part_l_ptr + part, mask=row_valid, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=q_mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+        total = total * old + l_s * new
+        acc = acc * old[:, None] + acc_s * new[:, None]
+        m = m_new
+    return m, total, acc
 
 
 @triton.jit
@@ -432,6 +503,7 @@ def _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_pt
     d = tl.arange(0, BLOCK_D)
     d_valid = d < D
     for r in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, G * SQ)):
+        g, i = _query_of_row(r, G)
         part = (pid_bh * G * SQ + r) * num_slots + s
         m = tl.load(part_m_ptr + part, mask=s_valid, other=M_INIT, cache_modifier=".cg")
         l_part = tl.load(part_l_ptr + part, mask=s_valid, other=0.0, cache_modifier=".cg")
@@ -441,8 +513,6 @@ def _merge_slots(part_acc_ptr, part_m_ptr, part_l_ptr, v_scale, sink_ptr, out_pt
         weight = tl.where(s_valid, tl.exp2(m - m_all), 0.0)
         total = tl.sum(weight * l_part, 0)
         out = tl.sum(weight[:, None] * acc, 0)
-        g = r // SQ
-        i = r % SQ
         out = out * _output_factor(m_all, total, v_scale, sink_ptr + h * G + g, True, HAS_SINKS, LOG2E)
         out_offsets = ((b * SQ + i) * (H * G) + h * G + g) * D + d
         tl.store(out_ptr + out_offsets, round_to_output(out, out_ptr), mask=d_valid)
@@ -464,9 +534,12 @@ def program_shape(programs: int, block_m: int, block_d: int, sm_count: int) -> t
     return (_BLOCK_N if block_d <= 128 else _BLOCK_N // 2), (8 if block_m * block_d >= 64 * 256 else 4)
 
 
-def split_plan(programs: int, kv_length: int, block_n: int, sm_count: int) -> tuple[int, int]:
-    """(splits, blocks_per_split): the most splits that keep all programs in one wave of ``_PROGRAMS_PER_SM`` an
-    SM, at most ``_MAX_SPLITS`` splits, at least one key block each. A program more than a wave holds starts a second
+def split_plan(
+    programs: int, kv_length: int, block_n: int, sm_count: int, programs_per_sm: int = _PROGRAMS_PER_SM
+) -> tuple[int, int]:
+    """(splits, blocks_per_split): the most splits that keep all programs in one wave of ``programs_per_sm`` an
+    SM (``_PROGRAMS_PER_SM``; ``_CHUNK_PROGRAMS_PER_SM`` for chunk tiles), at most ``_MAX_SPLITS`` splits, at least
+    one key block each. A program more than a wave holds starts a second
     wave that costs as much as the first: one-warp programs at 8x32768 on the H200 take 138.8 us with 16 splits
     (1024 programs for 132 SMs) and 166.7 us with 17 (1088).
 
@@ -474,7 +547,7 @@ def split_plan(programs: int, kv_length: int, block_n: int, sm_count: int) -> tu
     recomputed from the blocks per split, so that no split is empty.
     """
     blocks = triton.cdiv(kv_length, block_n)
-    splits = min(max(_PROGRAMS_PER_SM * sm_count // programs, 1), _MAX_SPLITS, blocks)
+    splits = min(max(programs_per_sm * sm_count // programs, 1), _MAX_SPLITS, blocks)
     blocks_per_split = triton.cdiv(blocks, splits)
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split
 
@@ -493,7 +566,8 @@ class DecodePlan:
     """How one ``decode_attention`` call is launched, planned on the host from shapes alone (see
     ``plan_decode_attention``)."""
 
-    block_m: int  # query rows of a program: G * Sq, padded to the smallest tl.dot size, at most _MAX_BLOCK_M
+    block_m: int  # query rows of a program: G * Sq padded to a power of two >= 16, at most _MAX_BLOCK_M, or
+    #               _CHUNK_BLOCK_M beyond (see block_rows)
     block_n: int  # keys a loop step
     block_d: int  # head dims of a program: D padded to a power of two
     row_tiles: int  # programs along grid axis 2 (tiles of block_m query rows)
@@ -549,11 +623,14 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
     """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
     read-only: the launch memo compares them by identity first)."""
     codec = fmt.codec_constants()
+    merge_by_slot = plan.block_m > _MAX_BLOCK_M  # a chunk tile: _merge_tile_slots, which needs no BLOCK_S (one compile)
     meta = dict(
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, BLOCK_S=triton.next_power_of_2(plan.slots),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+        BLOCK_S=1 if merge_by_slot else triton.next_power_of_2(plan.slots),
         CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales,
         DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
-        WRITE_PARTIAL=plan.slots > 1, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT, LENGTH_IN_MEMORY=length_in_memory,
+        WRITE_PARTIAL=plan.slots > 1, MERGE_BY_SLOT=merge_by_slot, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
+        LENGTH_IN_MEMORY=length_in_memory,
         SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token, RING=ring,
         MANTISSA_BITS=codec["MANTISSA_BITS"], BIAS=codec["BIAS"], FMAX=codec["FMAX"], FNUZ=codec["FNUZ"],
         num_warps=plan.num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
@@ -561,19 +638,35 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
     return dict(meta, EXACT_WINDOW=False), dict(meta, EXACT_WINDOW=True, num_warps=plan.window_warps)
 
 
+def block_rows(rows: int, block_d: int) -> int:
+    """Query rows of a program for ``rows`` = G * Sq query rows a (b, h): the next power of two (at least the
+    smallest tl.dot size) up to ``_MAX_BLOCK_M``; beyond, ``_CHUNK_BLOCK_M`` rows while such a tile holds at most
+    ``_CHUNK_TILE`` elements (D <= 128), else ``_MAX_BLOCK_M``."""
+    block_m = max(triton.next_power_of_2(rows), _MIN_DOT_SIZE)
+    if block_m <= _MAX_BLOCK_M:
+        return block_m
+    return _CHUNK_BLOCK_M if _CHUNK_BLOCK_M * block_d <= _CHUNK_TILE else _MAX_BLOCK_M
+
+
 @functools.lru_cache(maxsize=4096)  # integers in, a frozen plan out: decode asks again every step
 def plan_decode_attention(
     B: int, H: int, G: int, Sq: int, D: int, kv_length: int, window_start: int | None, sm_count: int, *,
-    sliding_window: int | None = None, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None,
+    sliding_window: int | None = None, num_splits: int | None = None, block_m: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None,
 ) -> DecodePlan:  # fmt: skip
     """Block sizes, splits and warps of ``decode_attention`` over ``kv_length`` keys (the cache capacity when the
     kernel reads the filled length on the device), of which those from ``window_start`` on (None: no window) come from
     the exact window, on ``sm_count`` SMs: integer arithmetic only. With a ``sliding_window`` the splits cover only
-    the keys from ``first_key_block`` on. The keyword overrides are the launcher's."""
+    the keys from ``first_key_block`` on. Chunks (more than ``_MAX_BLOCK_M`` query rows a KV head) run in tiles of
+    ``block_rows`` rows and aim their splits at ``_CHUNK_PROGRAMS_PER_SM`` programs an SM. The keyword overrides are
+    the launcher's."""
     rows = G * Sq
-    block_m = min(max(triton.next_power_of_2(rows), _MIN_DOT_SIZE), _MAX_BLOCK_M)
     block_d = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
+    chunk = rows > _MAX_BLOCK_M
+    if block_m is None:
+        block_m = block_rows(rows, block_d)
+    elif block_m < _MIN_DOT_SIZE or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= {_MIN_DOT_SIZE}, got {block_m!r}")
     row_tiles = triton.cdiv(rows, block_m)
     default_block_n, default_warps = program_shape(B * H * row_tiles, block_m, block_d, sm_count)
     block_n = block_n or default_block_n
@@ -583,7 +676,8 @@ def plan_decode_attention(
     if fp8_length == 0:
         splits, blocks_per_split = 0, 1
     elif num_splits is None:
-        splits, blocks_per_split = split_plan(B * H * row_tiles, fp8_length, block_n, sm_count)
+        programs_per_sm = _CHUNK_PROGRAMS_PER_SM if chunk else _PROGRAMS_PER_SM
+        splits, blocks_per_split = split_plan(B * H * row_tiles, fp8_length, block_n, sm_count, programs_per_sm)
     else:
         blocks = triton.cdiv(fp8_length, block_n)
         blocks_per_split = triton.cdiv(blocks, min(max(num_splits, 1), blocks))
@@ -612,6 +706,7 @@ def decode_attention(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     num_splits: int | None = None,
+    block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -627,8 +722,11 @@ def decode_attention(
     slot ``p % capacity`` (see ``kernels.decode_attention``).
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
-    split per key block), ``block_n`` (keys per iteration), ``num_warps`` and ``num_stages``. ``memo``: the caller's
-    ``LaunchMemo`` (``launch.py``), which relaunches the compiled kernels with less host work.
+    split per key block), ``block_m`` (query rows a program, a power of two >= 16), ``block_n`` (keys per iteration),
+    ``num_warps`` and ``num_stages``. ``memo``: the caller's ``LaunchMemo`` (``launch.py``), which relaunches the
+    compiled kernels with less host work; it keeps the partial results from call to call only for decode-sized
+    calls (at most ``_MAX_BLOCK_M`` query rows a KV head): a chunk's partials (up to B * H * G * Sq * (splits + 1) *
+    D floats) come from torch's allocator, so no layer keeps them.
     """
     check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
                            recent, sliding_window, sinks, softcap, new, ring)  # fmt: skip
@@ -645,12 +743,13 @@ def decode_attention(
     if length_tensor is not None:  # plan for the whole capacity; the kernel reads the filled length
         kv_length = key_cache.shape[2]
     plan = plan_decode_attention(B, H, G, Sq, D, kv_length, None if recent is None else recent.start, sm_count,
-                                 sliding_window=sliding_window, num_splits=num_splits, block_n=block_n,
-                                 num_warps=num_warps)  # fmt: skip
+                                 sliding_window=sliding_window, num_splits=num_splits, block_m=block_m,
+                                 block_n=block_n, num_warps=num_warps)  # fmt: skip
     rows = G * Sq
     if plan.slots > 1:
-        part_m, part_l, part_acc = _partials(memo, (B * H * rows, plan.slots), D, query.device)
-        counters = _slot_counters(memo, B * H * plan.row_tiles, query.device)
+        scratch = memo if rows <= _MAX_BLOCK_M else None
+        part_m, part_l, part_acc = _partials(scratch, (B * H * rows, plan.slots), D, query.device)
+        counters = _slot_counters(scratch, B * H * plan.row_tiles, query.device)
     else:
         part_m = part_l = part_acc = counters = out  # unused: the attention kernel writes out directly
 

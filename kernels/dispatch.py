@@ -207,10 +207,11 @@ def decode_attention(
     (the static cache's filled length: no host value changes from step to step, as torch.compile and CUDA graphs
     need).
 
-    Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal,
-    left padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). With ``recent``, the positions of
-    that window are read exactly from its ring buffers instead of the fp8 cache. Output in the query's dtype,
-    written into ``out`` when given.
+    Query row i sits at position ``kv_length - Sq + i`` and sees positions ``kv_start[b]`` up to its own (causal, left
+    padding masked); ``Hq`` is a multiple of the cache's KV heads (GQA). ``Sq`` is 1 for a decode step and may be any
+    length up to ``kv_length``: a chunk (prefill over the cache) runs in causal tiles of 128 query rows. With
+    ``recent``, the positions of that window are read exactly from its ring buffers instead of the fp8 cache. Output in
+    the query's dtype, written into ``out`` when given.
 
     Options of the model families with them (transformers' conventions): ``sliding_window`` W, row i then sees only
     positions p - W < n <= p of its own p (and >= kv_start); ``sinks``, float32 ``[Hq]``, one learned logit per

@@ -1,11 +1,12 @@
-"""The prefill benchmark (issue 17) on CPU: its tiny run gives every column, and the decode kernel run over a whole
-chunk (Sq = q, more query rows than one row tile) computes what today's path computes: dequantize + SDPA with
-transformers' mask. Its timings are the GPU's (``.gpu/prefill.sh``)."""
+"""The prefill benchmark (issue 17) on CPU: its tiny run gives every column, and our kernel run over a whole chunk
+(Sq = q, more query rows than one row tile) computes what the path before it computed: dequantize + SDPA with
+transformers' mask. Its timings are the GPU's (``benchmarks/gpu/issue17_check.sh``)."""
 
 import json
 
 import pytest
 import torch
+from hf_fp8cache.kernels import uses_triton
 
 from hf_fp8cache.bench import main as bench_main
 from hf_fp8cache.bench.prefill import columns, make_chunk, run_prefill_benchmark, transformers_mask
@@ -13,8 +14,8 @@ from hf_fp8cache.bench.prefill import columns, make_chunk, run_prefill_benchmark
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 COLUMNS = ("sdpa_mask_us", "best_backend_us", "best_backend", "dequant_sdpa_us", "kernel_us", "fp8_read_floor_us",
-           "flop_floor_us", "best_backend_vs_mask", "dequant_sdpa_vs_mask", "kernel_vs_mask",
-           "kernel_max_abs_diff")  # fmt: skip
+           "flop_floor_us", "best_backend_vs_mask", "dequant_sdpa_vs_mask", "kernel_vs_mask", "kernel_vs_best_backend",
+           "kernel_vs_read_floor", "kernel_max_abs_diff")  # fmt: skip
 # fp32 on CPU, measured: kernel vs dequantize + SDPA at most 2.1e-7 (96x3) and 6.0e-7 (96x80): the same FP8 bytes,
 # the scale folded into the logits and the output instead of into K and V, so a few fp32 roundings of outputs below
 # 1 apart. 2e-6 leaves 3.3x of that; no causal mask inside the chunk is off by 0.54 (the third test).
@@ -27,11 +28,16 @@ BF16_TOLERANCE = 2**-7
 def test_cpu_run_gives_every_column_and_writes_its_rows(tmp_path, capsys):
     rows = bench_main(["prefill", "--device", "cpu", "--repeats", "1", "--out-dir", str(tmp_path)])
     assert [r["case"] for r in rows] == ["96x3", "96x80"]
+    # 2 x 80 = 160 query rows a KV head: two chunk tiles of 128 (128 x 64 elements: four warps), 3 splits (one a key
+    # block of the 176); 3 queries: one decode tile of 16 rows. (The torch twin, without the interpreter: no plan.)
+    plans = ["16x64 w4 s2 t1", "128x64 w4 s3 t2"] if uses_triton(torch.empty(0)) else [None, None]
+    assert [r["kernel_plan"] for r in rows] == plans
     for r in rows:
         assert all(r[key] is not None for key in COLUMNS), r
         assert r["best_backend"].split("+")[0] in ("flash", "efficient", "cudnn")
         assert r["kernel_max_abs_diff"] <= FP32_TOLERANCE and r["backend_max_abs_diff"] <= FP32_TOLERANCE
         assert r["kernel_vs_mask"] == pytest.approx(r["kernel_us"] / r["sdpa_mask_us"])
+        assert r["kernel_vs_best_backend"] == pytest.approx(r["kernel_us"] / r["best_backend_us"])
         # B=1, Hq=4, H=2, D=64: 4 * 1 * 4 * q * (96 + q) * 64 FLOPs at 900 TFLOP/s; 2 * 2 * (96 + q) * 64 FP8 bytes
         assert r["flop_floor_us"] == pytest.approx(4 * 4 * r["q"] * (96 + r["q"]) * 64 / 900e12 * 1e6)
         assert r["fp8_read_floor_us"] == pytest.approx(4 * (96 + r["q"]) * 64 / (r["copy_tb_s"] * 1e6))

@@ -22,9 +22,9 @@ def test_kernels_are_compiled_not_interpreted():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def _greedy(model, cache, ids, mask, new_tokens):
+def _greedy(model, cache, ids, mask, new_tokens, **kwargs):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0, **{cache_keyword(model): cache})  # fmt: skip
+                          pad_token_id=0, **{cache_keyword(model): cache}, **kwargs)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -270,3 +270,41 @@ def test_generate_compiles_the_static_cache_of_a_hybrid_model_and_equals_eager_f
     assert static.is_compileable
     assert_equal(_greedy(model, static, ids, mask, 12), _greedy(model, FP8Cache(model.config), ids, mask, 12))
     assert hasattr(model, "_compiled_call")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_second_turn_chunk_reads_the_fp8_history_and_equals_oracle(kind, monkeypatch):
+    """Issue 17 compiled: a 200-token left-padded prompt and 8 tokens, then a second turn of 280 tokens continued
+    from the cache: its chunk (4 query heads a KV head: 1124 query rows, nine 128-row tiles) is read from the FP8
+    bytes by the kernel -- no layer dequantizes -- and both turns' tokens equal the fake-quantized oracle's (fp32
+    model: no bf16 rounding between the paths). Eager decode steps (``disable_compile``): the compiled ones are
+    test_generate_compiles_the_static_cache_and_equals_eager_fp8's, and compiling two static caches would cost this
+    test a minute."""
+    from oracle import fake_fp8_static_cache
+
+    from hf_fp8cache.cache_layer import FP8CacheLayer
+    from hf_fp8cache.static_cache import FP8StaticLayer
+
+    model = tiny_llama(seed=3, heads=8, kv_heads=2, head_dim=64).cuda()
+    model.set_attn_implementation(ATTENTION_NAME)
+    ids, mask = left_padded_prompts(3, 200, pads=lambda row: 37 * row, pad_id=None, device="cuda")
+    turn = torch.randint(3, 256, (3, 280), generator=torch.Generator().manual_seed(1)).cuda()
+    if kind == "dynamic":
+        caches, layer_class = (FP8Cache(model.config), fake_quant_cache(model.config)), FP8CacheLayer
+    else:
+        caches = (FP8StaticCache(model.config, max_cache_len=500), fake_fp8_static_cache(model.config, 500))
+        layer_class = FP8StaticLayer
+    tokens = []
+    with monkeypatch.context() as patch:
+        for cache in caches:
+            first = _greedy(model, cache, ids, mask, 8, disable_compile=True)
+            if cache is caches[0]:  # from the second turn on our cache never dequantizes its history
+                patch.setattr(layer_class, "dequantized", lambda layer: pytest.fail("a layer dequantized"))
+            both = torch.cat([first, turn], 1)
+            both_mask = torch.cat([mask, torch.ones(3, both.shape[1] - mask.shape[1], dtype=mask.dtype,
+                                                    device="cuda")], 1)  # fmt: skip
+            tokens.append((first, _greedy(model, cache, both, both_mask, 8, disable_compile=True)))
+            patch.undo()
+    for (ours_first, ours_second), (theirs_first, theirs_second) in zip(tokens[:1], tokens[1:]):
+        assert_equal(ours_first, theirs_first)
+        assert_equal(ours_second, theirs_second)

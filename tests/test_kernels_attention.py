@@ -422,18 +422,27 @@ def test_sliding_window_with_an_exact_recent_window():
 
 def test_slot_counters_return_to_zero_so_a_memo_relaunch_merges_again():
     # the program completing a tile's slots merges them and resets its counter: with the memo's counters kept from
-    # call to call, the second launch (splits and an exact window, rows per tile spanning two tiles) merges exactly
+    # call to call, the second launch (splits and an exact window, 48 query rows in two tiles of 32) merges exactly
     # as the first; counters left non-zero would make no program (or the wrong one) merge
-    args = _with_window(_case(2, 2, 24, 3, 64, 200, [0, 150], dtype=torch.float32, seed=9), 16, 12, seed=2)
+    args = _with_window(_case(2, 2, 24, 2, 64, 200, [0, 150], dtype=torch.float32, seed=9), 16, 12, seed=2)
     memo = LaunchMemo()
     expected = _oracle(*args)
-    plan = plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3)
+    plan = plan_decode_attention(2, 2, 24, 2, 64, 200, args[10].start, 132, num_splits=3, block_m=32)
     assert plan.slots == 4 and plan.row_tiles == 2
     counters = memo.scratch("slot_counters", (2 * 2 * plan.row_tiles,), torch.int32, torch.device(DEVICE), zeroed=True)
     for _ in range(2):
-        out = attention.decode_attention(*args, num_splits=3, memo=memo)
+        out = attention.decode_attention(*args, num_splits=3, block_m=32, memo=memo)
         assert _relative_error(out, expected) < TOLERANCE[torch.float32]
         assert counters.tolist() == [0] * counters.numel()
+
+
+def test_a_chunk_keeps_no_partials_in_the_memo():
+    # 24 x 3 = 72 query rows: a chunk tile; its partials come from torch's allocator, the layer's memo keeps none
+    args = _with_window(_case(2, 2, 24, 3, 64, 200, [0, 150], dtype=torch.float32, seed=9), 16, 12, seed=2)
+    memo = LaunchMemo()
+    _check_kernel(args, num_splits=3, memo=memo)
+    assert plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3).slots == 4
+    assert memo._scratch == {}
 
 
 def test_sliding_window_plans_over_the_window_only():
@@ -554,8 +563,15 @@ def test_program_shape_picks_one_warp_programs_only_with_enough_work():
         ((1, 8, 4, 1, 128, 32768), None, {}, DecodePlan(16, 64, 128, 1, 32, 16, False, 4, 4), 32),
         # D = 256: half the keys a step
         ((4, 8, 4, 1, 256, 4096), None, {}, DecodePlan(16, 32, 256, 1, 32, 4, False, 4, 4), 32),
-        # 16 x 5 = 80 query rows: two row tiles of 64
-        ((1, 2, 16, 5, 64, 90), None, {}, DecodePlan(64, 64, 64, 2, 2, 1, False, 4, 4), 2),
+        # 16 x 5 = 80 query rows: a chunk, one tile of 128 (128 x 64 elements: four warps), splits aimed at 2 programs
+        # an SM (capped by the 2 key blocks)
+        ((1, 2, 16, 5, 64, 90), None, {}, DecodePlan(128, 64, 64, 1, 2, 1, False, 4, 4), 2),
+        # 8 x 32768 + 17 new tokens (68 query rows): one 128-row tile of eight warps, 4 splits (256 programs)
+        ((8, 8, 4, 17, 128, 32785), None, {}, DecodePlan(128, 64, 128, 1, 4, 129, False, 8, 8), 4),
+        # 8 x 32768 + 2048 new tokens: 64 tiles a KV head (4096 programs), one split each
+        ((8, 8, 4, 2048, 128, 34816), None, {}, DecodePlan(128, 64, 128, 64, 1, 544, False, 8, 8), 1),
+        # D = 256: chunk tiles stay at 64 rows (64 x 256 elements)
+        ((8, 8, 4, 64, 256, 4160), None, {}, DecodePlan(64, 32, 256, 4, 1, 130, False, 8, 8), 1),
         # an exact window from 150: the fp8 splits cover [0, 150), the window takes the last slot
         ((3, 2, 4, 3, 64, 200), 150, {}, DecodePlan(16, 64, 64, 1, 3, 1, True, 4, 4), 4),
         # a window holding every position: no fp8 split, the window program writes out itself
@@ -868,3 +884,139 @@ def test_rejects_bad_new_tokens(change, message):
             kernels.cpu_backend(backend) if DEVICE == "cpu" else nullcontext(),
         ):
             kernels.decode_attention(*args, new=new)
+
+
+# -- query chunks (prefill over the cache: more than 64 query rows a KV head run in causal tiles of 128) -------------
+# (B, H, G, Sq, D, L, kv_start): 68 rows in one tile; 160 rows in two (the second tile's rows start at position 32 of
+# the chunk); G = 1 with 150 positions over two tiles; a chunk that is the whole cache (exact_prefill=False's first
+# prefill); D = 256 (64-row tiles); padding that covers part of the chunk.
+CHUNKS = [
+    (2, 2, 4, 17, 64, 150, [0, 37]),
+    (2, 2, 4, 40, 64, 230, [0, 100]),
+    (1, 2, 1, 150, 64, 170, [5]),
+    (2, 1, 2, 90, 64, 90, [0, 30]),
+    (1, 2, 4, 20, 256, 100, [3]),
+    (2, 2, 4, 40, 80, 100, [0, 75]),
+]
+# Worst relative errors against the fp64 oracle over the chunk tests below, kernel and twin together, measured here
+# (triton 3.9 interpreter, 2026-12-01): fp16 4.0e-4, bf16 1.7e-3, fp32 6.7e-7 (the exact-window and per-token-head
+# cases): within the decode rows' TOLERANCE (1e-3, 6e-3, 3e-6).
+
+
+@pytest.mark.parametrize("index", range(len(CHUNKS)))
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_chunks_match_oracle_and_twin(index, num_splits):
+    dtype = DTYPES[index % 3]
+    args = _case(*CHUNKS[index], fmt=FMTS[index % 2], dtype=dtype, per_head=index % 2 == 1, seed=40 + index)
+    B, H, G, Sq = CHUNKS[index][:4]
+    assert plan_decode_attention(B, H, G, Sq, args[1].shape[3], args[3], None, 132).block_m >= 64
+    _check_kernel(args, num_splits=num_splits)
+    assert _relative_error(reference.decode_attention_ref(*args), _oracle(*args)) < TOLERANCE[dtype]
+
+
+def test_a_tile_reads_no_key_block_past_its_last_row():
+    # 400 query rows (G = 4, Sq = 100): the first tile holds positions L - 100 .. L - 69; every key block after the
+    # one holding its last row is NaN, so a tile reading one would give NaN rows (0 * NaN in P @ V)
+    L, Sq = 300, 100
+    args = _case(2, 2, 4, Sq, 64, L, [0, 100], dtype=torch.float32, seed=3)
+    expected = _oracle(*args)
+    plan = plan_decode_attention(2, 2, 4, Sq, 64, L, None, 132)
+    first_tile_positions = plan.block_m // 4
+    poisoned_from = -(-(L - Sq + first_tile_positions) // plan.block_n) * plan.block_n
+    assert poisoned_from < L
+    for cache in args[1:3]:
+        cache[:, :, poisoned_from:] = NAN_CODE
+    for num_splits in (None, 3):
+        out = attention.decode_attention(*args, num_splits=num_splits)[:, :first_tile_positions]
+        assert _relative_error(out, expected[:, :first_tile_positions]) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_chunks_with_window_sinks_and_softcap(name):
+    index = list(OPTIONS).index(name)
+    dtype = DTYPES[index % 3]
+    args = _case(2, 2, 4, 40, 64, 200, [0, 150], fmt=FMTS[index % 2], dtype=dtype, seed=60 + index)
+    options = dict(OPTIONS[name])
+    if "sinks" in options:
+        options["sinks"] = _sinks(options["sinks"], seed=index)
+    expected = _oracle(*args, **options)
+    for num_splits in (None, 3):
+        out = attention.decode_attention(*args, num_splits=num_splits, **options)
+        assert _relative_error(out, expected) < TOLERANCE[dtype]
+    assert _relative_error(reference.decode_attention_ref(*args, **options), expected) < TOLERANCE[dtype]
+
+
+# (slots, window): a ring shorter than the chunk (its first positions come from the fp8 bytes), one as long as the
+# chunk plus history, and one with every position exact
+@pytest.mark.parametrize("slots, window", [(16, 12), (64, 60), (128, 120)])
+def test_chunks_with_an_exact_recent_window(slots, window):
+    args = _with_window(_case(2, 2, 4, 40, 64, 120, [0, 90], dtype=torch.float16, seed=slots), slots, window, seed=1)
+    expected = _oracle(*args)
+    for num_splits in (None, 2):
+        out = attention.decode_attention(*args, num_splits=num_splits)
+        assert _relative_error(out, expected) < TOLERANCE[torch.float16]
+    assert _relative_error(reference.decode_attention_ref(*args), expected) < TOLERANCE[torch.float16]
+    sliding = dict(sliding_window=30)
+    out = attention.decode_attention(*args, **sliding)
+    assert _relative_error(out, _oracle(*args, **sliding)) < TOLERANCE[torch.float16]
+
+
+def test_chunks_with_the_length_on_the_device():
+    # the static cache's form: a capacity of 600, 150 filled, a chunk of 40 with a sliding window, also as the
+    # operator; the splits are planned over the capacity and share the filled blocks
+    args = list(_case(2, 2, 4, 40, 64, 150, [0, 40], dtype=torch.float32, seed=31, spare=450))
+    options = dict(sliding_window=60, sinks=_sinks(8, seed=3), softcap=4.0)
+    for extra in ({}, options):
+        expected = _oracle(*args, **extra)
+        device_args = (*args[:3], torch.tensor(150, device=DEVICE), *args[4:])
+        assert _relative_error(kernels.decode_attention(*device_args, **extra), expected) < TOLERANCE[torch.float32]
+        as_operator = ops.decode_attention(*device_args[:7], args[7].name, args[8], **extra)
+        assert _relative_error(as_operator, expected) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_chunks_with_token_head_scales(fmt, dtype):
+    args = _token_head_case(2, 2, 4, 30, 64, 140, [0, 37], fmt=fmt, dtype=dtype, seed=5)
+    expected = _oracle(*args)
+    for num_splits in (None, 3):
+        assert _relative_error(attention.decode_attention(*args, num_splits=num_splits), expected) < TOLERANCE[dtype]
+    assert _relative_error(reference.decode_attention_ref(*args), expected) < TOLERANCE[dtype]
+
+
+def test_block_m_must_be_a_power_of_two():
+    args = _case(1, 1, 4, 20, 64, 50, [0])
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16, got 48"):
+        attention.decode_attention(*args, block_m=48)
+
+
+def _twin_error(args, **options) -> float:
+    """Relative error of the compiled kernel against the torch twin (both on the GPU; the twin in fp32)."""
+    out = attention.decode_attention(*args, **options)
+    return _relative_error(out, reference.decode_attention_ref(*args, **options).double().cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L, Sq, B", [(32768, 17, 4), (32768, 64, 2), (32768, 512, 2), (16384, 2048, 1)])
+def test_chunks_on_gpu_shapes_match_the_twin(L, Sq, B):
+    """The compiled kernel at issue 17's shapes (8 KV heads of 4 query heads, D = 128, bf16, left padding; split keys
+    for short chunks, 128-row tiles for long ones) against the twin: a 32k history catches accumulation errors."""
+    args = _case(B, 8, 4, Sq, 128, L, [0, 1000, 7, 0][:B], dtype=torch.bfloat16, seed=Sq)
+    assert _twin_error(args) < TOLERANCE[torch.bfloat16]
+    device_length = (*args[:3], torch.tensor(L, device=DEVICE), *args[4:])  # the static cache's form
+    out = kernels.decode_attention(*device_length)
+    assert _relative_error(out, reference.decode_attention_ref(*args).double().cpu()) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_chunk_options_on_gpu_shapes_match_the_twin():
+    """A 256-token chunk over 32k keys with a 4096-token sliding window, sinks and a softcap, an exact recent window
+    of 300 positions, and int8 per-token-head scales, each against the twin."""
+    args = _case(2, 8, 4, 256, 128, 32768, [0, 3000], dtype=torch.bfloat16, seed=2)
+    for options in (dict(sliding_window=4096), dict(sinks=_sinks(32, seed=1), softcap=30.0),
+                    dict(sliding_window=1000, sinks=_sinks(32, seed=2), softcap=5.0)):  # fmt: skip
+        assert _twin_error(args, **options) < TOLERANCE[torch.bfloat16]
+    windowed = _with_window(_case(2, 8, 4, 256, 128, 8192, [0, 3000], dtype=torch.bfloat16, seed=3), 512, 300)
+    assert _twin_error(windowed) < TOLERANCE[torch.bfloat16]
+    token_head = _token_head_case(2, 8, 4, 256, 128, 8192, [0, 3000], fmt=INT8, dtype=torch.bfloat16, seed=4)
+    assert _twin_error(token_head) < TOLERANCE[torch.bfloat16]

@@ -109,10 +109,10 @@ def test_fp8_attention_reads_the_fp8_window_with_the_kernel(family, torch_path, 
         carries_token.append(inputs.new_tokens is not None and inputs.new_tokens.claimable)
         return kernel(query, inputs, scale, sinks, softcap)
 
-    kernel = fp8_attention._decode
+    kernel = fp8_attention._kernel_attention
     monkeypatch.setattr(FP8CacheLayer, "dequantized", no_dequantize)
     monkeypatch.setattr(FP8SlidingWindowLayer, "dequantized", no_dequantize)
-    monkeypatch.setattr(fp8_attention, "_decode", decode)
+    monkeypatch.setattr(fp8_attention, "_kernel_attention", decode)
     _generate(model, FP8Cache(model.config))
     layers = model.config.num_hidden_layers
     assert len(calls) == 11 * layers  # 12 new tokens: 11 decode steps after the prefill
@@ -126,10 +126,17 @@ def test_fp8_attention_reads_the_fp8_window_with_the_kernel(family, torch_path, 
 
 
 @pytest.mark.parametrize("family", ["mistral", "gpt-oss"])
-def test_speculative_and_long_chunks_past_the_window_equal_the_oracle(family, torch_path):
-    """Teacher-forced chunks after a padded prompt: several queries a row (the kernel's window per query row) and a
-    chunk longer than the kernel takes (the dequantized tokens the mask covers), against the oracle's logits."""
+def test_speculative_and_long_chunks_past_the_window_equal_the_oracle(family, torch_path, monkeypatch):
+    """Teacher-forced chunks after a padded prompt: several queries a row and a 20-token chunk past the window, all
+    read from the fp8 bytes by the kernel with each query row's window (nothing dequantized), against the oracle's
+    logits."""
     model = _model(family, ATTENTION_NAME)
+
+    def no_dequantize(self):
+        raise AssertionError(f"layer {self.layer_idx} dequantized")
+
+    monkeypatch.setattr(FP8CacheLayer, "dequantized", no_dequantize)
+    monkeypatch.setattr(FP8SlidingWindowLayer, "dequantized", no_dequantize)
     ids, mask = _prompts()
     chunks = torch.randint(3, 256, (3, 3 + 1 + 20 + 2), generator=torch.Generator().manual_seed(5))
     logits = []

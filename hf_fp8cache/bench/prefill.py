@@ -1,4 +1,5 @@
-"""Prefill over an FP8 history: one layer's attention of a chunk of q new tokens over L cached ones (issue 17).
+"""Prefill over an FP8 history: one layer's attention of a chunk of q new tokens over L cached ones (issue 17), our
+kernel beside its SDPA baselines in the same run.
 
 Case ``LxQ``: a query ``[B, Hq, q, D]`` and K/V of L + q tokens (the cache after it took the chunk), the chunk's row
 i at position L + i seeing keys 0 .. L + i (bottom-right causal). Defaults on the GPU: B = 8, 32 query / 8 KV heads,
@@ -9,10 +10,12 @@ D = 128, bf16 (Llama-3.1-8B); on CPU a tiny shape in fp32 (the tests' run). Colu
 2. ``sdpa_<backend>`` and ``best_backend``: torch SDPA pinned to flash / efficient / cuDNN with
    ``causal_lower_right`` instead of a mask, GQA native where the backend takes it, else over K/V expanded to the
    query heads beforehand (the expansion is not timed: a lower bound for bf16); the fastest that runs.
-3. ``dequant_sdpa``: today's FP8 path for such chunks: ``kernels.dequantize_kv`` of the whole FP8 history into a
-   workspace, then (1) over it.
-4. ``kernel``: our decode kernel (``kernels.decode_attention``) over the FP8 bytes with Sq = q; its largest
-   difference to (3)'s output is ``kernel_max_abs_diff`` (the same bytes, so float noise only).
+3. ``dequant_sdpa``: the FP8 path for such chunks before issue 17: ``kernels.dequantize_kv`` of the whole FP8
+   history into a workspace, then (1) over it.
+4. ``kernel``: our kernel (``kernels.decode_attention`` with Sq = q, what ``attn_implementation="hf_fp8cache"`` runs
+   for such chunks) over the FP8 bytes; its largest difference to (3)'s output is ``kernel_max_abs_diff`` (the same
+   bytes, so float noise only); ``kernel_plan`` its launch on the Triton path: ``<rows>x<keys> w<warps>
+   s<splits> t<row tiles a KV head>``.
 5. ``fp8_read_floor``: the FP8 K+V bytes over the copy bandwidth measured in the same run; ``flop_floor``: the bf16
    FLOPs of Q.K^T and P.V over every (query, key) pair, 4 * B * Hq * q * (L + q) * D, at 900 TFLOP/s (the issue's
    convention: the masked upper triangle of the chunk is counted too).
@@ -20,7 +23,9 @@ D = 128, bf16 (Llama-3.1-8B); on CPU a tiny shape in fp32 (the tests' run). Colu
 On the GPU every column is replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: the median of 10
 replays, each of as many calls as fill 100 ms, CUDA-event timed), falling back to CUDA events around eager calls
 (``triton.testing.do_bench``) where a capture fails; on CPU the median of ``repeats`` host-timed calls. Times in us;
-``*_vs_mask`` divide by column (1). Writes ``prefill_benchmark.{json,csv,png}``.
+``*_vs_mask`` divide by column (1); ``kernel_vs_best_backend`` and ``kernel_vs_read_floor`` divide the kernel's time
+by column (2)'s and by the FP8 read floor (issue 17's targets: <= 0.25 x SDPA + mask for q <= 512, <= 2 x the read
+floor at q = 17, <= 1 x the best backend at q = 2048). Writes ``prefill_benchmark.{json,csv,png}``.
 """
 
 from __future__ import annotations
@@ -284,11 +289,25 @@ def bench_case(chunk: Chunk, device: torch.device, repeats: int, copy_tb_s: floa
     for name in ("best_backend", "dequant_sdpa", "kernel"):
         row[f"{name}_vs_mask"] = _ratio(row[f"{name}_us"], row["sdpa_mask_us"])
     row["kernel_vs_read_floor"] = _ratio(row["kernel_us"], row["fp8_read_floor_us"])
+    row["kernel_vs_best_backend"] = _ratio(row["kernel_us"], row["best_backend_us"])
     row["kernel_max_abs_diff"] = _max_abs_diff(outputs["kernel"], outputs["dequant_sdpa"])
     row["kernel_path"] = "triton" if uses_triton(chunk.query) else "torch twin"
+    row["kernel_plan"] = kernel_plan(chunk) if uses_triton(chunk.query) else None
     row["timer"] = "+".join(sorted({t for t in timers + forced_timers if t}))
     row["copy_tb_s"] = copy_tb_s
     return row
+
+
+def kernel_plan(chunk: Chunk) -> str:
+    """The Triton launch of column (4): ``<rows>x<keys> w<warps> s<splits> t<row tiles a KV head>``."""
+    from ..kernels.attention import plan_decode_attention  # (imports triton)
+
+    B, Hq, q, D = chunk.query.shape
+    H = chunk.key.shape[1]
+    device = chunk.query.device
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    plan = plan_decode_attention(B, H, Hq // H, q, D, chunk.kv_length, None, sm_count)
+    return f"{plan.block_m}x{plan.block_n} w{plan.num_warps} s{plan.splits} t{plan.row_tiles}"
 
 
 def _defaults(device, cases, dtype, shape) -> tuple[torch.device, tuple, torch.dtype, dict[str, int]]:
@@ -342,6 +361,10 @@ def _cell(us: float | None, ratio: float | None = None) -> str:
     return f"{us:.1f}" if ratio is None else f"{us:.1f} ({ratio:.2f}x)"
 
 
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def _diff(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
 
@@ -352,8 +375,8 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     print(f"prefill over an FP8 history, {first['gpu']}, B={first['B']}, {first['heads']} q / {first['kv_heads']} kv "
           f"heads, d={first['head_dim']}, {first['dtype']}; us (x SDPA + mask); "
           f"copy {first['copy_tb_s']:.2f} TB/s")  # fmt: skip
-    header = ["case", "SDPA + mask", "best backend", "", "dequant + SDPA", "our kernel", "FP8 read floor",
-              "FLOP floor", "kernel diff"]  # fmt: skip
+    header = ["case", "SDPA + mask", "best backend", "", "dequant + SDPA", "our kernel", "x best", "x floor",
+              "FP8 read floor", "FLOP floor", "kernel diff", "kernel plan"]  # fmt: skip
     print_aligned([header] + [table_line(r) for r in rows])
 
 
@@ -361,8 +384,9 @@ def table_line(r: dict[str, Any]) -> list[str]:
     """A row's cells in ``print_table``'s columns."""
     return [r["case"], _cell(r["sdpa_mask_us"]), _cell(r["best_backend_us"], r["best_backend_vs_mask"]),
             r["best_backend"] or "-", _cell(r["dequant_sdpa_us"], r["dequant_sdpa_vs_mask"]),
-            _cell(r["kernel_us"], r["kernel_vs_mask"]), _cell(r["fp8_read_floor_us"]), _cell(r["flop_floor_us"]),
-            _diff(r["kernel_max_abs_diff"])]  # fmt: skip
+            _cell(r["kernel_us"], r["kernel_vs_mask"]), _times(r["kernel_vs_best_backend"]),
+            _times(r["kernel_vs_read_floor"]), _cell(r["fp8_read_floor_us"]), _cell(r["flop_floor_us"]),
+            _diff(r["kernel_max_abs_diff"]), r["kernel_plan"] or "-"]  # fmt: skip
 
 
 def save_rows(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
