@@ -179,6 +179,7 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
                                       configs=["dynamic", "fp8", "static", "fp8+attn"], out_dir=tmp_path)  # fmt: skip
     by = {row["config"]: row for row in rows}
     assert by["fp8"]["status"] == "OOM" and by["fp8"]["ms_per_token"] is None and by["fp8"]["kv_bytes"] is None
+    assert by["fp8"]["error"] == "CUDA out of memory. Tried to allocate 64.00 GiB"
     assert by["static"]["status"] == "skipped: not here"
     assert by["dynamic"]["status"] == by["fp8+attn"]["status"] == "ok"  # measured after the OOM, with its attention
     fp8 = LAYERS * 2 * KV_HEADS * (8 + 2) * HEAD_DIM  # batch 1, 8 + 2 tokens, one byte each; the model is fp32

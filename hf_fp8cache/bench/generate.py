@@ -49,7 +49,8 @@ Memory: ``peak_bytes`` is ``max_memory_allocated`` during the first timed (N+1)-
 allocated before the configuration's first call (the weights): a static cache kept from an earlier call counts as
 much as one made inside the call (CUDA only). ``kv_bytes``: bytes holding the cache's L+N tokens after that call
 (ours: ``nbytes``; static caches: all they allocate); ``kv_allocated_bytes``: with spare capacity. Running out of
-memory in one configuration gives an ``OOM`` row and the run goes on. Prints a table; writes
+memory in one configuration gives an ``OOM`` row (its ``error``: the first line of torch's message, which names the
+allocation) and the run goes on. Prints a table; writes
 ``generate_benchmark.{json,csv}`` after every case and ``.png`` at the end.
 
 Floor (CUDA): ``floor_ms`` = the bytes a decode step must read at least -- every weight once plus the row's
@@ -296,8 +297,8 @@ def _run_configuration(model, configuration: Configuration, inputs, new_tokens: 
     try:
         with torch.no_grad(), sdpa_backend(backend):
             measured = {**_measure(model, configuration, inputs, new_tokens, repeats, warmup_tokens), "status": "ok"}
-    except torch.cuda.OutOfMemoryError:
-        measured = _unmeasured("OOM")
+    except torch.cuda.OutOfMemoryError as error:  # the allocation that failed, for the record
+        measured = {**_unmeasured("OOM"), "error": str(error).splitlines()[0][:300]}
     finally:
         detach(model)  # (a no-op unless the configuration attached)
         model.set_attn_implementation(baseline)
