@@ -28,8 +28,9 @@ Everything not served by the kernel runs SDPA: with learned sinks, SDPA with eac
 
 The kernel reads the padding mask as one start position per row (left padding, as ``generate`` builds it) plus
 causality and the layer's window; a mask with padding in the middle of a row (a batch whose rows' new chunks were
-padded apart after the history) is found once per mask (``contract.rows_with_inner_padding``) and that call runs the
-model's attention over the dequantized K/V (the dynamic cache; the static cache refuses such a mask).
+padded apart after the history) is found on the masks of several queries that bring it (``RowStarts.inner_padding``;
+decode steps reuse the answer) and such calls run the model's attention over the dequantized K/V (the dynamic cache;
+the static cache refuses such a mask).
 """
 
 from __future__ import annotations

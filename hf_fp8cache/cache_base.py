@@ -62,14 +62,15 @@ class RowStarts:
     """The first attended position of each batch row, computed once per attention mask and device and shared by the
     layers of a dynamic cache: every layer of one forward gets the same mask object (a new one each forward, so a
     batch that changes between steps is always seen). An in-place change of the mask is seen through its version.
-    The mask is held weakly: a prefill's ``[B, 1, L, L]`` mask must not outlive its forward. ``inner_padding`` says,
-    once per mask too, whether some row's mask skips positions inside it (``rows_with_inner_padding``)."""
+    The mask is held weakly: a prefill's ``[B, 1, L, L]`` mask must not outlive its forward. ``inner_padding`` says
+    whether some row's mask skips positions inside it (``rows_with_inner_padding``)."""
 
     def __init__(self) -> None:
         self._mask: weakref.ref | str | None = None  # a weak reference to the last mask, "none" for no mask
         self._version = -1
         self._starts: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._inner_padding: bool | None = None
+        self._inner_padding: bool | None = None  # of the last mask
+        self._checked_padding: bool | None = None  # of the last mask of several queries (a prefill, a chunk)
 
     def _seen(self, attention_mask: torch.Tensor | None) -> bool:
         if attention_mask is None:
@@ -91,9 +92,17 @@ class RowStarts:
         return starts
 
     def inner_padding(self, attention_mask: torch.Tensor | None) -> bool:
-        """Whether some row of ``attention_mask`` (the mask of the last ``__call__``) has padding inside it."""
+        """Whether some row of ``attention_mask`` (the mask of the last ``__call__``) has padding inside it. Padding
+        enters a row with several new tokens at once (a prefill, a chunk, a next turn): such a mask is read (one host
+        sync); a one-token step's mask, which ``generate`` extends by the new position, takes the last such answer,
+        so decode steps never sync."""
         if self._inner_padding is None:
-            self._inner_padding = bool(rows_with_inner_padding(attention_mask))
+            if attention_mask is None:  # every position attended
+                self._inner_padding = False
+            else:
+                if attention_mask.shape[-2] > 1 or self._checked_padding is None:
+                    self._checked_padding = bool(rows_with_inner_padding(attention_mask))
+                self._inner_padding = self._checked_padding
         return self._inner_padding
 
     def __deepcopy__(self, memo: dict) -> RowStarts:

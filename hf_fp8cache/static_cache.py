@@ -67,8 +67,11 @@ def _mark_static(*tensors: torch.Tensor) -> None:
 
 def refuse_inner_padding(attention_mask: torch.Tensor | None, layer_idx: int | None) -> None:
     """Raise for a mask with padding inside a row (``rows_with_inner_padding``), which the decode kernel cannot serve
-    and a compiled step could not fall back from. Checked in eager calls only (a compiled or captured step cannot
-    read the mask on the host): every turn's prefill, which brings that padding, runs eagerly."""
+    and a compiled step could not fall back from. Checked on masks of several queries in eager calls only: padding
+    enters a row with a prefill, a chunk or a next turn, which run eagerly (a compiled or captured step cannot read
+    the mask on the host), and a decode step's mask only adds its new position (no host sync a step)."""
+    if attention_mask is None or attention_mask.shape[-2] == 1:
+        return
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
     rows = rows_with_inner_padding(attention_mask)

@@ -194,6 +194,30 @@ def test_padding_inside_a_row_runs_the_models_attention_and_equals_the_oracle(to
     assert (torch.stack(ours.logits) - torch.stack(oracle.logits)).abs().max() <= 1e-6
 
 
+def test_only_masks_of_several_queries_are_read_for_inner_padding(torch_path, monkeypatch):
+    """The inner-padding check syncs with the device, so it reads only the masks that can bring padding into a row,
+    and one more when nothing was read yet: here the first decode step (the first prefill attends over its exact K/V,
+    not through the kernel) and the next turn's 7 new tokens (6 + the last generated one, which the cache had not
+    seen); the other 11 decode steps reuse the answer."""
+    from oracle import fake_fp8_cache
+
+    import hf_fp8cache.cache_base as cache_base
+
+    model = tiny_llama(seed=3)
+    read = []
+    original = cache_base.rows_with_inner_padding
+
+    def counting(mask):
+        read.append(tuple(mask.shape))
+        return original(mask)
+
+    monkeypatch.setattr(cache_base, "rows_with_inner_padding", counting)
+    ours = _second_turn_with_inner_padding(model, FP8Cache(model.config), ATTENTION_NAME)
+    assert [shape[2] for shape in read] == [1, 7]  # the query lengths of the masks read
+    oracle = _second_turn_with_inner_padding(model, fake_fp8_cache(model.config), "sdpa")
+    assert_equal(ours.sequences, oracle.sequences)  # the second turn's decode steps still took the fallback
+
+
 def test_the_static_cache_refuses_padding_inside_a_row_by_name(torch_path):
     """FP8StaticCache cannot fall back inside a compiled step: the eager prefill that brings such a mask raises."""
     from hf_fp8cache import FP8StaticCache
