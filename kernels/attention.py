@@ -66,7 +66,7 @@ Design:
 - Program shape (see program_shape): a tile of 16 query rows x 128 dims runs in one-warp programs over 32 keys a step
   when there is work for at least 4 of them an SM (each program then reduces its softmax rows inside one warp, with
   no shared-memory round trip per step); smaller workloads (one batch row) and bigger tiles run four (eight) warps
-  over 64 (32 for D > 128) keys a step.
+  over 64 (32 for D > 128) keys a step; chunk tiles of 128 rows over 128 keys a step.
 - Splits: as many as fit 8 programs an SM in one wave (at most 32 splits, at most one per BLOCK_N block of keys;
   see split_plan). With one partial (one split, no window) the attention kernel normalizes and writes ``out``
   itself; otherwise each split (and the window) stores its (m, l, acc) in fp32 and counts its slot done on an
@@ -116,6 +116,10 @@ _CHUNK_BLOCK_M = 128
 _CHUNK_TILE = 128 * 128
 # Keys per loop iteration, halved for D > 128 so a K or V tile stays at 8K elements.
 _BLOCK_N = 64
+# Keys per loop iteration of a chunk tile (_CHUNK_BLOCK_M rows): FlashAttention's 128 x 128 Hopper tile, each Q.K^T
+# twice as long for the same softmax bookkeeping (H200, B=8, 32 q / 8 KV heads, d=128, us at 128 / 64 keys:
+# 17 queries over 32768, 416 / 472; 2048 over 32768, 23779 / 29746; benchmarks/gpu/chunk_sweep.py, 2026-12-01).
+_CHUNK_BLOCK_N = 128
 # One-warp programs: for tiles of at most 16 query rows x 128 dims, over 32 keys a step, when there is work for at
 # least _NARROW_MIN_PROGRAMS_PER_SM of them an SM (8x32768 on the H200: 138.8 us against 159.5 us for four warps).
 _NARROW_TILE = 16 * 128
@@ -531,7 +535,10 @@ def program_shape(programs: int, block_m: int, block_d: int, sm_count: int) -> t
     row (8 programs) four warps stay ahead: 1x4096 11.1 / 8.9."""
     if block_m * block_d <= _NARROW_TILE and programs * _MAX_SPLITS >= _NARROW_MIN_PROGRAMS_PER_SM * sm_count:
         return _NARROW_BLOCK_N, 1
-    return (_BLOCK_N if block_d <= 128 else _BLOCK_N // 2), (8 if block_m * block_d >= 64 * 256 else 4)
+    warps = 8 if block_m * block_d >= 64 * 256 else 4
+    if block_m >= _CHUNK_BLOCK_M:
+        return _CHUNK_BLOCK_N, warps
+    return (_BLOCK_N if block_d <= 128 else _BLOCK_N // 2), warps
 
 
 def split_plan(

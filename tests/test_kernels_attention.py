@@ -352,9 +352,8 @@ def test_ring_of_slots_matches_the_same_positions_in_order(L, slots, kv_start, w
                            expected) < TOLERANCE[dtype]  # fmt: skip
     operator = ops.decode_attention(*ring[:7], ring[7].name, ring[8], sliding_window=window, ring=True)
     assert _relative_error(operator, expected) < TOLERANCE[dtype]
-    if L > slots:  # read as a plain cache, the slots would be the wrong positions
-        plain = attention.decode_attention(*ring, sliding_window=window)
-        assert _relative_error(plain, expected) > 10 * TOLERANCE[dtype]
+    # (The slot-to-position map is what row 1's padding inside the ring checks: a softmax over the whole ring does
+    # not depend on the slots' order. A ring is never read as a plain cache: its device length passes its capacity.)
 
 
 def test_ring_with_sinks_and_softcap():
@@ -437,11 +436,12 @@ def test_slot_counters_return_to_zero_so_a_memo_relaunch_merges_again():
 
 
 def test_a_chunk_keeps_no_partials_in_the_memo():
-    # 24 x 3 = 72 query rows: a chunk tile; its partials come from torch's allocator, the layer's memo keeps none
+    # 24 x 3 = 72 query rows: a chunk tile; its partials come from torch's allocator, the layer's memo keeps none.
+    # Slots: the 188 fp8 keys are two 128-key blocks, so the 3 splits asked are capped at 2, and the window's slot.
     args = _with_window(_case(2, 2, 24, 3, 64, 200, [0, 150], dtype=torch.float32, seed=9), 16, 12, seed=2)
     memo = LaunchMemo()
     _check_kernel(args, num_splits=3, memo=memo)
-    assert plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3).slots == 4
+    assert plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3).slots == 3
     assert memo._scratch == {}
 
 
@@ -563,13 +563,13 @@ def test_program_shape_picks_one_warp_programs_only_with_enough_work():
         ((1, 8, 4, 1, 128, 32768), None, {}, DecodePlan(16, 64, 128, 1, 32, 16, False, 4, 4), 32),
         # D = 256: half the keys a step
         ((4, 8, 4, 1, 256, 4096), None, {}, DecodePlan(16, 32, 256, 1, 32, 4, False, 4, 4), 32),
-        # 16 x 5 = 80 query rows: a chunk, one tile of 128 (128 x 64 elements: four warps), splits aimed at 2 programs
-        # an SM (capped by the 2 key blocks)
-        ((1, 2, 16, 5, 64, 90), None, {}, DecodePlan(128, 64, 64, 1, 2, 1, False, 4, 4), 2),
+        # 16 x 5 = 80 query rows: a chunk, one tile of 128 (128 x 64 elements: four warps) over 128 keys a step,
+        # splits aimed at 2 programs an SM (capped by the one key block)
+        ((1, 2, 16, 5, 64, 90), None, {}, DecodePlan(128, 128, 64, 1, 1, 1, False, 4, 4), 1),
         # 8 x 32768 + 17 new tokens (68 query rows): one 128-row tile of eight warps, 4 splits (256 programs)
-        ((8, 8, 4, 17, 128, 32785), None, {}, DecodePlan(128, 64, 128, 1, 4, 129, False, 8, 8), 4),
+        ((8, 8, 4, 17, 128, 32785), None, {}, DecodePlan(128, 128, 128, 1, 4, 65, False, 8, 8), 4),
         # 8 x 32768 + 2048 new tokens: 64 tiles a KV head (4096 programs), one split each
-        ((8, 8, 4, 2048, 128, 34816), None, {}, DecodePlan(128, 64, 128, 64, 1, 544, False, 8, 8), 1),
+        ((8, 8, 4, 2048, 128, 34816), None, {}, DecodePlan(128, 128, 128, 64, 1, 272, False, 8, 8), 1),
         # D = 256: chunk tiles stay at 64 rows (64 x 256 elements)
         ((8, 8, 4, 64, 256, 4160), None, {}, DecodePlan(64, 32, 256, 4, 1, 130, False, 8, 8), 1),
         # an exact window from 150: the fp8 splits cover [0, 150), the window takes the last slot
