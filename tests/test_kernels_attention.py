@@ -718,10 +718,13 @@ def _token_head_case(B, H, G, Sq, D, L, kv_start, *, fmt, dtype, seed=0, spare=5
 # kernel's division by the block's largest value scale the fp16 / bf16 errors reach 1.7e-2 to 5.3e-2 (checked).
 @pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["splits", "exact_window", "device_length"])
+@pytest.mark.parametrize("variant", ["splits", "exact_window", "device_length", "even_capacity"])
 def test_token_head_scales_match_oracle_and_twin(fmt, dtype, variant):
     args = _token_head_case(2, 2, 2, 3, 64, 100, [0, 7], fmt=fmt, dtype=dtype, seed=len(variant))
-    if variant == "exact_window":
+    if variant == "even_capacity":  # 204 slots: the unmasked blocks read the scales two to a word (_scale_pairs)
+        args = _token_head_case(2, 2, 2, 3, 64, 200, [0, 7], fmt=fmt, dtype=dtype, seed=3, spare=4)
+        assert attention._paired_scales(args[5], args[6])
+    elif variant == "exact_window":
         args = _with_window(args, 8, 6)
     elif variant == "device_length":
         args = (*args[:3], torch.tensor(args[3], device=DEVICE), *args[4:])
