@@ -678,8 +678,10 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
 def _paired_scales(key_scale: torch.Tensor, value_scale: torch.Tensor) -> bool:
     """Whether per-token-head scales ``[B, H, capacity]`` can be read two to a 32-bit word (``_scale_pairs``): an even
     capacity (every row and key block then starts on a 4-byte boundary) and 4-byte aligned tensors."""
-    return key_scale.dim() == 3 and key_scale.shape[2] % 2 == 0 and all(
-        scale.data_ptr() % 4 == 0 for scale in (key_scale, value_scale)
+    return (
+        key_scale.dim() == 3
+        and key_scale.shape[2] % 2 == 0
+        and all(scale.data_ptr() % 4 == 0 for scale in (key_scale, value_scale))
     )
 
 
