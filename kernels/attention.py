@@ -123,6 +123,8 @@ _BLOCK_N = 64
 # twice as long for the same softmax bookkeeping (H200, B=8, 32 q / 8 KV heads, d=128, us at 128 / 64 keys:
 # 17 queries over 32768, 416 / 472; 2048 over 32768, 23779 / 29746; benchmarks/gpu/chunk_sweep.py, 2026-12-01).
 _CHUNK_BLOCK_N = 128
+# (fp32 queries, whose fp32 K and V tiles take shared memory: 128 keys need 256 KiB at D = 128, beyond the H200's 227
+# KiB an SM; they keep _BLOCK_N keys, 160 KiB)
 # One-warp programs: for tiles of at most 16 query rows x 128 dims, over 32 keys a step, when there is work for at
 # least _NARROW_MIN_PROGRAMS_PER_SM of them an SM (8x32768 on the H200: 138.8 us against 159.5 us for four warps).
 _NARROW_TILE = 16 * 128
@@ -557,7 +559,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def program_shape(programs: int, block_m: int, block_d: int, sm_count: int) -> tuple[int, int]:
+def program_shape(
+    programs: int, block_m: int, block_d: int, sm_count: int, fp32_query: bool = False
+) -> tuple[int, int]:
     """(keys a step, warps) of a program over a ``block_m`` x ``block_d`` query tile, given the number of programs
     without splitting (B * H * row tiles). One-warp programs keep the softmax row reductions inside a warp; they pay
     off once the splits can give at least ``_NARROW_MIN_PROGRAMS_PER_SM`` of them to every SM. Measured on the H200
@@ -566,7 +570,7 @@ def program_shape(programs: int, block_m: int, block_d: int, sm_count: int) -> t
     if block_m * block_d <= _NARROW_TILE and programs * _MAX_SPLITS >= _NARROW_MIN_PROGRAMS_PER_SM * sm_count:
         return _NARROW_BLOCK_N, 1
     warps = 8 if block_m * block_d >= 64 * 256 else 4
-    if block_m >= _CHUNK_BLOCK_M:
+    if block_m >= _CHUNK_BLOCK_M and not fp32_query:
         return _CHUNK_BLOCK_N, warps
     return (_BLOCK_N if block_d <= 128 else _BLOCK_N // 2), warps
 
@@ -699,14 +703,14 @@ def block_rows(rows: int, block_d: int) -> int:
 def plan_decode_attention(
     B: int, H: int, G: int, Sq: int, D: int, kv_length: int, window_start: int | None, sm_count: int, *,
     sliding_window: int | None = None, num_splits: int | None = None, block_m: int | None = None,
-    block_n: int | None = None, num_warps: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, fp32_query: bool = False,
 ) -> DecodePlan:  # fmt: skip
     """Block sizes, splits and warps of ``decode_attention`` over ``kv_length`` keys (the cache capacity when the
     kernel reads the filled length on the device), of which those from ``window_start`` on (None: no window) come from
     the exact window, on ``sm_count`` SMs: integer arithmetic only. With a ``sliding_window`` the splits cover only
     the keys from ``first_key_block`` on. Chunks (more than ``_MAX_BLOCK_M`` query rows a KV head) run in tiles of
-    ``block_rows`` rows and aim their splits at ``_CHUNK_PROGRAMS_PER_SM`` programs an SM. The keyword overrides are
-    the launcher's."""
+    ``block_rows`` rows and aim their splits at ``_CHUNK_PROGRAMS_PER_SM`` programs an SM, over _CHUNK_BLOCK_N keys a
+    step unless ``fp32_query`` (shared memory). The other keyword overrides are the launcher's."""
     rows = G * Sq
     block_d = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
     chunk = rows > _MAX_BLOCK_M
@@ -715,7 +719,7 @@ def plan_decode_attention(
     elif block_m < _MIN_DOT_SIZE or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= {_MIN_DOT_SIZE}, got {block_m!r}")
     row_tiles = triton.cdiv(rows, block_m)
-    default_block_n, default_warps = program_shape(B * H * row_tiles, block_m, block_d, sm_count)
+    default_block_n, default_warps = program_shape(B * H * row_tiles, block_m, block_d, sm_count, fp32_query)
     block_n = block_n or default_block_n
     window = window_start is not None and window_start < kv_length
     fp8_end = kv_length if window_start is None else min(window_start, kv_length)  # [first key block, fp8_end): fp8
@@ -791,7 +795,8 @@ def decode_attention(
         kv_length = key_cache.shape[2]
     plan = plan_decode_attention(B, H, G, Sq, D, kv_length, None if recent is None else recent.start, sm_count,
                                  sliding_window=sliding_window, num_splits=num_splits, block_m=block_m,
-                                 block_n=block_n, num_warps=num_warps)  # fmt: skip
+                                 block_n=block_n, num_warps=num_warps,
+                                 fp32_query=query.dtype == torch.float32)  # fmt: skip
     rows = G * Sq
     if plan.slots > 1:
         scratch = memo if rows <= _MAX_BLOCK_M else None

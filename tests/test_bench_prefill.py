@@ -28,10 +28,10 @@ BF16_TOLERANCE = 2**-7
 def test_cpu_run_gives_every_column_and_writes_its_rows(tmp_path, capsys):
     rows = bench_main(["prefill", "--device", "cpu", "--repeats", "1", "--out-dir", str(tmp_path)])
     assert [r["case"] for r in rows] == ["96x3", "96x80"]
-    # 2 x 80 = 160 query rows a KV head: two chunk tiles of 128 (128 x 64 elements: four warps) over 128 keys a step,
-    # 2 splits (one a key block of the 176); 3 queries: one decode tile of 16 rows. (The torch twin, without the
-    # interpreter: no plan.)
-    plans = ["16x64 w4 s2 t1", "128x128 w4 s2 t2"] if uses_triton(torch.empty(0)) else [None, None]
+    # 2 x 80 = 160 query rows a KV head: two chunk tiles of 128 (128 x 64 elements: four warps) over 64 keys a step
+    # (fp32 queries), 3 splits (one a key block of the 176); 3 queries: one decode tile of 16 rows. (The torch twin,
+    # without the interpreter: no plan.)
+    plans = ["16x64 w4 s2 t1", "128x64 w4 s3 t2"] if uses_triton(torch.empty(0)) else [None, None]
     assert [r["kernel_plan"] for r in rows] == plans
     for r in rows:
         assert all(r[key] is not None for key in COLUMNS), r

@@ -437,11 +437,11 @@ def test_slot_counters_return_to_zero_so_a_memo_relaunch_merges_again():
 
 def test_a_chunk_keeps_no_partials_in_the_memo():
     # 24 x 3 = 72 query rows: a chunk tile; its partials come from torch's allocator, the layer's memo keeps none.
-    # Slots: the 188 fp8 keys are two 128-key blocks, so the 3 splits asked are capped at 2, and the window's slot.
+    # Slots: 3 splits of the fp8 keys (64 a step for fp32 queries) and the window's.
     args = _with_window(_case(2, 2, 24, 3, 64, 200, [0, 150], dtype=torch.float32, seed=9), 16, 12, seed=2)
     memo = LaunchMemo()
     _check_kernel(args, num_splits=3, memo=memo)
-    assert plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3).slots == 3
+    assert plan_decode_attention(2, 2, 24, 3, 64, 200, args[10].start, 132, num_splits=3, fp32_query=True).slots == 4
     assert memo._scratch == {}
 
 
@@ -570,6 +570,8 @@ def test_program_shape_picks_one_warp_programs_only_with_enough_work():
         ((8, 8, 4, 17, 128, 32785), None, {}, DecodePlan(128, 128, 128, 1, 4, 65, False, 8, 8), 4),
         # 8 x 32768 + 2048 new tokens: 64 tiles a KV head (4096 programs), one split each
         ((8, 8, 4, 2048, 128, 34816), None, {}, DecodePlan(128, 128, 128, 64, 1, 272, False, 8, 8), 1),
+        # fp32 queries: the chunk tile keeps 64 keys a step (128 would need 256 KiB of shared memory at D = 128)
+        ((8, 8, 4, 17, 128, 32785), None, {"fp32_query": True}, DecodePlan(128, 64, 128, 1, 4, 129, False, 8, 8), 4),
         # D = 256: chunk tiles stay at 64 rows (64 x 256 elements)
         ((8, 8, 4, 64, 256, 4160), None, {}, DecodePlan(64, 32, 256, 4, 1, 130, False, 8, 8), 1),
         # an exact window from 150: the fp8 splits cover [0, 150), the window takes the last slot
@@ -923,7 +925,7 @@ def test_a_tile_reads_no_key_block_past_its_last_row():
     L, Sq = 300, 100
     args = _case(2, 2, 4, Sq, 64, L, [0, 100], dtype=torch.float32, seed=3)
     expected = _oracle(*args)
-    plan = plan_decode_attention(2, 2, 4, Sq, 64, L, None, 132)
+    plan = plan_decode_attention(2, 2, 4, Sq, 64, L, None, 132, fp32_query=True)
     first_tile_positions = plan.block_m // 4
     poisoned_from = -(-(L - Sq + first_tile_positions) // plan.block_n) * plan.block_n
     assert poisoned_from < L

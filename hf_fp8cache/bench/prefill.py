@@ -306,7 +306,8 @@ def kernel_plan(chunk: Chunk) -> str:
     H = chunk.key.shape[1]
     device = chunk.query.device
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    plan = plan_decode_attention(B, H, Hq // H, q, D, chunk.kv_length, None, sm_count)
+    fp32_query = chunk.query.dtype == torch.float32
+    plan = plan_decode_attention(B, H, Hq // H, q, D, chunk.kv_length, None, sm_count, fp32_query=fp32_query)
     return f"{plan.block_m}x{plan.block_n} w{plan.num_warps} s{plan.splits} t{plan.row_tiles}"
 
 
