@@ -14,13 +14,7 @@
 # its decode steps), bench <= 170 s (copy ceiling ~30 s, compiles ~20 s, ~10 s a case), sweep <= 80 s (stops starting
 # variants after 55 s), decode bench <= 45 s. Memory < 30 GB at a time (the twin's fp32 logits at 2 x 32 x 512 x
 # 32768: 4.3 GB).
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_FP8CACHE_NO_INTERPRET=1 TOKENIZERS_PARALLELISM=false
-unset TRITON_INTERPRET
-cd "$(dirname "$0")/../.."
-python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || { tail -5 /tmp/pip.txt; exit 1; }
+source "$(dirname "$0")/setup.sh"
 python -c 'import torch, transformers, triton; print(torch.cuda.get_device_name(0), "| torch", torch.__version__,
 "| transformers", transformers.__version__, "| triton", triton.__version__)'
 git rev-parse --short HEAD 2>/dev/null
