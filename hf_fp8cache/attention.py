@@ -61,7 +61,8 @@ def _kernel_attention(query: torch.Tensor, inputs: FP8AttentionInputs, scale: fl
     new = None if inputs.new_tokens is None else inputs.new_tokens.claim()  # the launch writes the step's token
     return decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
                             inputs.key_scale, inputs.value_scale, inputs.fmt, scale, recent=inputs.recent,
-                            memo=inputs.launches, new=new, **options)  # fmt: skip
+                            memo=inputs.launches, new=new, quantize_query=inputs.quantize_query,
+                            **options)  # fmt: skip
 
 
 def _kernel_serves(module, inputs: FP8AttentionInputs, dropout: float, kwargs: dict) -> bool:

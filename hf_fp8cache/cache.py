@@ -53,6 +53,11 @@ class QuantizedFP8Cache(Cache):
             buffer per layer), and let attention read those exactly; older tokens are read from FP8. Costs
             ``residual_length`` tokens in the model dtype per layer (e.g. 16 tokens: 1.6 % of the FP8 bytes at
             2K tokens). 0 (default) is pure FP8, like vLLM; transformers' ``QuantizedCache`` uses the same name.
+        quantize_query: FP8 queries, as vLLM's FlashAttention 3 path: where our attention
+            (``attn_implementation="hf_fp8cache"``) reads the cache, Q @ K^T and P @ V run on e4m3 operands with fp32
+            accumulation (each query row scaled by its own amax / 448). Needs e4m3 codes, no ``residual_length``, and
+            on CUDA a GPU with FP8 tensor cores (compute capability 8.9+). Other attention implementations read the
+            dequantized K/V and are unaffected. With ``exact_prefill=False`` the first prefill runs in FP8 too.
     """
 
     def __init__(
@@ -65,10 +70,15 @@ class QuantizedFP8Cache(Cache):
         scales: KVScales | None = None,
         exact_prefill: bool = True,
         residual_length: int = 0,
+        quantize_query: bool = False,
     ) -> None:
         self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
         if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
             raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
+        if quantize_query and (self.format.name != "e4m3fn" or residual_length):
+            raise ValueError(f"quantize_query needs e4m3fn codes and no residual_length, got kv_cache_dtype "
+                             f"{self.format.name} and residual_length {residual_length}")  # fmt: skip
+        self.quantize_query = quantize_query
         self.residual_length = residual_length
         self.scales = scales
         self.calculate_kv_scales = calculate_kv_scales
@@ -106,7 +116,7 @@ class QuantizedFP8Cache(Cache):
             kv_cache_dtype: the storage format; scales stored as ROCm e4m3fnuz are doubled, as vLLM does
                 (``cache_base.checkpoint_scales``).
             missing, revision, token, cache_dir, local_files_only: as for ``checkpoint.load_kv_scales``.
-            kwargs: the other constructor arguments (``exact_prefill``, ``residual_length``).
+            kwargs: the other constructor arguments (``exact_prefill``, ``residual_length``, ``quantize_query``).
         """
         options = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         fmt, scales = model_checkpoint_scales(name_or_path, config, kv_cache_dtype, missing=missing,
@@ -124,7 +134,8 @@ class QuantizedFP8Cache(Cache):
         settings = dict(fmt=self.format, strategy=self.strategy, scales=layer_scales(self.scales, layer_idx),
                         calculate_kv_scales=self.calculate_kv_scales, exact_prefill=self.exact_prefill,
                         workspace=workspace, layer_idx=layer_idx, attention_config=self._attention_config,
-                        residual_length=self.residual_length, row_starts=self._row_starts)  # fmt: skip
+                        residual_length=self.residual_length, row_starts=self._row_starts,
+                        quantize_query=self.quantize_query)  # fmt: skip
         if sliding_window is None:
             return FP8CacheLayer(**settings)
         return FP8SlidingWindowLayer(sliding_window, **settings)

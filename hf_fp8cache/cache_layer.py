@@ -63,6 +63,7 @@ class FP8CacheLayer(FP8LayerBase):
         attention_config: the model config whose attention implementation picks the read path (None: dequantize).
         residual_length: the most recent tokens also kept exactly, in a ring buffer (0: none).
         row_starts: the per-step row starts shared by the cache's layers (None: this layer's own).
+        quantize_query: our attention quantizes the queries and probabilities to e4m3 (``QuantizedFP8Cache``).
     """
 
     is_compileable = False
@@ -80,9 +81,11 @@ class FP8CacheLayer(FP8LayerBase):
         attention_config=None,
         residual_length: int = 0,
         row_starts: RowStarts | None = None,
+        quantize_query: bool = False,
     ) -> None:
         super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config)
         self.exact_prefill = exact_prefill
+        self.quantize_query = quantize_query
         self.residual_length = residual_length
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None
@@ -280,7 +283,8 @@ class FP8CacheLayer(FP8LayerBase):
         key_scale, value_scale = self._read_scales()
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.length, kv_start, key_scale, value_scale,
                                   self.fmt, self.recent_window, launches=self._launches, new_tokens=pending,
-                                  inner_padding=self._row_starts.inner_padding(attention_mask))  # fmt: skip
+                                  inner_padding=self._row_starts.inner_padding(attention_mask),
+                                  quantize_query=self.quantize_query)  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the cached tokens in the model dtype, in the cache's shared workspace (valid until the next

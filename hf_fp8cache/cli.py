@@ -378,6 +378,9 @@ def _add_eval(subparsers) -> None:
                    help=f"comma list of {', '.join(STRATEGIES)} (on-the-fly and calibrated rows) and {TOKEN_HEAD} (a "
                         "row per format with per-token-head scales)")  # fmt: skip
     p.add_argument("--residual-lengths", default="0", help="comma list: each configuration with that exact window")
+    p.add_argument("--quantize-query", action="store_true",
+                   help="also each e4m3 configuration without an exact window with FP8 queries (quantize_query=True); "
+                        "every row then runs attn_implementation='hf_fp8cache'")  # fmt: skip
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--calibration-seq-len", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -442,6 +445,7 @@ def _check_eval(args) -> tuple[list, list[int], dict, list[str]]:
 def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
     import json
 
+    from .attention import ATTENTION_NAME  # (registers our attention)
     from .calibration import observe
     from .evaluation import evaluate_configurations, evaluation_ids, format_table
     from .models import load_model_and_tokenizer
@@ -470,6 +474,11 @@ def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
                 )
         if args.scales:
             configurations[f"{fmt.name} checkpoint{window}"] = _factory(model.config, scales=checkpoint[fmt], **kw)
+    if args.quantize_query:  # FP8 queries need our attention, and e4m3 codes without an exact window
+        model.set_attn_implementation(ATTENTION_NAME)
+        for name, factory in list(configurations.items()):
+            if factory.keywords["kv_cache_dtype"].name == "e4m3fn" and not factory.keywords["residual_length"]:
+                configurations[f"{name} +FP8 queries"] = functools.partial(factory, quantize_query=True)
     if args.task == "passkey":
         prompts = passkey_prompts(tokenizer, args.lengths, args.depths, args.trials)
         rows = passkey_scores(model, tokenizer, prompts, configurations)

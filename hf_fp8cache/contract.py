@@ -80,6 +80,7 @@ class FP8AttentionInputs(NamedTuple):
     new_tokens: PendingWrite | None = None  # the step's K/V, not yet written: the decode kernel claims and writes them
     ring: bool = False  # the buffers are a ring of capacity slots, position p at slot p % capacity (static sliding)
     inner_padding: bool = False  # some row's mask skips positions inside it: the kernel cannot serve the call
+    quantize_query: bool = False  # the kernel's products on e4m3 operands, queries quantized per row (issue 17)
 
 
 def attended_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

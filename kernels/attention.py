@@ -92,6 +92,7 @@ Design:
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_decode_attention
-from .formats import Int8Format, StorageFormat
+from .formats import Int8Format, StorageFormat, format_named
 from .fp8_codec import encode_fp8, round_to_output
 from .launch import LaunchMemo, launch
 from .new_tokens import NewTokens
@@ -109,6 +110,8 @@ from .recent_window import RecentWindow
 _LOG2E = 1.4426950408889634
 # tl.dot needs every dimension (M, N, K) to be at least 16.
 _MIN_DOT_SIZE = 16
+# The smallest inner size of an e4m3 tl.dot (FP8 queries): Triton refuses K < 32 for fp8 operands.
+_MIN_FP8_DOT_K = 32
 # Query rows (G * Sq) per program of a decode-sized tile; bigger groups get more programs along grid axis 2 (keeps
 # acc in registers).
 _MAX_BLOCK_M = 64
@@ -146,6 +149,17 @@ _MAX_SPLITS = 32
 _DEFAULT_SM_COUNT = 132
 # Largest finite fp16: bf16 queries are saturated to it before the fp16 dot.
 _FP16_MAX = 65504.0
+# FP8 queries (``quantize_query``): e4m3 operands of both dots. Each query row gets the scale amax / 448 (its largest
+# value becomes e4m3's largest), and the probabilities enter P @ V times _P_SCALE (1 becomes e4m3's largest, 2^-9 / 448
+# its smallest subnormal), which the output's factor divides out.
+_E4M3_MAX = tl.constexpr(448.0)
+_P_SCALE = tl.constexpr(448.0)
+_E4M3 = format_named("e4m3fn")
+# Whether Triton interprets this process's launches (read once, as ``dispatch`` does): its float -> fp8 conversion is
+# wrong there, so the operands are encoded with integer arithmetic; compiled, the hardware conversion (round to
+# nearest even, saturating: the same bits, FACTS.md) costs one instruction per two values instead of ~25.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+assert (_E4M3.mantissa_bits, _E4M3.bias, _E4M3.max) == (3, 7, 448.0)  # the literals of _e4m3 and _E4M3_MAX
 # Finite stand-in for -inf as the initial running max (exp2(m_old - m_new) must never see inf - inf).
 _M_INIT = -1.0e30
 
@@ -156,6 +170,33 @@ def _to_dot_dtype(x, DOT_DTYPE: tl.constexpr, FP16_MAX: tl.constexpr):
     if x.dtype != DOT_DTYPE:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -FP16_MAX), FP16_MAX).to(DOT_DTYPE)
     return x
+
+
+@triton.jit
+def _e4m3(x):
+    """fp32 -> e4m3 operand, round to nearest even, saturating: the hardware conversion, or under the interpreter
+    (whose own conversion is wrong) ``fp8_codec.encode_fp8``'s same bits."""
+    if _INTERPRETED:
+        return encode_fp8(x, 3, 7, 448.0, False).to(tl.float8e4nv, bitcast=True)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _e4m3_query(q):
+    """A query tile -> (e4m3 tile, fp32 scale a row): row r is q[r] / scale[r] with scale[r] = amax_d |q[r, d]| / 448
+    (1 for a zero row), both divisions exact-rounded (``tl.math.div_rn``) as in the torch twin."""
+    x = q.to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    scale = tl.where(amax > 0.0, tl.math.div_rn(amax, _E4M3_MAX), 1.0)
+    return _e4m3(tl.math.div_rn(x, scale[:, None])), scale
+
+
+@triton.jit
+def _probabilities_to_dot(p, DOT_DTYPE: tl.constexpr):
+    """The P @ V operand: p in the dot dtype; for e4m3 (FP8 queries), p * _P_SCALE."""
+    if DOT_DTYPE == tl.float8e4nv:
+        return _e4m3(p * _P_SCALE)
+    return p.to(DOT_DTYPE)
 
 
 @triton.jit
@@ -198,10 +239,11 @@ def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, so
     if TOKEN_SCALES:
         block_max = tl.max(value_scales, 0)
         block_max = tl.where(block_max > 0.0, block_max, 1.0)  # a block of invalid keys only (scales loaded as 0)
-        pv = tl.dot((p * (value_scales / block_max)[None, :]).to(DOT_DTYPE), v, input_precision="ieee")
+        pv = tl.dot(_probabilities_to_dot(p * (value_scales / block_max)[None, :], DOT_DTYPE), v,
+                    input_precision="ieee")  # fmt: skip
         acc = acc * alpha[:, None] + pv * block_max
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(_probabilities_to_dot(p, DOT_DTYPE), v, input_precision="ieee")
     return m_new, l_i, acc
 
 
@@ -364,7 +406,12 @@ def _decode_attention_kernel(
     d_valid = d < D
     q_mask = row_valid[:, None] & d_valid[None, :]
     q_offsets = b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qs + d[None, :] * stride_qd
-    q = _to_dot_dtype(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0), DOT_DTYPE, FP16_MAX)
+    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+    if DOT_DTYPE == tl.float8e4nv:  # FP8 queries: each row's scale multiplies its logits
+        q, q_scale = _e4m3_query(q)
+        qk_scale = qk_scale * q_scale[:, None]
+    else:
+        q = _to_dot_dtype(q, DOT_DTYPE, FP16_MAX)
 
     kv_first = tl.load(kv_start_ptr + b)  # positions below are left padding
     last_visible = L - SQ + i  # causal: row i sees keys up to its own position
@@ -468,6 +515,8 @@ def _decode_attention_kernel(
         v_scale = 1.0
     else:
         v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
+    if DOT_DTYPE == tl.float8e4nv:  # the probabilities entered P @ V times _P_SCALE
+        v_scale = v_scale / _P_SCALE
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
         part = (pid_bh * G * SQ + rows) * num_slots + first_slot + split
@@ -658,7 +707,7 @@ def _code_dtype(fmt: StorageFormat) -> tl.dtype:
 
 
 @functools.lru_cache(maxsize=256)  # one pair per plan and options: decode asks again every step
-def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_in_memory: bool, sliding: bool,
+def _launch_meta(plan: DecodePlan, fmt: StorageFormat, dot_dtype: tl.dtype, length_in_memory: bool, sliding: bool,
                  softcap: bool, sinks: bool, new_token: bool, token_scales: bool, paired_scales: bool, ring: bool,
                  num_stages: int | None) -> tuple[dict, dict]:  # fmt: skip
     """The meta-parameters (constexprs and launch options) of the fp8 launch and of the exact-window launch (shared
@@ -669,7 +718,7 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, fp32_query: bool, length_
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         BLOCK_S=1 if merge_by_slot else triton.next_power_of_2(plan.slots),
         CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales, PAIRED_SCALES=paired_scales,
-        DOT_DTYPE=tl.float32 if fp32_query else tl.float16,
+        DOT_DTYPE=dot_dtype,
         WRITE_PARTIAL=plan.slots > 1, MERGE_BY_SLOT=merge_by_slot, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
         LENGTH_IN_MEMORY=length_in_memory,
         SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token, RING=ring,
@@ -703,16 +752,18 @@ def block_rows(rows: int, block_d: int) -> int:
 def plan_decode_attention(
     B: int, H: int, G: int, Sq: int, D: int, kv_length: int, window_start: int | None, sm_count: int, *,
     sliding_window: int | None = None, num_splits: int | None = None, block_m: int | None = None,
-    block_n: int | None = None, num_warps: int | None = None, fp32_query: bool = False,
+    block_n: int | None = None, num_warps: int | None = None, fp32_query: bool = False, fp8_dots: bool = False,
 ) -> DecodePlan:  # fmt: skip
     """Block sizes, splits and warps of ``decode_attention`` over ``kv_length`` keys (the cache capacity when the
     kernel reads the filled length on the device), of which those from ``window_start`` on (None: no window) come from
     the exact window, on ``sm_count`` SMs: integer arithmetic only. With a ``sliding_window`` the splits cover only
     the keys from ``first_key_block`` on. Chunks (more than ``_MAX_BLOCK_M`` query rows a KV head) run in tiles of
     ``block_rows`` rows and aim their splits at ``_CHUNK_PROGRAMS_PER_SM`` programs an SM, over _CHUNK_BLOCK_N keys a
-    step unless ``fp32_query`` (shared memory). The other keyword overrides are the launcher's."""
+    step unless ``fp32_query`` (shared memory). ``fp8_dots`` (FP8 queries): both dots' inner sizes (head dim, keys a
+    step) at least _MIN_FP8_DOT_K. The other keyword overrides are the launcher's."""
     rows = G * Sq
-    block_d = max(triton.next_power_of_2(D), _MIN_DOT_SIZE)
+    min_k = _MIN_FP8_DOT_K if fp8_dots else _MIN_DOT_SIZE
+    block_d = max(triton.next_power_of_2(D), min_k)
     chunk = rows > _MAX_BLOCK_M
     if block_m is None:
         block_m = block_rows(rows, block_d)
@@ -721,6 +772,8 @@ def plan_decode_attention(
     row_tiles = triton.cdiv(rows, block_m)
     default_block_n, default_warps = program_shape(B * H * row_tiles, block_m, block_d, sm_count, fp32_query)
     block_n = block_n or default_block_n
+    if block_n < min_k:
+        raise ValueError(f"block_n must be >= {min_k} with FP8 queries (the dot's inner size), got {block_n}")
     window = window_start is not None and window_start < kv_length
     fp8_end = kv_length if window_start is None else min(window_start, kv_length)  # [first key block, fp8_end): fp8
     fp8_length = max(fp8_end - first_key_block(kv_length, Sq, sliding_window, block_n), 0)
@@ -764,13 +817,16 @@ def decode_attention(
     memo: LaunchMemo | None = None,
     new: NewTokens | None = None,
     ring: bool = False,
+    quantize_query: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` tokens -> ``[B, Sq, Hq, D]``: fp8
     tokens, except those of the exact ``recent`` window when given, with an optional ``sliding_window``, learned
     ``sinks`` and logit ``softcap`` (see ``kernels.decode_attention``). With ``new`` (Sq = 1), the query's own K/V
     is quantized into the cache at ``kv_length - 1`` by the same launch (``new_tokens.py``). With ``ring`` the caches
     are a ring of ``capacity`` slots holding the last positions before ``kv_length`` (a device tensor), position p at
-    slot ``p % capacity`` (see ``kernels.decode_attention``).
+    slot ``p % capacity`` (see ``kernels.decode_attention``). With ``quantize_query`` (e4m3fn codes, FP8 tensor cores)
+    both products run on e4m3 operands with fp32 accumulation: each query row quantized with its own scale, and the
+    probabilities (``_e4m3_query``, ``_probabilities_to_dot``).
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_m`` (query rows a program, a power of two >= 16), ``block_n`` (keys per iteration),
@@ -780,7 +836,7 @@ def decode_attention(
     D floats) come from torch's allocator, so no layer keeps them.
     """
     check_decode_attention(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, out,
-                           recent, sliding_window, sinks, softcap, new, ring)  # fmt: skip
+                           recent, sliding_window, sinks, softcap, new, ring, quantize_query)  # fmt: skip
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H
@@ -796,7 +852,8 @@ def decode_attention(
     plan = plan_decode_attention(B, H, G, Sq, D, kv_length, None if recent is None else recent.start, sm_count,
                                  sliding_window=sliding_window, num_splits=num_splits, block_m=block_m,
                                  block_n=block_n, num_warps=num_warps,
-                                 fp32_query=query.dtype == torch.float32)  # fmt: skip
+                                 fp32_query=query.dtype == torch.float32 and not quantize_query,
+                                 fp8_dots=quantize_query)  # fmt: skip
     rows = G * Sq
     if plan.slots > 1:
         scratch = memo if rows <= _MAX_BLOCK_M else None
@@ -827,7 +884,8 @@ def decode_attention(
         scale_stride_h,
         H, G, Sq, D, kv_length, plan.slots,
     )  # fmt: skip
-    fp8_meta, window_meta = _launch_meta(plan, fmt, query.dtype == torch.float32, length_tensor is not None,
+    dot_dtype = tl.float8e4nv if quantize_query else tl.float32 if query.dtype == torch.float32 else tl.float16
+    fp8_meta, window_meta = _launch_meta(plan, fmt, dot_dtype, length_tensor is not None,
                                          sliding_window is not None, softcap is not None, sinks is not None,
                                          new_token, key_scale.dim() == 3, _paired_scales(key_scale, value_scale), ring,
                                          num_stages)  # fmt: skip

@@ -20,6 +20,7 @@ __all__ = [
     "check_decode_attention",
     "check_attention_options",
     "check_new_tokens",
+    "check_query_quantization",
     "check_token_scales",
     "check_quantize_append_token_head",
     "check_dequantize_token_head",
@@ -172,6 +173,7 @@ def check_decode_attention(
     softcap: float | None = None,
     new: NewTokens | None = None,
     ring: bool = False,
+    quantize_query: bool = False,
 ) -> None:
     """Validate the arguments of ``decode_attention`` (shared by the dispatch and the Triton launcher)."""
     if fmt.fnuz:
@@ -216,6 +218,8 @@ def check_decode_attention(
         raise ValueError(f"out must be contiguous {query.dtype} {(B, Sq, Hq, D)}, got {out.dtype} {tuple(out.shape)}")
     if new is not None:
         check_new_tokens(new, query, H, kv_length, recent)
+    if quantize_query:
+        check_query_quantization(query, fmt, recent)
     if recent is not None:
         exact_keys = recent.keys
         exact_shape = tuple(exact_keys.shape)
@@ -273,6 +277,19 @@ def check_attention_options(
         )
     if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+
+
+def check_query_quantization(query: torch.Tensor, fmt: StorageFormat, recent: RecentWindow | None) -> None:
+    """FP8 queries (``quantize_query``): e4m3fn codes (both dots' operands are e4m3), no exact recent window (its
+    bf16 keys are not FP8), and on a CUDA device FP8 tensor cores (compute capability 8.9 or later)."""
+    if getattr(fmt, "name", None) != "e4m3fn":
+        raise ValueError(f"quantize_query needs e4m3fn codes (kv_cache_dtype 'fp8_e4m3'), got {fmt.name}")
+    if recent is not None:
+        raise ValueError("quantize_query does not take an exact recent window (residual_length): its keys are bf16")
+    if query.is_cuda and torch.cuda.get_device_capability(query.device) < (8, 9):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(query.device)))
+        raise ValueError(f"quantize_query needs FP8 tensor cores (compute capability 8.9 or later); "
+                         f"{torch.cuda.get_device_name(query.device)} has {capability}")  # fmt: skip
 
 
 def check_new_tokens(

@@ -200,6 +200,7 @@ def decode_attention(
     memo: LaunchMemo | None = None,
     new: NewTokens | None = None,
     ring: bool = False,
+    quantize_query: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` cached fp8 tokens -> ``[B, Sq, Hq, D]``.
 
@@ -224,14 +225,19 @@ def decode_attention(
     ``ring`` (one query token, ``kv_length`` a device tensor, a ``sliding_window`` of at least the capacity): the
     caches are a ring of ``capacity`` slots, position p at slot ``p % capacity``, holding the last ``capacity``
     positions before ``kv_length`` (the static sliding layer's storage); ``kv_start`` is in positions.
+
+    ``quantize_query`` (e4m3fn codes; on CUDA, compute capability 8.9 or later; no ``recent`` window): FP8 queries,
+    as vLLM's FlashAttention 3 path. Q @ K^T and P @ V run on e4m3 operands with fp32 accumulation: each query row
+    divided by its own scale amax / 448, the probabilities multiplied by 448 before P @ V (and divided out after).
     """
     arguments = (query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt)
     if not uses_triton(query):
-        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap, new, ring)
+        check_decode_attention(*arguments, out, recent, sliding_window, sinks, softcap, new, ring, quantize_query)
         return reference.decode_attention_ref(*arguments, sm_scale, out, recent, sliding_window=sliding_window,
-                                              sinks=sinks, softcap=softcap, new=new, ring=ring)  # fmt: skip
+                                              sinks=sinks, softcap=softcap, new=new, ring=ring,
+                                              quantize_query=quantize_query)  # fmt: skip
     from .attention import decode_attention as run  # validates the arguments itself
 
     with _on_device_of(query):
         return run(*arguments, sm_scale, out, recent, sliding_window=sliding_window, sinks=sinks, softcap=softcap,
-                   memo=memo, new=new, ring=ring)  # fmt: skip
+                   memo=memo, new=new, ring=ring, quantize_query=quantize_query)  # fmt: skip

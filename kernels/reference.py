@@ -13,7 +13,7 @@ from typing import cast
 
 import torch
 
-from .formats import FP8Format, Int8Format, StorageFormat
+from .formats import FP8Format, Int8Format, StorageFormat, format_named
 from .new_tokens import NewTokens
 from .recent_window import RecentWindow, ring_read
 
@@ -91,6 +91,7 @@ def decode_attention_ref(
     softcap: float | None = None,
     new: NewTokens | None = None,
     ring: bool = False,
+    quantize_query: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, Sq, D]`` over the first ``kv_length`` fp8 tokens -> ``[B, Sq, Hq, D]``
     (with ``new``, the query's own K/V are first quantized into the cache at ``kv_length - 1``). Scales per tensor, per
@@ -102,6 +103,11 @@ def decode_attention_ref(
     key gives zeros, as in the kernel (so do values below every row's sliding window). Output in the query's dtype
     (into ``out`` when given). With ``ring`` (a ring of ``capacity`` slots, position p at slot ``p % capacity``), the
     written slots are first put in position order, oldest first, and the positions shifted to start at 0.
+
+    ``quantize_query``: each query row fake-quantized to e4m3 with its own scale amax / 448 exactly as the kernel
+    does, and the probabilities (relative to the row's largest, times 448) rounded to e4m3 before P @ V, the sum
+    they are divided by kept exact. (The kernel rounds each block's probabilities relative to the running maximum
+    of its split, so the two differ by e4m3 roundings of P: the tests' tolerance.)
     """
     kv_length = int(kv_length)  # an int or a one-element tensor
     if ring:
@@ -134,7 +140,8 @@ def decode_attention_ref(
     visible = in_row[:, None, :] & (positions[None, None, :] <= own[None, :, None])  # [B, Sq, L]
     if sliding_window is not None:
         visible &= positions[None, None, :] > own[None, :, None] - sliding_window
-    logits = torch.matmul(query.float(), key.transpose(-1, -2)) * sm_scale
+    query_values = _e4m3_rows_ref(query) if quantize_query else query.float()  # (the output keeps query's dtype)
+    logits = torch.matmul(query_values, key.transpose(-1, -2)) * sm_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
@@ -144,11 +151,31 @@ def decode_attention_ref(
     else:
         probs = torch.softmax(logits, dim=-1)
     probs = probs.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
+    if quantize_query:  # rounded relative to the row's largest probability, the normalization kept
+        largest = probs.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        probs = _e4m3_ref(probs / largest * _E4M3.max) * largest / _E4M3.max
     result = torch.matmul(probs, value).transpose(1, 2)  # [B, Sq, Hq, D]
     if out is None:
         return result.to(query.dtype).contiguous()
     out.copy_(result)
     return out
+
+
+_E4M3 = format_named("e4m3fn")
+
+
+def _e4m3_ref(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to e4m3 (RNE, saturating), as fp32."""
+    return decode_fp8_ref(encode_fp8_ref(x.float(), _E4M3), _E4M3)
+
+
+def _e4m3_rows_ref(query: torch.Tensor) -> torch.Tensor:
+    """Each row (last dim) of ``query`` fake-quantized to e4m3 with the scale amax / 448 (1 for a zero row), fp32:
+    the kernel's ``_e4m3_query``."""
+    x = query.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / _E4M3.max, torch.ones_like(amax))
+    return _e4m3_ref(x / scale) * scale
 
 
 # -- per-token-head scales (token_head.py) ------------------------------------------------------------------------

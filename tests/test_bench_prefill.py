@@ -15,7 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 COLUMNS = ("sdpa_mask_us", "best_backend_us", "best_backend", "dequant_sdpa_us", "kernel_us", "fp8_read_floor_us",
            "flop_floor_us", "best_backend_vs_mask", "dequant_sdpa_vs_mask", "kernel_vs_mask", "kernel_vs_best_backend",
-           "kernel_vs_read_floor", "kernel_max_abs_diff")  # fmt: skip
+           "kernel_vs_read_floor", "kernel_max_abs_diff", "kernel_fp8q_us", "kernel_fp8q_vs_best_backend",
+           "kernel_fp8q_max_abs_diff")  # fmt: skip
 # fp32 on CPU, measured: kernel vs dequantize + SDPA at most 2.1e-7 (96x3) and 6.0e-7 (96x80): the same FP8 bytes,
 # the scale folded into the logits and the output instead of into K and V, so a few fp32 roundings of outputs below
 # 1 apart. 2e-6 leaves 3.3x of that; no causal mask inside the chunk is off by 0.54 (the third test).
@@ -23,6 +24,9 @@ FP32_TOLERANCE = 2e-6
 # bf16, measured: 3.9e-3 in both cases, one bf16 ulp in [0.5, 1) (SDPA reads K/V dequantized to bf16, 2^-9
 # relative; the kernel reads the exact fp8 * scale and rounds only its output). Two ulps there: 2^-7.
 BF16_TOLERANCE = 2**-7
+# FP8 queries against dequantize + SDPA, measured (torch twin, 2026-12-02): 0.017 (96x3) and 0.036 (96x80), the
+# e4m3 roundings of the queries and probabilities: above float noise, bounded.
+FP8_QUERY_BAND = (1e-3, 0.08)
 
 
 def test_cpu_run_gives_every_column_and_writes_its_rows(tmp_path, capsys):
@@ -39,6 +43,7 @@ def test_cpu_run_gives_every_column_and_writes_its_rows(tmp_path, capsys):
         assert r["kernel_max_abs_diff"] <= FP32_TOLERANCE and r["backend_max_abs_diff"] <= FP32_TOLERANCE
         assert r["kernel_vs_mask"] == pytest.approx(r["kernel_us"] / r["sdpa_mask_us"])
         assert r["kernel_vs_best_backend"] == pytest.approx(r["kernel_us"] / r["best_backend_us"])
+        assert FP8_QUERY_BAND[0] < r["kernel_fp8q_max_abs_diff"] < FP8_QUERY_BAND[1]
         # B=1, Hq=4, H=2, D=64: 4 * 1 * 4 * q * (96 + q) * 64 FLOPs at 900 TFLOP/s; 2 * 2 * (96 + q) * 64 FP8 bytes
         assert r["flop_floor_us"] == pytest.approx(4 * 4 * r["q"] * (96 + r["q"]) * 64 / 900e12 * 1e6)
         assert r["fp8_read_floor_us"] == pytest.approx(4 * (96 + r["q"]) * 64 / (r["copy_tb_s"] * 1e6))

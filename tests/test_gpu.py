@@ -308,3 +308,21 @@ def test_second_turn_chunk_reads_the_fp8_history_and_equals_oracle(kind, monkeyp
     for (ours_first, ours_second), (theirs_first, theirs_second) in zip(tokens[:1], tokens[1:]):
         assert_equal(ours_first, theirs_first)
         assert_equal(ours_second, theirs_second)
+
+
+def test_fp8_queries_generate_on_gpu_moves_the_logits_a_little():
+    """quantize_query=True on the compiled kernel (e4m3 tensor-core dots), first prefill in FP8 too: a tiny fp32
+    Llama's scores over 8 greedy steps of a left-padded batch stay within the bound the interpreted kernel meets on
+    CPU (largest difference there 0.0097, tests/test_attention.py) of the same cache's model-dtype queries, and move
+    by more than float noise (the queries really are rounded)."""
+    model = tiny_llama(seed=1).cuda()
+    model.set_attn_implementation(ATTENTION_NAME)
+    ids, mask = left_padded_prompts(device="cuda")
+    scores = {}
+    for quantize_query in (False, True):
+        cache = FP8Cache(model.config, exact_prefill=False, quantize_query=quantize_query)
+        out = _greedy(model, cache, ids, mask, 8, output_scores=True, return_dict_in_generate=True)
+        scores[quantize_query] = out.scores
+    difference = max((a - b).abs().max().item() for a, b in zip(scores[False], scores[True]))
+    print(f"FP8 queries on GPU: largest score difference {difference:.4f}")
+    assert 1e-4 < difference < 0.1

@@ -36,6 +36,10 @@ Configurations (``CONFIGURATIONS``):
 - ``fp8+attn+exact16``: the same with ``residual_length=16`` (the 16 most recent tokens also kept exact);
 - ``fp8-token-head+attn``, ``int8-token-head+attn``: ``FP8Cache`` with a scale per token and KV head
   (``kv_cache_dtype="fp8_per_token_head"`` / ``"int8_per_token_head"``) + our attention;
+- ``fp8-fp8-prefill+attn``: ``FP8Cache(exact_prefill=False)`` + our attention: the first prefill too reads the FP8
+  K/V it has just written (through our kernel), for the time to first token;
+- ``fp8-fp8q+attn``: the same with FP8 queries (``quantize_query=True``): both attention products on e4m3 operands,
+  the first prefill included (issue 17's time-to-first-token row);
 - ``fp8-static+attn``: ``FP8StaticCache(config, max_cache_len=L+N+1)`` + our attention, compiled by generate
   (every layer is compileable); one cache for the configuration's calls, ``reset()`` before each, as a user
   keeps it (a new cache object would recompile);
@@ -121,6 +125,13 @@ def _hf_fp8_missing() -> str | None:
     return f"transformers {transformers.__version__} has no QuantizedCache fp8 backend (5.21+)"
 
 
+def _fp8_queries_missing() -> str | None:
+    """Why FP8 queries cannot run here (a GPU without FP8 tensor cores), or None."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 9):
+        return None
+    return f"FP8 queries need compute capability 8.9+, {torch.cuda.get_device_name()} has less"
+
+
 def _hf_fp8_cache(config, max_cache_len: int):
     from transformers import QuantizedCache
 
@@ -159,6 +170,11 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
                   ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="fp8_per_token_head")),
     Configuration("int8-token-head+attn", "FP8Cache(kv_cache_dtype='int8_per_token_head') + hf_fp8cache attention",
                   ATTENTION_NAME, lambda config, _: FP8Cache(config, kv_cache_dtype="int8_per_token_head")),
+    Configuration("fp8-fp8-prefill+attn", "FP8Cache(exact_prefill=False) + hf_fp8cache attention", ATTENTION_NAME,
+                  lambda config, _: FP8Cache(config, exact_prefill=False)),
+    Configuration("fp8-fp8q+attn", "FP8Cache(exact_prefill=False, quantize_query=True) + hf_fp8cache attention",
+                  ATTENTION_NAME, lambda config, _: FP8Cache(config, exact_prefill=False, quantize_query=True),
+                  missing=_fp8_queries_missing),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
     Configuration("fp8-attach-static+attn", "attach(static=True): FP8StaticCache sized per call + hf_fp8cache "

@@ -16,6 +16,9 @@ D = 128, bf16 (Llama-3.1-8B); on CPU a tiny shape in fp32 (the tests' run). Colu
    for such chunks) over the FP8 bytes; its largest difference to (3)'s output is ``kernel_max_abs_diff`` (the same
    bytes, so float noise only); ``kernel_plan`` its launch on the Triton path: ``<rows>x<keys> w<warps>
    s<splits> t<row tiles a KV head>``.
+   ``kernel_fp8q``: the same launch with FP8 queries (``quantize_query=True``: both products on e4m3 operands, fp32
+   accumulation), where the device has FP8 tensor cores (CPU: the torch twin); ``kernel_fp8q_max_abs_diff`` its
+   largest difference to (3)'s output (the quantized queries and probabilities' error, not float noise).
 5. ``fp8_read_floor``: the FP8 K+V bytes over the copy bandwidth measured in the same run; ``flop_floor``: the bf16
    FLOPs of Q.K^T and P.V over every (query, key) pair, 4 * B * Hq * q * (L + q) * D, at 900 TFLOP/s (the issue's
    convention: the masked upper triangle of the chunk is counted too).
@@ -25,7 +28,8 @@ replays, each of as many calls as fill 100 ms, CUDA-event timed), falling back t
 (``triton.testing.do_bench``) where a capture fails; on CPU the median of ``repeats`` host-timed calls. Times in us;
 ``*_vs_mask`` divide by column (1); ``kernel_vs_best_backend`` and ``kernel_vs_read_floor`` divide the kernel's time
 by column (2)'s and by the FP8 read floor (issue 17's targets: <= 0.25 x SDPA + mask for q <= 512, <= 2 x the read
-floor at q = 17, <= 1 x the best backend at q = 2048). Writes ``prefill_benchmark.{json,csv,png}``.
+floor at q = 17, <= 1 x the best backend at q = 2048; with FP8 queries <= 0.6 x it).
+Writes ``prefill_benchmark.{json,csv,png}``.
 """
 
 from __future__ import annotations
@@ -146,12 +150,21 @@ def columns(chunk: Chunk) -> dict[str, Callable[[], torch.Tensor]]:
 
     start = torch.zeros(chunk.query.shape[0], dtype=torch.int32, device=chunk.query.device)  # no left padding
 
-    def kernel():
+    def kernel(quantize_query: bool = False):
         return decode_attention(chunk.query, chunk.key_bytes, chunk.value_bytes, chunk.kv_length, start, chunk.scale,
-                                chunk.scale, chunk.fmt, chunk.query.shape[-1] ** -0.5)  # fmt: skip
+                                chunk.scale, chunk.fmt, chunk.query.shape[-1] ** -0.5,
+                                quantize_query=quantize_query)  # fmt: skip
 
-    return {"sdpa_mask": lambda: _transformers_sdpa(chunk, chunk.key, chunk.value),
-            "dequant_sdpa": dequant_sdpa, "kernel": kernel}  # fmt: skip
+    calls = {"sdpa_mask": lambda: _transformers_sdpa(chunk, chunk.key, chunk.value),
+             "dequant_sdpa": dequant_sdpa, "kernel": kernel}  # fmt: skip
+    if has_fp8_tensor_cores(chunk.query.device):
+        calls["kernel_fp8q"] = lambda: kernel(quantize_query=True)
+    return calls
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether ``quantize_query`` runs there: CPU (the torch twin) or a GPU of compute capability 8.9+."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def forced_backend(chunk: Chunk, backend: str) -> tuple[Callable[[], torch.Tensor], str] | None:
@@ -279,18 +292,21 @@ def bench_case(chunk: Chunk, device: torch.device, repeats: int, copy_tb_s: floa
     row: dict[str, Any] = {"case": f"{chunk.history}x{q}", "L": chunk.history, "q": q, "B": B, "heads": Hq,
                            "kv_heads": chunk.key.shape[1], "head_dim": D,
                            "dtype": str(chunk.query.dtype).removeprefix("torch.")}  # fmt: skip
-    outputs, timers = {}, []
+    outputs: dict[str, torch.Tensor | None] = {"kernel_fp8q": None}
+    timers: list[str | None] = []
+    row["kernel_fp8q_us"] = None  # (no FP8 tensor cores: the column stays empty)
     for name, call in columns(chunk).items():
         outputs[name], row[f"{name}_us"], timer = _measure(name, call, device, repeats)
         timers.append(timer)
     forced, forced_timers = _forced_cells(chunk, device, repeats, outputs["sdpa_mask"])
     row.update(forced)
     row["fp8_read_floor_us"], row["flop_floor_us"] = floors_us(chunk, copy_tb_s)
-    for name in ("best_backend", "dequant_sdpa", "kernel"):
+    for name in ("best_backend", "dequant_sdpa", "kernel", "kernel_fp8q"):
         row[f"{name}_vs_mask"] = _ratio(row[f"{name}_us"], row["sdpa_mask_us"])
     row["kernel_vs_read_floor"] = _ratio(row["kernel_us"], row["fp8_read_floor_us"])
-    row["kernel_vs_best_backend"] = _ratio(row["kernel_us"], row["best_backend_us"])
-    row["kernel_max_abs_diff"] = _max_abs_diff(outputs["kernel"], outputs["dequant_sdpa"])
+    for name in ("kernel", "kernel_fp8q"):
+        row[f"{name}_vs_best_backend"] = _ratio(row[f"{name}_us"], row["best_backend_us"])
+        row[f"{name}_max_abs_diff"] = _max_abs_diff(outputs[name], outputs["dequant_sdpa"])
     row["kernel_path"] = "triton" if uses_triton(chunk.query) else "torch twin"
     row["kernel_plan"] = kernel_plan(chunk) if uses_triton(chunk.query) else None
     row["timer"] = "+".join(sorted({t for t in timers + forced_timers if t}))
@@ -377,7 +393,8 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
           f"heads, d={first['head_dim']}, {first['dtype']}; us (x SDPA + mask); "
           f"copy {first['copy_tb_s']:.2f} TB/s")  # fmt: skip
     header = ["case", "SDPA + mask", "best backend", "", "dequant + SDPA", "our kernel", "x best", "x floor",
-              "FP8 read floor", "FLOP floor", "kernel diff", "kernel plan"]  # fmt: skip
+              "FP8 read floor", "FLOP floor", "kernel diff", "kernel plan", "FP8 queries", "x best",
+              "FP8 q diff"]  # fmt: skip
     print_aligned([header] + [table_line(r) for r in rows])
 
 
@@ -387,7 +404,9 @@ def table_line(r: dict[str, Any]) -> list[str]:
             r["best_backend"] or "-", _cell(r["dequant_sdpa_us"], r["dequant_sdpa_vs_mask"]),
             _cell(r["kernel_us"], r["kernel_vs_mask"]), _times(r["kernel_vs_best_backend"]),
             _times(r["kernel_vs_read_floor"]), _cell(r["fp8_read_floor_us"]), _cell(r["flop_floor_us"]),
-            _diff(r["kernel_max_abs_diff"]), r["kernel_plan"] or "-"]  # fmt: skip
+            _diff(r["kernel_max_abs_diff"]), r["kernel_plan"] or "-",
+            _cell(r["kernel_fp8q_us"], r["kernel_fp8q_vs_mask"]), _times(r["kernel_fp8q_vs_best_backend"]),
+            _diff(r["kernel_fp8q_max_abs_diff"])]  # fmt: skip
 
 
 def save_rows(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
@@ -395,7 +414,7 @@ def save_rows(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
     write_rows(rows, out_dir, STEM)
     cases = [r["case"] for r in rows]
     names = {"SDPA + mask": "sdpa_mask_us", "best backend": "best_backend_us",
-             "dequant + SDPA": "dequant_sdpa_us", "our kernel": "kernel_us",
+             "dequant + SDPA": "dequant_sdpa_us", "our kernel": "kernel_us", "FP8 queries": "kernel_fp8q_us",
              "FP8 read floor": "fp8_read_floor_us", "FLOP floor": "flop_floor_us"}  # fmt: skip
     series = {label: [r[key] for r in rows] for label, key in names.items()}
     title = f"prefill over an FP8 history (B={rows[0]['B']}), {rows[0]['gpu']}: us"
