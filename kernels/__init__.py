@@ -18,6 +18,7 @@ recent window and its ring buffers), ``new_tokens.py`` (a decode step's K/V, wri
 kernel without Triton's per-call binding).
 """
 
+from .checks import has_fp8_tensor_cores
 from .dispatch import (
     cpu_backend,
     decode_attention,
@@ -42,4 +43,5 @@ __all__ = [
     "decode_attention",
     "uses_triton",
     "cpu_backend",
+    "has_fp8_tensor_cores",
 ]

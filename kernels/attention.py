@@ -92,7 +92,6 @@ Design:
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +99,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_decode_attention
+from .dispatch import _INTERPRETER
 from .formats import Int8Format, StorageFormat, format_named
 from .fp8_codec import encode_fp8, round_to_output
 from .launch import LaunchMemo, launch
@@ -155,10 +155,10 @@ _FP16_MAX = 65504.0
 _E4M3_MAX = tl.constexpr(448.0)
 _P_SCALE = tl.constexpr(448.0)
 _E4M3 = format_named("e4m3fn")
-# Whether Triton interprets this process's launches (read once, as ``dispatch`` does): its float -> fp8 conversion is
-# wrong there, so the operands are encoded with integer arithmetic; compiled, the hardware conversion (round to
-# nearest even, saturating: the same bits, FACTS.md) costs one instruction per two values instead of ~25.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Whether Triton interprets this process's launches (``dispatch``'s reading): its float -> fp8 conversion is wrong
+# there, so the operands are encoded with integer arithmetic; compiled, the hardware conversion (round to nearest
+# even, saturating: the same bits, FACTS.md) costs one instruction per two values instead of ~25.
+_INTERPRETED = tl.constexpr(_INTERPRETER)
 assert (_E4M3.mantissa_bits, _E4M3.bias, _E4M3.max) == (3, 7, 448.0)  # the literals of _e4m3 and _E4M3_MAX
 # Finite stand-in for -inf as the initial running max (exp2(m_old - m_new) must never see inf - inf).
 _M_INIT = -1.0e30

@@ -21,6 +21,7 @@ __all__ = [
     "check_attention_options",
     "check_new_tokens",
     "check_query_quantization",
+    "has_fp8_tensor_cores",
     "check_token_scales",
     "check_quantize_append_token_head",
     "check_dequantize_token_head",
@@ -286,10 +287,16 @@ def check_query_quantization(query: torch.Tensor, fmt: StorageFormat, recent: Re
         raise ValueError(f"quantize_query needs e4m3fn codes (kv_cache_dtype 'fp8_e4m3'), got {fmt.name}")
     if recent is not None:
         raise ValueError("quantize_query does not take an exact recent window (residual_length): its keys are bf16")
-    if query.is_cuda and torch.cuda.get_device_capability(query.device) < (8, 9):
+    if not has_fp8_tensor_cores(query.device):
         capability = ".".join(map(str, torch.cuda.get_device_capability(query.device)))
         raise ValueError(f"quantize_query needs FP8 tensor cores (compute capability 8.9 or later); "
                          f"{torch.cuda.get_device_name(query.device)} has {capability}")  # fmt: skip
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether FP8 queries run on ``device``: a GPU of compute capability 8.9 or later, or the CPU (interpreter or
+    torch twin)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def check_new_tokens(

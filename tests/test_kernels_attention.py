@@ -1139,3 +1139,11 @@ def test_fp8_queries_on_gpu_shapes_match_the_twin(L, Sq, B):
     out = attention.decode_attention(*args, quantize_query=True)
     assert _relative_error(out, twin) < FP8_QUERY_TWIN_TOLERANCE
     assert _relative_error(out, _oracle(*args)) < FP8_QUERY_ORACLE_BOUND
+
+
+@pytest.mark.parametrize("capability, runs", [((8, 0), False), ((8, 9), True), ((9, 0), True)])
+def test_fp8_queries_need_fp8_tensor_cores(capability, runs, monkeypatch):
+    # A100 (8.0) has no e4m3 MMA; Ada (8.9) and Hopper (9.0) do. The CPU always runs them (interpreter or twin).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert kernels.has_fp8_tensor_cores(torch.device("cuda")) is runs
+    assert kernels.has_fp8_tensor_cores(torch.device("cpu"))

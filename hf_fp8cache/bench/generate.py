@@ -79,6 +79,7 @@ from transformers import DynamicCache
 from ..attention import ATTENTION_NAME
 from ..cache import FP8Cache
 from ..integration import attach, cache_keyword, detach
+from ..kernels import has_fp8_tensor_cores
 from ..static_cache import FP8StaticCache
 from .common import (
     MODEL_SHAPES,
@@ -127,7 +128,7 @@ def _hf_fp8_missing() -> str | None:
 
 def _fp8_queries_missing() -> str | None:
     """Why FP8 queries cannot run here (a GPU without FP8 tensor cores), or None."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 9):
+    if not torch.cuda.is_available() or has_fp8_tensor_cores(torch.device("cuda")):
         return None
     return f"FP8 queries need compute capability 8.9+, {torch.cuda.get_device_name()} has less"
 

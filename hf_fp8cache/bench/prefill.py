@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ..formats import FP8Format, resolve_format
-from ..kernels import decode_attention, dequantize_kv, quantize_append_kv, uses_triton
+from ..kernels import decode_attention, dequantize_kv, has_fp8_tensor_cores, quantize_append_kv, uses_triton
 from .common import (
     cases_argument,
     cases_text,
@@ -160,11 +160,6 @@ def columns(chunk: Chunk) -> dict[str, Callable[[], torch.Tensor]]:
     if has_fp8_tensor_cores(chunk.query.device):
         calls["kernel_fp8q"] = lambda: kernel(quantize_query=True)
     return calls
-
-
-def has_fp8_tensor_cores(device: torch.device) -> bool:
-    """Whether ``quantize_query`` runs there: CPU (the torch twin) or a GPU of compute capability 8.9+."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def forced_backend(chunk: Chunk, backend: str) -> tuple[Callable[[], torch.Tensor], str] | None:
