@@ -81,11 +81,6 @@ with torch.no_grad():
             fh.write("\n")
             fh.write(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
         del cache, prof
-with open(f"{out}/decode_profile.json", "w") as fh:
-    json.dump(
-        dict(
-            gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__, N=N, rows=rows
-        ),
-        fh,
-        indent=2,
-    )
+        with open(f"{out}/decode_profile.json", "w") as fh:  # after every configuration: a cut run keeps its rows
+            gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+            json.dump(dict(gpu=gpu, torch=torch.__version__, N=N, rows=rows), fh, indent=2)
