@@ -57,7 +57,7 @@ def _kernel_attention(query: torch.Tensor, inputs: FP8AttentionInputs, scale: fl
     if isinstance(inputs.length, torch.Tensor):  # read on the device: the operator torch.compile captures
         return ops.decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
                                     inputs.key_scale, inputs.value_scale, inputs.fmt.name, scale, ring=inputs.ring,
-                                    **options)  # fmt: skip
+                                    quantize_query=inputs.quantize_query, **options)  # fmt: skip
     new = None if inputs.new_tokens is None else inputs.new_tokens.claim()  # the launch writes the step's token
     return decode_attention(query, inputs.key_bytes, inputs.value_bytes, inputs.length, inputs.kv_start,
                             inputs.key_scale, inputs.value_scale, inputs.fmt, scale, recent=inputs.recent,

@@ -18,6 +18,7 @@ from .cache_base import (
     DequantWorkspace,
     RowStarts,
     check_model_scales,
+    check_query_quantization_option,
     layer_scales,
     resolve_cache_options,
     shared_kv_layers,
@@ -75,9 +76,7 @@ class QuantizedFP8Cache(Cache):
         self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
         if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
             raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
-        if quantize_query and (self.format.name != "e4m3fn" or residual_length):
-            raise ValueError(f"quantize_query needs e4m3fn codes and no residual_length, got kv_cache_dtype "
-                             f"{self.format.name} and residual_length {residual_length}")  # fmt: skip
+        check_query_quantization_option(quantize_query, self.format, residual_length)
         self.quantize_query = quantize_query
         self.residual_length = residual_length
         self.scales = scales

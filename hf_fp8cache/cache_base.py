@@ -128,8 +128,10 @@ class FP8LayerBase(CacheLayerMixin):
         workspace: DequantWorkspace,
         layer_idx: int,
         attention_config=None,
+        quantize_query: bool = False,
     ) -> None:  # CacheLayerMixin.__init__ is not called: it assigns ``keys``, a property of the dynamic layer
         self.fmt = fmt
+        self.quantize_query = quantize_query  # our attention's products on e4m3 operands (``FP8AttentionInputs``)
         self._attention_config = attention_config  # the model config whose attention implementation we serve
         self.strategy = strategy
         self.calculate_kv_scales = calculate_kv_scales
@@ -369,6 +371,16 @@ def with_state_layer_placeholders(found, layer_types: list[str]):
             if layer_type not in KV_LAYER_TYPES:
                 tensors.setdefault(kind, {}).setdefault(i, (f"layers.{i} (no K/V)", torch.ones(1)))
     return dataclasses.replace(found, tensors=tensors, num_layers=len(layer_types))
+
+
+def check_query_quantization_option(quantize_query: bool, fmt: StorageFormat, residual_length: int = 0) -> None:
+    """A cache's ``quantize_query``: a bool, and FP8 queries need e4m3fn codes and no exact recent window (the kernel
+    checks the GPU when it runs: ``kernels.checks.check_query_quantization``)."""
+    if not isinstance(quantize_query, bool):
+        raise ValueError(f"quantize_query must be True or False, got {quantize_query!r}")
+    if quantize_query and (fmt.name != "e4m3fn" or residual_length):
+        raise ValueError(f"quantize_query needs e4m3fn codes and no residual_length, got kv_cache_dtype "
+                         f"{fmt.name} and residual_length {residual_length}")  # fmt: skip
 
 
 def resolve_cache_options(

@@ -83,9 +83,9 @@ class FP8CacheLayer(FP8LayerBase):
         row_starts: RowStarts | None = None,
         quantize_query: bool = False,
     ) -> None:
-        super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config)
+        super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config,
+                         quantize_query)  # fmt: skip
         self.exact_prefill = exact_prefill
-        self.quantize_query = quantize_query
         self.residual_length = residual_length
         self._key_bytes: torch.Tensor | None = None  # uint8 [B, H, capacity, D]
         self._value_bytes: torch.Tensor | None = None

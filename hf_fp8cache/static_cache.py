@@ -45,6 +45,7 @@ from .cache_base import (
     DequantWorkspace,
     FP8LayerBase,
     check_model_scales,
+    check_query_quantization_option,
     layer_scales,
     resolve_cache_options,
     shared_kv_layers,
@@ -116,6 +117,7 @@ class FP8StaticLayer(FP8LayerBase):
         attention_config: the model config whose attention implementation picks the read path (None: dequantize).
         max_batch_size: the largest batch the first update may bring (None: no limit).
         row_starts: the per-device row-start buffers shared by the cache's layers (None: this layer's own).
+        quantize_query: our attention quantizes the queries and probabilities to e4m3 (``QuantizedFP8Cache``).
     """
 
     is_compileable = True
@@ -133,8 +135,10 @@ class FP8StaticLayer(FP8LayerBase):
         attention_config=None,
         max_batch_size: int | None = None,
         row_starts: StaticRowStarts | None = None,
+        quantize_query: bool = False,
     ) -> None:
-        super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config)
+        super().__init__(fmt, strategy, scales, calculate_kv_scales, workspace, layer_idx, attention_config,
+                         quantize_query)  # fmt: skip
         self.max_cache_len = max_cache_len
         self.max_batch_size = max_batch_size
         # fp8 views of the whole buffers, made once at the first update (so the attribute naming the layer is there
@@ -280,7 +284,8 @@ class FP8StaticLayer(FP8LayerBase):
             refuse_inner_padding(attention_mask, self.layer_idx)
             self.row_start.copy_(kv_start_from_mask(attention_mask, self.row_start.shape[0], self.device))
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.cumulative_length, self.row_start,
-                                  *self._read_scales(), self.fmt, None)  # fmt: skip
+                                  *self._read_scales(), self.fmt, None,
+                                  quantize_query=self.quantize_query)  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``max_cache_len`` positions in the model dtype (unwritten ones are stale or zero; the mask hides
@@ -357,6 +362,8 @@ class FP8StaticCache(Cache):
         max_batch_size: the largest batch (times beams) it accepts; the buffers are made for the batch of the
             first update. None: no limit.
         kv_cache_dtype, calculate_kv_scales, strategy, scales: as for ``QuantizedFP8Cache``.
+        quantize_query: FP8 queries where our attention reads the cache, as for ``QuantizedFP8Cache`` (e4m3 codes; on
+            CUDA compute capability 8.9+). The first prefill attends over its exact K/V, as always in this cache.
     """
 
     def __init__(
@@ -369,6 +376,7 @@ class FP8StaticCache(Cache):
         scales: KVScales | None = None,
         strategy: str | None = None,
         calculate_kv_scales: bool = False,
+        quantize_query: bool = False,
     ) -> None:
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
@@ -377,13 +385,16 @@ class FP8StaticCache(Cache):
         ):
             raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
         self.format, self.strategy = resolve_cache_options(kv_cache_dtype, calculate_kv_scales, strategy, scales)
+        check_query_quantization_option(quantize_query, self.format)
+        self.quantize_query = quantize_query
         self._max_cache_len = max_cache_len
         self.scales = scales
         self._workspace = DequantWorkspace(static=True)
         self._row_starts = StaticRowStarts()  # before the layers: a deepcopy of the cache copies it first
         check_model_scales(config, scales)
         settings = dict(fmt=self.format, strategy=self.strategy, calculate_kv_scales=calculate_kv_scales,
-                        attention_config=config, max_batch_size=max_batch_size)  # fmt: skip
+                        attention_config=config, max_batch_size=max_batch_size,
+                        quantize_query=quantize_query)  # fmt: skip
         shared = shared_kv_layers(config)  # their dequantized K/V must outlive the next layer's update: own workspace
 
         def kv_layer(i: int, layer_type: str, window: int | None) -> FP8StaticLayer:
@@ -415,6 +426,7 @@ class FP8StaticCache(Cache):
         *,
         kv_cache_dtype: str | torch.dtype = "fp8",
         max_batch_size: int | None = None,
+        quantize_query: bool = False,
         **loader_options,
     ) -> FP8StaticCache:
         """A static cache with the KV scales of a checkpoint (local directory or Hub id), as
@@ -422,13 +434,20 @@ class FP8StaticCache(Cache):
 
         Args:
             name_or_path: a local directory or a Hub repo id (``checkpoint.load_kv_scales``).
-            config, max_cache_len, max_batch_size: as for the constructor.
+            config, max_cache_len, max_batch_size, quantize_query: as for the constructor.
             kv_cache_dtype: the storage format; scales stored as ROCm e4m3fnuz are doubled, as vLLM does.
             loader_options: ``checkpoint.load_kv_scales``'s ``missing``, ``revision``, ``token``, ``cache_dir``,
                 ``local_files_only``.
         """
         fmt, scales = model_checkpoint_scales(name_or_path, config, kv_cache_dtype, **loader_options)
-        return cls(config, max_cache_len, max_batch_size=max_batch_size, kv_cache_dtype=fmt, scales=scales)
+        return cls(
+            config,
+            max_cache_len,
+            max_batch_size=max_batch_size,
+            kv_cache_dtype=fmt,
+            scales=scales,
+            quantize_query=quantize_query,
+        )
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -101,7 +101,7 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
         row_start = (kv_start_from_mask(attention_mask, self._key_bytes.shape[0], self.device) + offset).int()
         return FP8AttentionInputs(self._key_bytes, self._value_bytes, self.cumulative_length, row_start,
                                   *self._read_scales(), self.fmt, None, sliding_window=self.sliding_window,
-                                  ring=True)  # fmt: skip
+                                  ring=True, quantize_query=self.quantize_query)  # fmt: skip
 
     # -- update ------------------------------------------------------------------------------------------------
     def update(

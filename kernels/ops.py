@@ -127,17 +127,19 @@ def decode_attention(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     ring: bool = False,
+    quantize_query: bool = False,
 ) -> torch.Tensor:
     """``kernels.decode_attention`` over the first ``kv_length`` (a one-element device tensor) tokens, with its
-    optional sliding window, sinks and softcap, over a ring of slots with ``ring``."""
+    optional sliding window, sinks and softcap, over a ring of slots with ``ring``, on FP8 queries with
+    ``quantize_query``."""
     return dispatch.decode_attention(
         query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, storage_format_named(fmt), sm_scale,
-        sliding_window=sliding_window, sinks=sinks, softcap=softcap, ring=ring,
+        sliding_window=sliding_window, sinks=sinks, softcap=softcap, ring=ring, quantize_query=quantize_query,
     )  # fmt: skip
 
 
 @decode_attention.register_fake
 def _(query, key_cache, value_cache, kv_length, kv_start, key_scale, value_scale, fmt, sm_scale, sliding_window=None,
-      sinks=None, softcap=None, ring=False) -> torch.Tensor:  # fmt: skip
+      sinks=None, softcap=None, ring=False, quantize_query=False) -> torch.Tensor:  # fmt: skip
     B, Hq, Sq, D = query.shape
     return query.new_empty(B, Sq, Hq, D)

@@ -84,6 +84,19 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
     )
 
 
+def record_keyword(monkeypatch, owner, name: str, keyword: str) -> list:
+    """Wrap the function ``owner.name`` for the test: each call still runs it, and appends the value it was given for
+    ``keyword`` to the returned list."""
+    function, seen = getattr(owner, name), []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs[keyword])
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen
+
+
 def _show(value: torch.Tensor) -> str:
     """One element; fp8 codes and bit patterns (integers narrower than 64 bits) in hex too."""
     number = value.item()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_equal, left_padded_prompts, tiny_llama
+from helpers import assert_equal, left_padded_prompts, record_keyword, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from hf_fp8cache import FP8Cache, attach, detach
@@ -233,14 +233,7 @@ def test_fp8_queries_reach_the_kernel_in_generate_and_move_the_logits_a_little(m
     (tiny Llama, fp32, interpreted kernel: largest difference measured 0.0097)."""
     import hf_fp8cache.attention as fp8_attention
 
-    flags = []
-    kernel = fp8_attention.decode_attention
-
-    def recording(*args, **kwargs):
-        flags.append(kwargs["quantize_query"])
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(fp8_attention, "decode_attention", recording)
+    flags = record_keyword(monkeypatch, fp8_attention, "decode_attention", "quantize_query")
     model = tiny_llama(seed=1)
     runs = {}
     for quantize_query in (False, True):

@@ -1070,6 +1070,21 @@ def test_fp8_queries_match_the_twin_and_stay_near_the_oracle(index, num_splits):
         assert 3 * TOLERANCE[args[0].dtype] < _relative_error(fp8_queries, expected) < FP8_QUERY_ORACLE_BOUND
 
 
+def test_fp8_queries_over_a_ring_through_the_operator_match_the_twin():
+    """The static sliding layer's read with FP8 queries: a wrapped ring of 64 slots (row 1's padding inside it)
+    through the compileable operator, against the twin and near the exact oracle (the bounds above; measured with the
+    interpreter: 0 against the twin, the window's 64 keys being one block whose maximum is the row's, and 0.035
+    against the oracle)."""
+    args = _case(2, 2, 4, 1, 64, 300, [0, 270], dtype=torch.bfloat16, seed=31, spare=0)
+    ring = _as_ring(args, 64)
+    out = ops.decode_attention(*ring[:7], ring[7].name, ring[8], sliding_window=64, ring=True, quantize_query=True)
+    twin = reference.decode_attention_ref(*ring, sliding_window=64, ring=True, quantize_query=True).double().cpu()
+    assert _relative_error(out, twin) < FP8_QUERY_TWIN_TOLERANCE
+    assert (
+        3 * TOLERANCE[torch.bfloat16] < _relative_error(out, _oracle(*args, sliding_window=64)) < FP8_QUERY_ORACLE_BOUND
+    )
+
+
 def test_fp8_probabilities_of_equal_logits_are_exact():
     # every key equal: each probability is 1 (448 in e4m3, exact), so P @ V with its scale divided out gives the
     # value itself; the query's rounding cannot matter. fp32 queries: the oracle's 3e-6 tolerance.

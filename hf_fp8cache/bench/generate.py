@@ -44,6 +44,8 @@ Configurations (``CONFIGURATIONS``):
 - ``fp8-static+attn``: ``FP8StaticCache(config, max_cache_len=L+N+1)`` + our attention, compiled by generate
   (every layer is compileable); one cache for the configuration's calls, ``reset()`` before each, as a user
   keeps it (a new cache object would recompile);
+- ``fp8-static-fp8q+attn``: the same with FP8 queries (``quantize_query=True``) on its decode steps (the first
+  prefill attends over its exact K/V, as always in the static cache);
 - ``fp8-attach-static+attn``: ``attach(model, attention=True, static=True)``: no cache is passed, the hook gives
   each call an ``FP8StaticCache`` sized from it (prompt + new tokens, a power of two) and keeps it for the next call
   of the same size, compiled by generate: what a user gets without choosing a maximum length;
@@ -179,6 +181,9 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
                   missing=_fp8_queries_missing),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
+    Configuration("fp8-static-fp8q+attn", "FP8StaticCache(quantize_query=True) + hf_fp8cache attention, compiled by "
+                  "generate", ATTENTION_NAME, lambda config, length: FP8StaticCache(config, max_cache_len=length,
+                  quantize_query=True), reuse_cache=True, missing=_fp8_queries_missing),  # fmt: skip
     Configuration("fp8-attach-static+attn", "attach(static=True): FP8StaticCache sized per call + hf_fp8cache "
                   "attention, compiled by generate", ATTENTION_NAME, None, attach_options={"static": True}),
     Configuration("fp8-attach-graphs+attn", "attach(static=True, cuda_graphs=True): FP8StaticCache sized per call + "
