@@ -139,8 +139,8 @@ def test_layers_on_different_devices_keep_their_buffers_there():
 @pytest.mark.parametrize(
     "cache_kwargs",
     [{}, {"calculate_kv_scales": True, "strategy": "attn_head"}, {"kv_cache_dtype": "int8_per_token_head"},
-     {"kv_cache_dtype": "fp8_per_token_head"}],
-    ids=["unit", "onthefly-head", "int8-token-head", "fp8-token-head"],
+     {"kv_cache_dtype": "fp8_per_token_head"}, {"quantize_query": True}],
+    ids=["unit", "onthefly-head", "int8-token-head", "fp8-token-head", "fp8_queries"],
 )  # fmt: skip
 def test_generate_compiles_the_static_cache_and_equals_eager_fp8(cache_kwargs):
     """generate compiles the decode steps of an FP8StaticCache on CUDA (reduce-overhead: CUDA graphs); the tokens

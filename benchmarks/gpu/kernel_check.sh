@@ -12,7 +12,8 @@
 #    and benchmarks/gpu/token_head_knobs.py (per-token-head launch knobs) -> $OUT/knobs
 # 3. generate with one scale, e4m3 and int8 per token and head at 8x32768, 2 timed pairs (2026-12-01's single pair
 #    gave int8 1.80x, which its kernel does not explain) -> $OUT/generate (~11 s a prefill, ~60 s a configuration)
-# 4. FP8 queries (issue 17): hf-fp8cache bench prefill (its kernel_fp8q column) -> $OUT/prefill, then the time to
+# 4. FP8 queries (issue 17): their tests on the GPU (the kernel against its twin, the needle, generate on both caches:
+#    the static one compiled by generate), then hf-fp8cache bench prefill (its kernel_fp8q column) -> $OUT/prefill, then the time to
 #    first token of 8x32768 through generate: DynamicCache, FP8Cache(exact_prefill=False) with model-dtype and with
 #    FP8 queries, 2 timed pairs -> $OUT/ttft
 source "$(dirname "$0")/setup.sh"
