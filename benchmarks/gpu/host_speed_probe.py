@@ -4,8 +4,11 @@ A decode-only profile (``decode_profile.py``) shows every torch op of the model 
 ``aten::mm`` -- taking 1.6-2x the host time in an ``FP8Cache`` generate that it takes in a ``DynamicCache`` one, with
 the same op counts. This probe tells a slower core from slower code. During each decode step of one generate (a
 logits processor runs it) it times a fixed CPU workload -- a pure Python loop, and a loop of small torch ops on CPU
-tensors -- and over the call it reads every thread's CPU time of this process (``/proc/self/task``) and the machine's
-busy time (``/proc/stat``). Configurations alternate (dynamic, fp8+attn, dynamic, fp8+attn, ...).
+tensors -- and over the call it reads every thread's CPU time of this process (``/proc/self/task``), the machine's
+busy time (``/proc/stat``), and the process's resource use a step (``getrusage``: user and system CPU time, voluntary
+and involuntary context switches, minor page faults: system time or switches that grow with our path would point at
+syscalls in it, whose kernel entries can slow the user code that follows). Configurations alternate (dynamic,
+fp8+attn, dynamic, fp8+attn, ...).
 
 If the workload slows in the FP8 call, the core itself is slower (another busy thread, frequency); if it does not,
 the cost is in what runs between the model's ops.
@@ -15,6 +18,7 @@ the cost is in what runs between the model's ops.
 
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -85,6 +89,13 @@ def machine_busy() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
+def rusage() -> dict[str, float]:
+    """This process's user / system CPU microseconds, context switches (voluntary, involuntary) and minor faults."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return dict(user_us=r.ru_utime * 1e6, system_us=r.ru_stime * 1e6, voluntary_switches=r.ru_nvcsw,
+                involuntary_switches=r.ru_nivcsw, minor_faults=r.ru_minflt)  # fmt: skip
+
+
 def sync() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -114,20 +125,21 @@ with torch.no_grad():
             model.set_attn_implementation(cfg.attention)
             short = generate(cfg, 1)
             probe = Probe()
-            threads_before, busy_before = thread_cpu(), machine_busy()
+            threads_before, busy_before, usage_before = thread_cpu(), machine_busy(), rusage()
             long = generate(cfg, N + 1, probe)
-            threads_after, busy_after = thread_cpu(), machine_busy()
+            threads_after, busy_after, usage_after = thread_cpu(), machine_busy(), rusage()
+            per_step = {k: round((usage_after[k] - usage_before[k]) / (N + 1), 2) for k in usage_after}
             per_token = (long - short) / N * 1e3
             busy = {k: round(threads_after[k] - threads_before.get(k, 0.0), 3) for k in threads_after}
             busy = {k: v for k, v in busy.items() if v > 0.01}
             cores_busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]) * os.cpu_count()
             row = dict(round=round_, config=name, per_token_ms=per_token, call_s=long,
                        python_us=statistics.median(probe.python_us), torch_us=statistics.median(probe.torch_us),
-                       machine_cores_busy=cores_busy, thread_cpu_s=busy)  # fmt: skip
+                       machine_cores_busy=cores_busy, thread_cpu_s=busy, rusage_per_step=per_step)  # fmt: skip
             rows.append(row)
             print(f"{round_} {name:12s} {per_token:6.2f} ms/token, workload python {row['python_us']:7.1f} us torch "
                   f"{row['torch_us']:6.1f} us, machine cores busy {cores_busy:4.1f}, threads (s of {long:.2f}): "
-                  f"{busy}", flush=True)  # fmt: skip
+                  f"{busy}, a step: {per_step}", flush=True)  # fmt: skip
 with open(f"{out}/host_speed_probe.json", "w") as fh:
     json.dump(
         dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__, rows=rows),
