@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from hf_fp8cache.bench.common import build_model
+from hf_fp8cache.bench.common import build_model, sync
 from hf_fp8cache.bench.generate import CONFIGURATIONS
 
 out = os.environ.get("OUT", ".")
@@ -38,18 +38,13 @@ ids = torch.randint(
 mask = torch.ones_like(ids)
 
 
-def sync() -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def continue_generate(cache, tokens: int) -> float:
     """Seconds of generate continuing ``cache`` (L - 1 tokens) for ``tokens`` tokens; the cache is cropped back."""
-    sync()
+    sync(dev)
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=tokens,
                    min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    sync()
+    sync(dev)
     seconds = time.perf_counter() - start
     cache.crop(-(cache.get_seq_length() - (L - 1)))  # a negative length removes tokens in every version
     return seconds

@@ -26,7 +26,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hf_fp8cache.bench.common import build_model
+from hf_fp8cache.bench.common import build_model, sync
 from hf_fp8cache.bench.generate import CONFIGURATIONS
 
 out = os.environ.get("OUT", ".")
@@ -96,19 +96,14 @@ def rusage() -> dict[str, float]:
                 involuntary_switches=r.ru_nivcsw, minor_faults=r.ru_minflt)  # fmt: skip
 
 
-def sync() -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def generate(cfg, tokens: int, probe: Probe | None = None) -> float:
     cache = cfg.make_cache(model.config, L + N + 1)
-    sync()
+    sync(dev)
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=tokens,
                    min_new_tokens=tokens, do_sample=False, pad_token_id=0,
                    logits_processor=LogitsProcessorList([probe]) if probe else None)  # fmt: skip
-    sync()
+    sync(dev)
     return time.perf_counter() - start
 
 
