@@ -4,7 +4,8 @@ Storage: per layer two contiguous fp8 buffers ``[B, H, capacity, D]`` that grow 
 their capacity, in steps of 256 tokens), written in place by one fused Triton launch per update
 (``kernels.quantize_append_kv``). Nothing copies the history per step. With ``strategy="token_head"`` two bf16
 scale buffers ``[B, H, capacity]`` sit beside them, grown, cropped and batch-mapped with them, written by the same
-launch as the codes (``kernels.quantize_append_token_head``); the codes are then int8 or fp8.
+launch as the codes (``kernels.quantize_append_token_head``; a decode step's token by our attention's launch, which
+computes its scales too); the codes are then int8 or fp8.
 
 Two read paths, chosen per update from the model config's attention implementation (the ``config`` given to the
 cache): with ``attn_implementation="hf_fp8cache"`` (``attention.py``), ``update`` returns fp8 views of the whole
@@ -242,10 +243,9 @@ class FP8CacheLayer(FP8LayerBase):
 
     def _decode_write_waits(self, key_states: torch.Tensor, start: int) -> bool:
         """Whether a decode step's token is left to our attention's kernel to write (``contract.PendingWrite``), on
-        that attention's path: one token after a prefill, scales set, no exact window, not per-token-head scales (the
-        kernel's write uses per-tensor / per-head ones: ``quantize_append_token_head`` writes the token first)."""
-        return (key_states.shape[2] == 1 and start > 0 and self._recent_keys is None and not self._scales_pending
-                and not self._token_scales)  # fmt: skip
+        that attention's path: one token after a prefill, scales set, no exact window (per-token-head scales too: the
+        kernel computes and writes the token's own)."""
+        return key_states.shape[2] == 1 and start > 0 and self._recent_keys is None and not self._scales_pending
 
     def _fp8_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole buffers as fp8 tensors naming this layer, for our attention: made once per pair of buffers and

@@ -381,6 +381,10 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--quantize-query", action="store_true",
                    help="also each e4m3 configuration without an exact window with FP8 queries (quantize_query=True); "
                         "every row then runs attn_implementation='hf_fp8cache'")  # fmt: skip
+    p.add_argument("--attention", choices=("model", "hf_fp8cache"), default="model",
+                   help="model: the model's own attention (SDPA), over dequantized K/V; hf_fp8cache: every row runs "
+                        "attn_implementation='hf_fp8cache', so FP8 rows read the cache in our kernels (DynamicCache "
+                        "falls back to SDPA)")  # fmt: skip
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--calibration-seq-len", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -474,8 +478,9 @@ def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
                 )
         if args.scales:
             configurations[f"{fmt.name} checkpoint{window}"] = _factory(model.config, scales=checkpoint[fmt], **kw)
-    if args.quantize_query:  # FP8 queries need our attention, and e4m3 codes without an exact window
+    if args.quantize_query or args.attention == ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
+    if args.quantize_query:  # FP8 queries need our attention, and e4m3 codes without an exact window
         for name, factory in list(configurations.items()):
             if factory.keywords["kv_cache_dtype"].name == "e4m3fn" and not factory.keywords["residual_length"]:
                 configurations[f"{name} +FP8 queries"] = functools.partial(factory, quantize_query=True)
@@ -483,13 +488,14 @@ def _eval(args, checked: tuple[list, list[int], dict, list[str]]) -> int:
         prompts = passkey_prompts(tokenizer, args.lengths, args.depths, args.trials)
         rows = passkey_scores(model, tokenizer, prompts, configurations)
         print(f"{args.model}: pass key retrieval, {args.trials} prompts per length@depth, greedy, fraction retrieved; "
-              f"DynamicCache in {model.dtype}")  # fmt: skip
+              f"DynamicCache in {model.dtype}; attention {model.config._attn_implementation}")  # fmt: skip
         print(format_passkey_table(rows))
     else:
         ids = evaluation_ids(tokenizer, sequences=args.sequences, seq_len=args.seq_len).to(args.device)
         rows = evaluate_configurations(model, ids, args.prefix, configurations, step=args.step)
         print(f"{args.model}: {args.sequences} x {args.seq_len} tokens of offline English, {args.prefix} prefilled, "
-              f"then {args.step} at a time; against a {model.dtype} DynamicCache")  # fmt: skip
+              f"then {args.step} at a time; against a {model.dtype} DynamicCache; attention "
+              f"{model.config._attn_implementation}")  # fmt: skip
         print(format_table(rows))
     if args.output:
         with open(args.output, "w") as fh:

@@ -79,7 +79,8 @@ Design:
   round, ``_merge_tile_slots``) into ``out``. One launch a step,
   no combine kernel (a launch less of host time per layer in eager decode).
 - The step's own token (``new``, ``NEW_TOKEN``; one query token): the program whose keys hold position L - 1
-  quantizes its K/V with ``fp8_codec.encode_fp8`` (bit for bit what ``quantize_append_kv`` writes), stores the codes
+  quantizes its K/V with ``fp8_codec.encode_fp8`` (bit for bit what ``quantize_append_kv`` writes; with per-token-head
+  scales ``token_head.quantize_rows``, what ``quantize_append_token_head`` writes, its two scales too), stores the codes
   and attends over them from registers in its masked tail block (the unmasked blocks end before L - 1), so a decode
   step is one launch instead of two.
 - The launcher ``decode_attention`` validates, plans (``plan_decode_attention``: block sizes, program shape and
@@ -105,6 +106,7 @@ from .fp8_codec import encode_fp8, round_to_output
 from .launch import LaunchMemo, launch
 from .new_tokens import NewTokens
 from .recent_window import RecentWindow
+from .token_head import quantize_rows
 
 # exp(x) == exp2(x * log2(e)); the factor is folded into the logit scale.
 _LOG2E = 1.4426950408889634
@@ -281,8 +283,9 @@ def _scale_pairs(scales_ptr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _attend_fp8_blocks(
     q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
-    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr, ring_slots,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale, k_scale_ptr,
+    v_scale_ptr, ring_slots, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     TOKEN_SCALES: tl.constexpr, NEW_TOKEN: tl.constexpr = False, RING: tl.constexpr = False,
     PAIRED_SCALES: tl.constexpr = False,
@@ -295,8 +298,9 @@ def _attend_fp8_blocks(
     (masked blocks only): position new_position takes the codes new_k_codes / new_v_codes ``[BLOCK_D]`` from
     registers (the step's own token, which this program also writes to the cache), not from memory. TOKEN_SCALES:
     each key's and value's bf16 scale is read beside its codes (``[B, H, capacity]``, so the (b, h) row's scales start
-    at block_base / D) and goes to ``_attend_block``; codes are int8 or fp8 (``CODE_DTYPE``). PAIRED_SCALES (even
-    capacity, 4-byte aligned scales): the unmasked blocks read them as 32-bit words (``_scale_pairs``). RING: n counts
+    at block_base / D; the new token's, new_k_scale / new_v_scale, from registers) and goes to ``_attend_block``;
+    codes are int8 or fp8 (``CODE_DTYPE``). PAIRED_SCALES (even capacity, 4-byte aligned scales): the unmasked blocks
+    read them as 32-bit words (``_scale_pairs``). RING: n counts
     slots of a ring of ``ring_slots`` below kv_end, and slot n holds the latest position p <= L - 1 (L - 1 is
     ``new_position``) with p % ring_slots == n (negative before the ring's first wrap: never written), which the
     masks compare."""
@@ -331,6 +335,9 @@ def _attend_fp8_blocks(
             if MASKED:
                 key_scales = tl.load(k_scales + scale_offsets, mask=n_valid, other=0.0).to(tl.float32)
                 value_scales = tl.load(v_scales + scale_offsets, mask=n_valid, other=0.0).to(tl.float32)
+                if NEW_TOKEN:
+                    key_scales = tl.where(n == new_position, new_k_scale, key_scales)
+                    value_scales = tl.where(n == new_position, new_v_scale, value_scales)
             elif PAIRED_SCALES:
                 key_scales = _scale_pairs(k_scales, BLOCK_N)
                 value_scales = _scale_pairs(v_scales, BLOCK_N)
@@ -477,37 +484,55 @@ def _decode_attention_kernel(
         new_position = L - 1
         new_k_codes = tl.zeros([BLOCK_D], tl.uint8)
         new_v_codes = tl.zeros([BLOCK_D], tl.uint8)
+        new_k_scale = 1.0
+        new_v_scale = 1.0
         if NEW_TOKEN:
             # the step's one new token: the program whose keys hold position L - 1 quantizes its K/V (as
-            # quantize_append_kv, bit for bit), writes the codes to the cache and attends over them from registers
+            # quantize_append_kv, or with TOKEN_SCALES as quantize_append_token_head, bit for bit), writes the codes
+            # (and its scales) to the cache and attends over them from registers
             at_new = d * 0 + new_position  # [BLOCK_D]: tensor comparisons (the interpreter masks with no scalars)
             owner_mask = d_valid & (at_new >= lo) & (at_new < hi)
             new_k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d * stride_nkd, mask=owner_mask, other=0.0)
             new_v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d * stride_nvd, mask=owner_mask, other=0.0)
-            new_k_codes = encode_fp8(new_k.to(tl.float32) * tl.load(k_inv_scale_ptr + h * scale_stride_h),
-                                     MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
-            new_v_codes = encode_fp8(new_v.to(tl.float32) * tl.load(v_inv_scale_ptr + h * scale_stride_h),
-                                     MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+            if TOKEN_SCALES:  # each its own scale, from its own values (the unused inverse scales are not read)
+                codes, scale = quantize_rows(new_k.to(tl.float32)[None, :], CODE_DTYPE == tl.int8, 1.0 / FMAX,
+                                             MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+                new_k_codes, new_k_scale = tl.reshape(codes, [BLOCK_D]), tl.max(scale, 0)
+                codes, scale = quantize_rows(new_v.to(tl.float32)[None, :], CODE_DTYPE == tl.int8, 1.0 / FMAX,
+                                             MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+                new_v_codes, new_v_scale = tl.reshape(codes, [BLOCK_D]), tl.max(scale, 0)
+                scale_offsets = block_base // D + at_new  # every lane the same address; lane 0 stores
+                scale_mask = owner_mask & (d == 0)
+                tl.store(k_scale_ptr + scale_offsets, (d * 0 + new_k_scale).to(tl.bfloat16), mask=scale_mask)
+                tl.store(v_scale_ptr + scale_offsets, (d * 0 + new_v_scale).to(tl.bfloat16), mask=scale_mask)
+            else:
+                new_k_codes = encode_fp8(new_k.to(tl.float32) * tl.load(k_inv_scale_ptr + h * scale_stride_h),
+                                         MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
+                new_v_codes = encode_fp8(new_v.to(tl.float32) * tl.load(v_inv_scale_ptr + h * scale_stride_h),
+                                         MANTISSA_BITS, BIAS, FMAX, FNUZ)  # fmt: skip
             new_offsets = block_base + new_position.to(tl.int64) * D + d
             tl.store(k_cache_ptr + new_offsets, new_k_codes, mask=owner_mask)
             tl.store(v_cache_ptr + new_offsets, new_v_codes, mask=owner_mask)
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
-                                           ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True,
+                                           acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
+                                           k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
+                                           DOT_DTYPE, MASKED=True,
                                            STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
                                            NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
-                                           ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=False,
+                                           acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
+                                           k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
+                                           DOT_DTYPE, MASKED=False,
                                            STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
                                            PAIRED_SCALES=PAIRED_SCALES)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, k_scale_ptr, v_scale_ptr,
-                                           ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, MASKED=True,
+                                           acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
+                                           k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
+                                           DOT_DTYPE, MASKED=True,
                                            STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
                                            NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
 

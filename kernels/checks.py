@@ -207,9 +207,6 @@ def check_decode_attention(
         raise ValueError(f"kv_start must be int32 of shape ({B},), got {kv_start.dtype} {tuple(kv_start.shape)}")
     if key_scale.dim() == 3:  # per token and head
         check_token_scales(key_scale, value_scale, key_cache)
-        if new is not None:
-            raise ValueError("new tokens are written with per-tensor / per-head scales; with per-token-head scales "
-                             "write them first (quantize_append_token_head)")  # fmt: skip
     elif isinstance(fmt, Int8Format):
         raise ValueError(f"int8 codes need per-token-head scales (bf16 [B, H, capacity]), got {key_scale.dtype} "
                          f"{tuple(key_scale.shape)}")  # fmt: skip

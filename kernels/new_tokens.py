@@ -16,7 +16,9 @@ __all__ = ["NewTokens"]
 
 class NewTokens(NamedTuple):
     """K/V ``[B, H, 1, D]`` (any strides, the query's dtype) of the query's own position ``kv_length - 1``, not yet in
-    the cache, and the inverse scales (float32, 1 or H elements, as the cache's scales) they are quantized with."""
+    the cache, and the inverse scales (float32, 1 or H elements, as the cache's scales) they are quantized with. With
+    per-token-head scales (the cache's scales ``[B, H, capacity]``) each token's scales come from its own values, as
+    ``quantize_append_token_head`` computes them, and are written beside it: the inverse scales are not read."""
 
     keys: torch.Tensor
     values: torch.Tensor

@@ -119,7 +119,10 @@ def decode_attention_ref(
             key_scale, value_scale = key_scale.index_select(2, order), value_scale.index_select(2, order)
         kv_start = (kv_start.long() - (kv_length - filled)).clamp(min=0)
         kv_length = filled
-    if new is not None:  # (the checks allow new tokens with per-tensor / per-head fp8 scales only)
+    if new is not None and key_scale.dim() == 3:  # each its own scale, written beside it
+        quantize_append_token_head_ref(new.keys, new.values, key_cache, value_cache, key_scale, value_scale,
+                                       kv_length - 1, fmt)  # fmt: skip
+    elif new is not None:
         quantize_append_kv_ref(new.keys, new.values, key_cache, value_cache, kv_length - 1, new.key_inv_scale,
                                new.value_inv_scale, cast(FP8Format, fmt))  # fmt: skip
     B, Hq, Sq, _ = query.shape

@@ -60,14 +60,23 @@ def _encode(y, INT8: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constex
 
 
 @triton.jit
+def quantize_rows(x, INT8: tl.constexpr, INV_FMAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr,
+                  FMAX: tl.constexpr, FNUZ: tl.constexpr):  # fmt: skip
+    """fp32 rows ``[BLOCK_S, BLOCK_D]`` (one token and head each) -> (uint8 codes, each row's scale as fp32, a bf16
+    value). Also the decode kernel's write of a step's own token (``attention.py``, ``NEW_TOKEN``), bit for bit."""
+    scale = _bf16_scale_up(tl.max(tl.abs(x), 1), INV_FMAX)
+    y = tl.math.div_rn(x, scale[:, None])  # correctly rounded, as torch's x / scale (Triton's `/` is div.full.f32)
+    return _encode(y, INT8, MANTISSA_BITS, BIAS, FMAX, FNUZ), scale
+
+
+@triton.jit
 def _quantize_tile(x_ptr, offsets, mask, codes_ptr, cache_offsets, scales_ptr, scale_offsets, row_mask,
                    INT8: tl.constexpr, INV_FMAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr,
                    FMAX: tl.constexpr, FNUZ: tl.constexpr):  # fmt: skip
     """One [BLOCK_S, BLOCK_D] tile: per-row scale, codes, both stored."""
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    scale = _bf16_scale_up(tl.max(tl.abs(x), 1), INV_FMAX)
-    y = tl.math.div_rn(x, scale[:, None])  # correctly rounded, as torch's x / scale (Triton's `/` is div.full.f32)
-    tl.store(codes_ptr + cache_offsets, _encode(y, INT8, MANTISSA_BITS, BIAS, FMAX, FNUZ), mask=mask)
+    codes, scale = quantize_rows(x, INT8, INV_FMAX, MANTISSA_BITS, BIAS, FMAX, FNUZ)
+    tl.store(codes_ptr + cache_offsets, codes, mask=mask)
     tl.store(scales_ptr + scale_offsets, scale.to(tl.bfloat16), mask=row_mask)  # exact: a bf16 value
 
 

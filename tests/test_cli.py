@@ -250,13 +250,15 @@ def test_generate_and_eval_with_per_token_head_scales(capsys, torch_path):
 @pytest.mark.slow
 def test_eval_passkey_task_prints_retrieval_per_length_and_depth(capsys, torch_path, tmp_path):
     """`eval --task passkey` on the embedded SmolLM2: a row per cache, DynamicCache first, a column per length@depth;
-    at 512 tokens the full cache and per-token-head int8 retrieve the key (measured: every trial at 512 and 1024)."""
+    at 512 tokens the full cache and per-token-head int8 retrieve the key (measured: every trial at 512 and 1024).
+    With --attention hf_fp8cache the int8 row's decode steps run our kernel (each step's token written by it)."""
     out_file = tmp_path / "passkey.json"
     args = ["eval", "--task", "passkey", "--lengths", "512", "--depths", "0.5", "--trials", "1", "--formats", "int8",
             "--strategies", "token_head", "--calibration-samples", "2", "--calibration-seq-len", "32",
-            "--output", str(out_file)]  # fmt: skip
+            "--attention", "hf_fp8cache", "--output", str(out_file)]  # fmt: skip
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert any(line.endswith("attention hf_fp8cache") for line in lines)
     table = lines[lines.index(next(line for line in lines if line.startswith("configuration"))) :]
     assert [line.split() for line in table] == [["configuration", "512@0.5"], ["DynamicCache", "1.00"],
                                                 ["int8", "token_head", "1.00"]]  # fmt: skip

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from helpers import tiny_llama
+from hf_fp8cache.kernels import reference
 
 from hf_fp8cache import FP8Cache, FP8StaticCache
 from hf_fp8cache.contract import ATTENTION_NAME, FP8AttentionInputs, layer_of
@@ -172,3 +173,23 @@ def test_rows_with_inner_padding_are_the_rows_whose_mask_skips_a_position_inside
     static = torch.zeros(2, 1, 1, 10, dtype=torch.bool)  # a static cache's mask: unwritten positions after the last
     static[0, 0, 0, :4] = static[1, 0, 0, 2:6] = True
     assert rows_with_inner_padding(static) == [] and rows_with_inner_padding(None) == []
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_per_token_head", "int8_per_token_head"])
+def test_a_token_head_layers_decode_token_is_offered_and_otherwise_written_with_its_scales(kv_cache_dtype, config,
+                                                                                            torch_path):  # fmt: skip
+    """Per-token-head layers leave a decode token to the kernel too (it computes the token's scales); unclaimed, the
+    layer writes the codes and the scales itself."""
+    cache = FP8Cache(config, kv_cache_dtype=kv_cache_dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt, step = torch.randn(3, 2, 6, 16, generator=g), torch.randn(3, 2, 1, 16, generator=g) * 5
+    cache.update(prompt, prompt, 0)
+    cache.update(step, step, 0)
+    layer = cache.layers[0]
+    inputs = layer.attention_inputs(_mask(7))
+    assert inputs.new_tokens is not None and inputs.new_tokens.start == 6
+    assert torch.equal(layer._key_scales[:, :, 6], torch.zeros(3, 2, dtype=torch.bfloat16))  # not written yet
+    layer.dequantized()
+    codes, scales = torch.zeros(3, 2, 1, 16, dtype=torch.uint8), torch.zeros(3, 2, 1, dtype=torch.bfloat16)
+    reference.quantize_append_token_head_ref(step, step, codes, codes.clone(), scales, scales.clone(), 0, layer.fmt)
+    assert torch.equal(layer.key_bytes[:, :, 6:7], codes) and torch.equal(layer._key_scales[:, :, 6:7], scales)

@@ -66,10 +66,12 @@ def test_llama8b_shaped_generate_on_gpu_equals_oracle():
     assert cache.nbytes == 32 * 2 * 2 * 8 * 307 * 128 + 32 * 2 * 4  # FP8 K and V of 307 tokens + scales
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "hf_fp8cache"])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_llama8b_shaped_generate_with_per_token_head_scales_stores_the_twins_bytes(fmt, monkeypatch):
+def test_llama8b_shaped_generate_with_per_token_head_scales_stores_the_twins_bytes(fmt, attention, monkeypatch):
     """strategy="token_head" at real shapes (32 layers, 8 KV heads, D = 128, left padding) through generate: every
-    update's codes and bf16 scales are the twin's bit for bit, and so is each layer's dequantization at the end.
+    update's codes and bf16 scales are the twin's bit for bit (with our attention, each decode step's written by the
+    attention launch itself), and so is each layer's dequantization at the end.
 
     Not compared token for token with the fake-quantized DynamicCache here (that is done exactly on CPU): with K/V
     equal bit for bit, SDPA over our workspace and over DynamicCache's tensors still rounded differently on the H200
@@ -82,34 +84,26 @@ def test_llama8b_shaped_generate_with_per_token_head_scales_stores_the_twins_byt
 
     torch.manual_seed(0)
     model = build_model("llama-3.1-8b", torch.device("cuda"), torch.bfloat16)
+    model.set_attn_implementation(attention)
     config = model.config
     ids, mask = left_padded_prompts(
         2, 300, pads=lambda row: 100 if row else 0, pad_id=None, vocab=config.vocab_size, device="cuda"
     )
     updates, update = [], FP8CacheLayer.update
 
-    def recorded(layer, key, value, *args, **kwargs):  # each update's K/V, where they go, and what it then holds
-        start = layer.length
-        result = update(layer, key, value, *args, **kwargs)
-        end = start + key.shape[2]
-        updates.append(
-            (
-                key,
-                value,
-                *(
-                    t[:, :, start:end].clone()
-                    for t in (layer._key_bytes, layer._value_bytes, layer._key_scales, layer._value_scales)
-                ),
-            )
-        )
-        return result
+    def recorded(layer, key, value, *args, **kwargs):  # each update's K/V and where they go (checked at the end: a
+        updates.append((layer, key, value, layer.length))  # decode token is written by the attention that follows)
+        return update(layer, key, value, *args, **kwargs)
 
     monkeypatch.setattr(FP8CacheLayer, "update", recorded)
     cache = FP8Cache(config, kv_cache_dtype=fmt, strategy="token_head")
     _greedy(model, cache, ids, mask, 8)
     storage = resolve_format(fmt)
     assert len(updates) == 32 * 8  # the prefill and 7 decode steps of every layer
-    for key, value, *stored in updates:
+    for layer, key, value, start in updates:
+        end = start + key.shape[2]
+        stored = [t[:, :, start:end] for t in (layer._key_bytes, layer._value_bytes, layer._key_scales,
+                                               layer._value_scales)]  # fmt: skip
         expected = [torch.empty_like(t) for t in stored]
         quantize_append_token_head_ref(key, value, *expected, 0, storage)
         for got, want in zip(stored, expected):

@@ -770,7 +770,6 @@ def test_token_head_scales_on_gpu_shapes(fmt, L):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("new_token", "with per-token-head scales write them first"),
         ("int8_per_tensor", r"int8 codes need per-token-head scales \(bf16 \[B, H, capacity\]\), got torch.float32"),
         ("scale_dtype", r"per-token-head scales must be contiguous bfloat16 \(2, 2, 15\) .*got torch.float32"),
         ("scale_shape", r"per-token-head scales must be contiguous bfloat16 \(2, 2, 15\) .*got torch.bfloat16 "
@@ -779,21 +778,16 @@ def test_token_head_scales_on_gpu_shapes(fmt, L):
 )  # fmt: skip
 def test_token_head_rejects_bad_arguments(change, message):
     args = list(_token_head_case(2, 2, 4, 1, 64, 10, [0, 1], fmt=INT8, dtype=torch.float16))
-    extra = {}
-    if change == "new_token":
-        new = torch.zeros(2, 2, 1, 64, dtype=torch.float16, device=DEVICE)
-        one = torch.ones(1, device=DEVICE)
-        extra = {"new": kernels.NewTokens(new, new, one, one)}
-    elif change == "int8_per_tensor":
+    if change == "int8_per_tensor":
         args[5] = args[6] = torch.ones(1, device=DEVICE)
     elif change == "scale_dtype":
         args[5] = args[5].float()
     elif change == "scale_shape":
         args[6] = args[6][:, :, :-1].contiguous()
     with pytest.raises(ValueError, match=message):
-        kernels.decode_attention(*args, **extra)
+        kernels.decode_attention(*args)
     with pytest.raises(ValueError, match=message), kernels.cpu_backend("torch"):  # the reference path validates too
-        kernels.decode_attention(*args, **extra)
+        kernels.decode_attention(*args)
 
 
 def _new_token_case(L, *, fmt, dtype, per_head, seed, B=2, H=4, D=64):
@@ -806,6 +800,21 @@ def _new_token_case(L, *, fmt, dtype, per_head, seed, B=2, H=4, D=64):
     new_kv = [(torch.randn(B, 1, H, D, generator=g) * 3).to(dtype).to(DEVICE).transpose(1, 2) for _ in "kv"]
     inverse = [1.0 / scale for scale in args[5:7]]
     return args, kernels.NewTokens(new_kv[0], new_kv[1], inverse[0], inverse[1])
+
+
+def _token_head_new_token_case(L, *, fmt, dtype, seed, B=2, H=4, D=64):
+    """``_new_token_case`` with per-token-head scales: the cache's codes and scales at L - 1 poisoned (NaN), the new
+    token's heads of very different sizes (each gets its own scale), the inverse scales unused."""
+    starts = [min(3 * b, L - 1) for b in range(B)]
+    args = list(_token_head_case(B, H, 4, 1, D, L, starts, fmt=fmt, dtype=dtype, seed=seed))
+    for codes, scales in ((args[1], args[5]), (args[2], args[6])):
+        codes[:, :, L - 1] = NAN_CODE
+        scales[:, :, L - 1] = float("nan")
+    g = torch.Generator().manual_seed(seed + 1)
+    sizes = torch.logspace(-3, 1, H)[None, :, None, None]
+    new_kv = [(torch.randn(B, 1, H, D, generator=g).transpose(1, 2) * sizes).to(dtype).to(DEVICE) for _ in "kv"]
+    one = torch.ones(1, device=DEVICE)
+    return args, kernels.NewTokens(new_kv[0], new_kv[1], one, one)
 
 
 @pytest.mark.parametrize(
@@ -825,6 +834,23 @@ def test_a_new_token_is_written_as_quantize_append_does_and_attended(L, fmt, dty
                      sliding_window)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "L, fmt, dtype, num_splits, sliding_window",
+    [
+        (1, INT8, torch.float32, None, None),  # the first decode token of a one-token prompt
+        (64, FORMATS["e4m3fn"], torch.float16, None, None),  # the new token ends a full key block
+        (65, INT8, torch.bfloat16, 3, None),  # ... starts one; split boundaries forced
+        (200, FORMATS["e4m3fn"], torch.bfloat16, 1, 37),  # one split, a sliding window
+        (300, INT8, torch.float16, None, None),
+    ],
+)
+def test_a_new_token_with_token_head_scales_is_written_as_quantize_append_token_head_does(L, fmt, dtype, num_splits,
+                                                                                         sliding_window):  # fmt: skip
+    """The launch computes the new token's own scales, writes them and its codes as quantize_append_token_head does
+    (every byte, every scale) and attends over them from registers."""
+    _check_new_token(_token_head_new_token_case(L, fmt=fmt, dtype=dtype, seed=L), num_splits, sliding_window)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("L, sliding_window", [(4096, None), (4097, None), (32768, None), (32768, 4096)])
 def test_a_new_token_on_gpu_shapes(L, sliding_window):
@@ -834,18 +860,36 @@ def test_a_new_token_on_gpu_shapes(L, sliding_window):
     _check_new_token(case, None, sliding_window)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("L", [4097, 32768])
+def test_a_new_token_with_token_head_scales_on_gpu_shapes(fmt, L):
+    """The compiled kernel writes a decode step's token with its own scales at decode shapes (one-warp programs over
+    real splits), as quantize_append_token_head does."""
+    _check_new_token(_token_head_new_token_case(L, fmt=fmt, dtype=torch.bfloat16, seed=L, B=8, H=8, D=128), None,
+                     None)  # fmt: skip
+
+
 def _check_new_token(case, num_splits, sliding_window):
-    """One launch with the new token equals quantize_append_kv then attention: every cache byte, and the output; so
-    does the torch twin."""
+    """One launch with the new token equals quantize_append_kv (quantize_append_token_head with per-token-head
+    scales) then attention: every cache byte and scale, and the output; so does the torch twin."""
     args, new = case
     dtype, fmt, L = args[0].dtype, args[7], args[3]
+    token_scales = args[5].dim() == 3
     options = dict(sliding_window=sliding_window)
-    separate = [tensor.clone() for tensor in args[1:3]]  # the two-launch path: quantize_append_kv, then attention
-    kernels.quantize_append_kv(new.keys, new.values, *separate, L - 1, new.key_inv_scale, new.value_inv_scale, fmt)
-    separate_args = (args[0], *separate, *args[3:])
+    # the two-launch path: quantize_append_kv (or _token_head), then attention
+    separate = [tensor.clone() for tensor in (*args[1:3], *args[5:7])]
+    if token_scales:
+        kernels.quantize_append_token_head(new.keys, new.values, *separate, L - 1, fmt)
+    else:
+        kernels.quantize_append_kv(new.keys, new.values, *separate[:2], L - 1, new.key_inv_scale, new.value_inv_scale,
+                                   fmt)  # fmt: skip
+    separate_args = (args[0], *separate[:2], *args[3:5], *separate[2:], *args[7:])
     expected_out = attention.decode_attention(*separate_args, num_splits=num_splits, **options)
     out = attention.decode_attention(*args, num_splits=num_splits, new=new, **options)
     assert torch.equal(args[1], separate[0]) and torch.equal(args[2], separate[1])  # every byte, position L - 1 too
+    for written, expected in zip(args[5:7], separate[2:]):  # (NaN where the kernel must not look: left as it was)
+        assert torch.allclose(written, expected, rtol=0, atol=0, equal_nan=True)
     assert _relative_error(out, _oracle(*separate_args, **options)) < TOLERANCE[dtype]
     # the interpreter runs both paths' arithmetic identically; on the GPU they may round their last bits apart
     assert (
@@ -854,10 +898,16 @@ def _check_new_token(case, num_splits, sliding_window):
         else _relative_error(out, expected_out.double().cpu()) < TOLERANCE[dtype]
     )
     twin_caches = [tensor.clone() for tensor in separate]
-    for cache in twin_caches:
+    for cache in twin_caches[:2]:
         cache[:, :, L - 1] = NAN_CODE
-    twin = reference.decode_attention_ref(args[0], *twin_caches, *args[3:], new=new, **options)
+    twin_scales = twin_caches[2:] if token_scales else args[5:7]
+    for scales in twin_scales if token_scales else ():
+        scales[:, :, L - 1] = float("nan")
+    twin = reference.decode_attention_ref(args[0], *twin_caches[:2], *args[3:5], *twin_scales, *args[7:], new=new,
+                                          **options)  # fmt: skip
     assert torch.equal(twin_caches[0], separate[0]) and torch.equal(twin_caches[1], separate[1])
+    for written, expected in zip(twin_scales, separate[2:]):
+        assert torch.allclose(written, expected, rtol=0, atol=0, equal_nan=True)
     assert _relative_error(twin, expected_out.double().cpu()) < TOLERANCE[dtype]
 
 

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu/kernel_check.sh numbers   # 2 and 3 (<= ~6 min)
 #   bash benchmarks/gpu/kernel_check.sh fp8q      # 4 (<= ~7 min)
 #   bash benchmarks/gpu/kernel_check.sh final     # 4's tests and prefill, then 3 (<= ~9 min)
+#   bash benchmarks/gpu/kernel_check.sh generate  # 3 alone (<= ~4 min)
 # 1. tests/test_kernels_attention.py's chunk, plan, ring, per-token-head and device-length tests and
 #    tests/test_chunk_attention.py compiled on cuda:0 (12 workers: Triton's compiles are CPU-bound), failures listed
 #    (-rf) -> $OUT/kernel_tests.txt; then test_gpu.py's second-turn tests (generate against the oracle)
@@ -17,7 +18,7 @@
 #    first token of 8x32768 through generate: DynamicCache, FP8Cache(exact_prefill=False) with model-dtype and with
 #    FP8 queries, 2 timed pairs -> $OUT/ttft
 source "$(dirname "$0")/setup.sh"
-part=${1:?usage: kernel_check.sh tests|numbers|fp8q|final}
+part=${1:?usage: kernel_check.sh tests|numbers|fp8q|final|generate}
 if [ "$part" = tests ]; then
 start=$(date +%s)
 CUDA_VISIBLE_DEVICES=0 timeout 300 python -m pytest -q -n 12 -m "not slow" -p no:cacheprovider -rf --tb=short \
