@@ -1,0 +1,118 @@
+"""Decode time a token inside one ``generate`` call, one prefill a configuration (issue 15), GPU machine.
+
+``bench generate`` times a configuration by the difference of two calls, t(N + 1 tokens) - t(1 token), each with its
+own prefill, twice (warm-up and timed): four prefills. A GPT-OSS-20B-shaped model prefills 8 x 32768 tokens eagerly
+in about two minutes (transformers' MoE experts), so that method does not fit a 10-minute call at that case. Here a
+logits processor stamps the clock at every decode step of one generate of N + 1 tokens, and the time a token is
+(stamp[N] - stamp[0]) / N: the steps after the first, without the prefill. Every step ends in a device sync (generate
+reads whether a row has finished), so the stamps follow the device as well as the host. Before it, each
+configuration warms up (compiles) on a 256-token prompt with a cache of the same capacity.
+
+Per configuration: ms a token, tokens/s, peak memory allocated during the timed call beyond the weights, and the
+cache's KV bytes, as ``bench generate`` reports them, with ratios to the same run's ``dynamic`` row. Rows are written
+after every configuration (a cut run keeps them), with the CUDA caching allocator's retries (``num_alloc_retries``:
+frees and retries when an allocation does not fit, which slow a step). With ``PROFILE=1`` a configuration then
+continues its cache for 8 more tokens under ``torch.profiler`` (decode steps only: the prompt is in the cache) and
+writes the top ops by CUDA and by CPU time to ``step_clock_<config>.txt``.
+
+    SHAPE=gpt-oss-20b python benchmarks/gpu/step_clock.py dynamic,fp8+attn,fp8-static+attn 8x32768
+                                                              # writes step_clock.json to $OUT
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from hf_fp8cache.bench.common import SHAPE_FAMILIES, baseline_attention, build_model, sync
+from hf_fp8cache.bench.generate import CONFIGURATIONS, for_family, kv_nbytes
+
+out = os.environ.get("OUT", ".")
+configs = (sys.argv[1] if len(sys.argv) > 1 else "dynamic,fp8+attn,fp8-static+attn").split(",")
+B, L = map(int, (sys.argv[2] if len(sys.argv) > 2 else "8x32768").split("x"))
+N = int(os.environ.get("TOKENS", "32"))
+shape = os.environ.get("SHAPE", "gpt-oss-20b")
+dev = torch.device(os.environ.get("DEVICE", "cuda"))  # DEVICE=cpu SHAPE=tiny-gpt-oss: a CPU dry run
+model = build_model(shape, dev, torch.bfloat16)
+baseline = baseline_attention(SHAPE_FAMILIES.get(shape, "llama"), dev)
+layer_types = getattr(model.config, "layer_types", None)
+weights = sum(p.nbytes for p in model.parameters())
+ids = torch.randint(
+    100, min(20000, model.config.vocab_size), (B, L), device=dev, generator=torch.Generator(device=dev).manual_seed(0)
+)
+
+
+class StepClock(LogitsProcessor):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def generate(cfg, prompt: torch.Tensor, cache, clock: StepClock | None = None, tokens: int = N + 1) -> torch.Tensor:
+    return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                          max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                          logits_processor=LogitsProcessorList([clock] if clock else []),
+                          **cfg.generate_kwargs)  # fmt: skip
+
+
+def profile_decode(name: str, cfg, sequences: torch.Tensor, cache) -> None:
+    """8 more tokens from ``cache`` (which holds ``sequences`` but their last token) under torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        generate(cfg, sequences, cache, tokens=8)
+        sync(dev)
+    events = prof.key_averages()
+    with open(f"{out}/step_clock_{name.replace('+', '_')}.txt", "w") as fh:
+        fh.write(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70) + "\n")
+        fh.write(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+
+
+rows = []
+with torch.no_grad():
+    for name in configs:
+        cfg = for_family(CONFIGURATIONS[name], baseline, layer_types)
+        model.set_attn_implementation(cfg.attention)
+        capacity = L + N + 1
+        generate(cfg, ids[:, :256], cfg.make_cache(model.config, capacity))  # compile and warm, same capacity
+        cache = cfg.make_cache(model.config, capacity)
+        clock = StepClock()
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
+        start = time.perf_counter()
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if dev.type == "cuda" else 0
+        try:
+            sequences = generate(cfg, ids, cache, clock)
+            sync(dev)
+        except torch.OutOfMemoryError:  # a row that says so; the next configuration still runs
+            del cache
+            torch.cuda.empty_cache()
+            rows.append(dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", status="OOM"))
+            print(f"config {name} OOM", flush=True)
+            continue
+        call_s = time.perf_counter() - start
+        per_token = (clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1) * 1e3
+        peak = torch.cuda.max_memory_allocated() - weights if dev.type == "cuda" else None
+        row = dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", tokens=N,
+                   ms_per_token=per_token, tokens_per_s=B * 1e3 / per_token,
+                   first_token_ms=(clock.stamps[0] - start) * 1e3, call_s=call_s, kv_bytes=kv_nbytes(cache)[0],
+                   peak_bytes=peak, status="ok")  # fmt: skip
+        if dev.type == "cuda":
+            row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
+        rows.append(row)
+        dynamic = next((r for r in rows if r["config"] == "dynamic" and r["status"] == "ok"), None)
+        for key in ("ms_per_token", "kv_bytes", "peak_bytes"):
+            row[f"{key}_vs_dynamic"] = row[key] / dynamic[key] if dynamic and dynamic[key] and row[key] else None
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                       if k != "description"), flush=True)  # fmt: skip
+        if os.environ.get("PROFILE") == "1":
+            profile_decode(name, cfg, sequences, cache)
+        del cache
+        with open(f"{out}/step_clock.json", "w") as fh:
+            gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+            json.dump(dict(gpu=gpu, torch=torch.__version__, weights_bytes=weights, rows=rows), fh, indent=2)
