@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/hf-fp8cache generate
 
+# one worker a core (pytest-xdist; conftest gives each worker one torch thread): ~12 minutes on 2 cores, ~20 serially
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: install
 	$(BIN)/hf-fp8cache bench

@@ -13,6 +13,9 @@ if not os.environ.get("HF_FP8CACHE_NO_INTERPRET"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread a worker: `make test` runs one worker a core
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
