@@ -9,7 +9,8 @@ reads whether a row has finished), so the stamps follow the device as well as th
 configuration warms up (compiles) on a 256-token prompt with a cache of the same capacity.
 
 Per configuration: ms a token, tokens/s, peak memory allocated during the timed call beyond the weights, and the
-cache's KV bytes, as ``bench generate`` reports them, with ratios to the same run's ``dynamic`` row. Rows are written
+cache's KV bytes, as ``bench generate`` reports them, each step's time (``step_ms``: a one-time stall shows apart from
+a slow step), with ratios to the same run's ``dynamic`` row. Rows are written
 after every configuration (a cut run keeps them), with the CUDA caching allocator's retries (``num_alloc_retries``:
 frees and retries when an allocation does not fit, which slow a step). With ``PROFILE=1`` a configuration then
 continues its cache for 8 more tokens under ``torch.profiler`` (decode steps only: the prompt is in the cache) and
@@ -101,7 +102,8 @@ with torch.no_grad():
         row = dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", tokens=N,
                    ms_per_token=per_token, tokens_per_s=B * 1e3 / per_token,
                    first_token_ms=(clock.stamps[0] - start) * 1e3, call_s=call_s, kv_bytes=kv_nbytes(cache)[0],
-                   peak_bytes=peak, status="ok")  # fmt: skip
+                   peak_bytes=peak, status="ok",
+                   step_ms=[(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])])  # fmt: skip
         if dev.type == "cuda":
             row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
         rows.append(row)
@@ -109,7 +111,7 @@ with torch.no_grad():
         for key in ("ms_per_token", "kv_bytes", "peak_bytes"):
             row[f"{key}_vs_dynamic"] = row[key] / dynamic[key] if dynamic and dynamic[key] and row[key] else None
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                       if k != "description"), flush=True)  # fmt: skip
+                       if k not in ("description", "step_ms")), flush=True)  # fmt: skip
         if os.environ.get("PROFILE") == "1":
             profile_decode(name, cfg, sequences, cache)
         del cache
