@@ -111,10 +111,7 @@ class _BoundLaunch:
     def __call__(self, grid: tuple[int, ...], args: tuple) -> None:
         compiled = self.compiled
         stream = _current_stream(self.device)
-        # tensors as their addresses: Triton's launcher takes an int pointer as it is, where for a tensor it asks
-        # the driver about the address (cuPointerGetAttribute), one driver call per tensor argument per launch. The
-        # memo's tensors are CUDA tensors of this device already (they matched a launch Triton checked).
-        full = (*[arg.data_ptr() if isinstance(arg, torch.Tensor) else arg for arg in args], *self.tail)
+        full = (*args, *self.tail)
         grid = (*grid, 1, 1)
         hooks = triton.knobs.runtime
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,

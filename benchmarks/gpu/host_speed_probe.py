@@ -8,9 +8,7 @@ tensors -- and over the call it reads every thread's CPU time of this process (`
 busy time (``/proc/stat``), and the process's resource use a step (``getrusage``: user and system CPU time, voluntary
 and involuntary context switches, minor page faults: system time or switches that grow with our path would point at
 syscalls in it, whose kernel entries can slow the user code that follows). Configurations alternate (dynamic,
-fp8+attn, dynamic, fp8+attn, ...). A configuration named with the suffix ``@tensor-args`` runs with ``LaunchMemo``
-handing Triton's launcher the tensors themselves, as before 2026-12-02 (the launcher then asks the driver about each
-address), instead of their addresses: ``dynamic,fp8+attn,fp8+attn@tensor-args`` measures that change.
+fp8+attn, dynamic, fp8+attn, ...).
 
 If the workload slows in the FP8 call, the core itself is slower (another busy thread, frequency); if it does not,
 the cost is in what runs between the model's ops.
@@ -26,7 +24,6 @@ import sys
 import time
 
 import torch
-from hf_fp8cache.kernels import launch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_fp8cache.bench.common import build_model, sync
@@ -110,37 +107,17 @@ def generate(cfg, tokens: int, probe: Probe | None = None) -> float:
     return time.perf_counter() - start
 
 
-def tensor_args_call(self, grid, args):
-    """``_BoundLaunch.__call__`` as it was before 2026-12-02: the tensors go to the launcher as they are."""
-    compiled, stream = self.compiled, launch._current_stream(self.device)
-    full, grid = (*args, *self.tail), (*grid, 1, 1)
-    hooks = launch.triton.knobs.runtime
-    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook,
-                 *full)  # fmt: skip
-
-
-address_call = launch._BoundLaunch.__call__
-
-
-def select(name: str):
-    """The configuration of ``name`` (its ``@tensor-args`` suffix installs the old launch, otherwise the current)."""
-    base, _, variant = name.partition("@")
-    launch._BoundLaunch.__call__ = tensor_args_call if variant == "tensor-args" else address_call
-    model.set_attn_implementation(CONFIGURATIONS[base].attention)
-    return CONFIGURATIONS[base]
-
-
 rows = []
 print(f"idle workload: python {statistics.median(workload()[0] for _ in range(20)):.1f} us, "
       f"torch {statistics.median(workload()[1] for _ in range(20)):.1f} us", flush=True)  # fmt: skip
 with torch.no_grad():
     for name in configs:  # compile and warm every configuration first
-        cfg = select(name)
-        generate(cfg, N + 1), generate(cfg, 1)
+        model.set_attn_implementation(CONFIGURATIONS[name].attention)
+        generate(CONFIGURATIONS[name], N + 1), generate(CONFIGURATIONS[name], 1)
     for round_ in range(rounds):
         for name in configs:
-            cfg = select(name)
+            cfg = CONFIGURATIONS[name]
+            model.set_attn_implementation(cfg.attention)
             short = generate(cfg, 1)
             probe = Probe()
             threads_before, busy_before, usage_before = thread_cpu(), machine_busy(), rusage()
