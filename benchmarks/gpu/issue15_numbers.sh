@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15's numbers in two GPU calls (each under the 10-minute limit). From the repo root, $OUT set:
 #   bash benchmarks/gpu/issue15_numbers.sh gpt-oss    # the GPT-OSS-20B shape at 8x32768 (step_clock.py, ~4 min)
-#   bash benchmarks/gpu/issue15_numbers.sh gemma      # the Gemma-3-12B shape at 8x32768
+#   bash benchmarks/gpu/issue15_numbers.sh gemma      # the Gemma-3-12B shape at 8x32768 (bench generate)
+#   bash benchmarks/gpu/issue15_numbers.sh gemma-clock  # the same through step_clock.py (one prefill a config)
 #   bash benchmarks/gpu/issue15_numbers.sh kernel     # the window kernel vs the full 8x4096 case (~100 s)
 # gpt-oss: bench generate prefills four times a configuration, too many for a 10-minute call with this MoE model;
 #   step_clock.py prefills once and times the decode steps inside one generate. 2026-12-02 (H200): an 8x32768
@@ -13,7 +14,7 @@
 #   540 s. Rows are written once the case ends: if it times out, run the configurations in two calls, each with
 #   dynamic (ratios are to the same run's dynamic row).
 set -u
-part=${1:?usage: issue15_numbers.sh gpt-oss|gemma|kernel}
+part=${1:?usage: issue15_numbers.sh gpt-oss|gemma|gemma-clock|kernel}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.."
 python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || tail -5 /tmp/pip.txt
@@ -26,11 +27,12 @@ step() {  # step NAME TIMEOUT ARGS...: run the bench, log to $OUT/NAME.txt, prin
   grep -v Warn "$OUT/$name.txt" | tail -12
 }
 case $part in
-  gpt-oss)
-    SHAPE=gpt-oss-20b OUT="$OUT" timeout 480 python benchmarks/gpu/step_clock.py dynamic,fp8+attn,fp8-static+attn \
-        8x32768 > "$OUT/gptoss.txt" 2>&1
-    echo "gptoss rc=$?"
-    grep -E "^config" "$OUT/gptoss.txt" ;;
+  gpt-oss|gemma-clock)
+    shape=gpt-oss-20b; [ "$part" = gemma-clock ] && shape=gemma-3-12b
+    SHAPE=$shape OUT="$OUT" timeout ${LIMIT:-480} python benchmarks/gpu/step_clock.py ${CONFIGS:-dynamic,fp8+attn,fp8-static+attn} \
+        8x32768 > "$OUT/$part.txt" 2>&1
+    echo "$part rc=$?"
+    grep -E "^config|first steps" "$OUT/$part.txt" ;;
   kernel)
     step win 60 attention --window 4096 --cases 8x32768
     step full 60 attention --cases 8x4096 ;;

@@ -5,14 +5,18 @@ own prefill, twice (warm-up and timed): four prefills. A GPT-OSS-20B-shaped mode
 in about two minutes (transformers' MoE experts), so that method does not fit a 10-minute call at that case. Here a
 logits processor stamps the clock at every decode step of one generate of N + 1 tokens, and the time a token is
 (stamp[N] - stamp[0]) / N: the steps after the first, without the prefill. Every step ends in a device sync (generate
-reads whether a row has finished), so the stamps follow the device as well as the host. Before it, each
-configuration warms up (compiles) on a 256-token prompt with a cache of the same capacity.
+reads whether a row has finished, and the clock syncs before it stamps, so the first decode step does not carry the
+prefill's tail), so the stamps follow the device as well as the host. Before it, each configuration starts from an
+emptied CUDA caching allocator (as a new process would: a pool left by the previous configuration made one FP8 run's
+first decode step free and re-reserve the whole pool, a 4.8 s stall) and warms up (compiles) on a 256-token prompt with
+a cache of the same capacity.
 
 Per configuration: ms a token, tokens/s, peak memory allocated during the timed call beyond the weights, and the
 cache's KV bytes, as ``bench generate`` reports them, each step's time (``step_ms``: a one-time stall shows apart from
 a slow step), with ratios to the same run's ``dynamic`` row. Rows are written
 after every configuration (a cut run keeps them), with the CUDA caching allocator's retries (``num_alloc_retries``:
-frees and retries when an allocation does not fit, which slow a step). With ``PROFILE=1`` a configuration then
+frees and retries when an allocation does not fit, which slow a step) and its ``cudaMalloc`` / ``cudaFree``
+calls (``num_device_alloc`` / ``num_device_free``). With ``PROFILE=1`` a configuration then
 continues its cache for 8 more tokens under ``torch.profiler`` (decode steps only: the prompt is in the cache) and
 writes the top ops by CUDA and by CPU time to ``step_clock_<config>.txt``.
 
@@ -47,11 +51,19 @@ ids = torch.randint(
 
 
 class StepClock(LogitsProcessor):
+    """Stamps the clock at every step once the device has finished the step's forward (generate syncs at the end of
+    each step anyway; the sync here makes the first stamp wait for the prefill too, so the first decode step's time
+    is its own), with the CUDA caching allocator's retries so far."""
+
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.retries: list[int] = []
 
     def __call__(self, input_ids, scores):
+        sync(dev)
         self.stamps.append(time.perf_counter())
+        if dev.type == "cuda":
+            self.retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0))
         return scores
 
 
@@ -79,14 +91,15 @@ with torch.no_grad():
     for name in configs:
         cfg = for_family(CONFIGURATIONS[name], baseline, layer_types)
         model.set_attn_implementation(cfg.attention)
-        capacity = L + N + 1
+        capacity = L + N + 9  # (8 more for the profiled continuation)
+        torch.cuda.empty_cache() if dev.type == "cuda" else None  # each configuration from an empty pool
         generate(cfg, ids[:, :256], cfg.make_cache(model.config, capacity))  # compile and warm, same capacity
         cache = cfg.make_cache(model.config, capacity)
         clock = StepClock()
         sync(dev)
         torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
         start = time.perf_counter()
-        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if dev.type == "cuda" else 0
+        before = torch.cuda.memory_stats() if dev.type == "cuda" else {}
         try:
             sequences = generate(cfg, ids, cache, clock)
             sync(dev)
@@ -101,20 +114,27 @@ with torch.no_grad():
         peak = torch.cuda.max_memory_allocated() - weights if dev.type == "cuda" else None
         row = dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", tokens=N,
                    ms_per_token=per_token, tokens_per_s=B * 1e3 / per_token,
+                   ms_per_token_after_first=(clock.stamps[-1] - clock.stamps[1]) / (len(clock.stamps) - 2) * 1e3,
                    first_token_ms=(clock.stamps[0] - start) * 1e3, call_s=call_s, kv_bytes=kv_nbytes(cache)[0],
+                   allocated_kv_bytes=kv_nbytes(cache)[1],
                    peak_bytes=peak, status="ok",
-                   step_ms=[(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])])  # fmt: skip
-        if dev.type == "cuda":
-            row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
+                   step_ms=[(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])],
+                   retries_at_stamp=clock.retries)  # fmt: skip
+        if dev.type == "cuda":  # the caching allocator's retries and its cudaMalloc / cudaFree calls in the call
+            after = torch.cuda.memory_stats()
+            for key in ("num_alloc_retries", "num_device_alloc", "num_device_free"):
+                row[key] = after.get(key, 0) - before.get(key, 0)
+            row["reserved_bytes"] = after.get("reserved_bytes.all.current", 0)
         rows.append(row)
         dynamic = next((r for r in rows if r["config"] == "dynamic" and r["status"] == "ok"), None)
         for key in ("ms_per_token", "kv_bytes", "peak_bytes"):
             row[f"{key}_vs_dynamic"] = row[key] / dynamic[key] if dynamic and dynamic[key] and row[key] else None
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                       if k not in ("description", "step_ms")), flush=True)  # fmt: skip
-        if os.environ.get("PROFILE") == "1":
-            profile_decode(name, cfg, sequences, cache)
-        del cache
+                       if k not in ("description", "step_ms", "retries_at_stamp")), flush=True)  # fmt: skip
+        print(f"  first steps (ms): {' '.join(f'{t:.0f}' for t in row['step_ms'][:4])}", flush=True)
         with open(f"{out}/step_clock.json", "w") as fh:
             gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
             json.dump(dict(gpu=gpu, torch=torch.__version__, weights_bytes=weights, rows=rows), fh, indent=2)
+        if os.environ.get("PROFILE") == "1":
+            profile_decode(name, cfg, sequences, cache)
+        del cache
