@@ -103,11 +103,14 @@ with torch.no_grad():
         try:
             sequences = generate(cfg, ids, cache, clock)
             sync(dev)
-        except torch.OutOfMemoryError:  # a row that says so; the next configuration still runs
+        except torch.OutOfMemoryError as error:  # a row that says so and where; the next configuration still runs
             del cache
             torch.cuda.empty_cache()
-            rows.append(dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", status="OOM"))
-            print(f"config {name} OOM", flush=True)
+            message = str(error).splitlines()[0][:300]
+            steps = [(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])]
+            rows.append(dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", status="OOM",
+                             error=message, step_ms=steps))  # fmt: skip
+            print(f"config {name} OOM after {len(clock.stamps)} stamps: {message}", flush=True)
             continue
         call_s = time.perf_counter() - start
         per_token = (clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1) * 1e3
