@@ -13,7 +13,9 @@ a cache of the same capacity.
 
 Per configuration: ms a token, tokens/s, peak memory allocated during the timed call beyond the weights, and the
 cache's KV bytes, as ``bench generate`` reports them, each step's time (``step_ms``: a one-time stall shows apart from
-a slow step), with ratios to the same run's ``dynamic`` row. Rows are written
+a slow step), with ratios to the same run's first ``dynamic`` row that ran (``dynamic:flex_attention``: a
+configuration with another attention implementation). A configuration that fails leaves a row with its error and
+innermost frames (which allocation ran out of memory). Rows are written
 after every configuration (a cut run keeps them), with the CUDA caching allocator's retries (``num_alloc_retries``:
 frees and retries when an allocation does not fit, which slow a step) and its ``cudaMalloc`` / ``cudaFree``
 calls (``num_device_alloc`` / ``num_device_free``). With ``PROFILE=1`` a configuration then
@@ -24,10 +26,12 @@ writes the top ops by CUDA and by CPU time to ``step_clock_<config>.txt``.
                                                               # writes step_clock.json to $OUT
 """
 
+import dataclasses
 import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -86,10 +90,19 @@ def profile_decode(name: str, cfg, sequences: torch.Tensor, cache) -> None:
         fh.write(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
-rows = []
+def write_rows() -> None:
+    with open(f"{out}/step_clock.json", "w") as fh:
+        gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+        json.dump(dict(gpu=gpu, torch=torch.__version__, weights_bytes=weights, rows=rows), fh, indent=2)
+
+
+rows: list[dict] = []
 with torch.no_grad():
     for name in configs:
-        cfg = for_family(CONFIGURATIONS[name], baseline, layer_types)
+        configuration, _, attention = name.partition(":")  # dynamic:flex_attention -- another attention
+        cfg = for_family(CONFIGURATIONS[configuration], baseline, layer_types)
+        if attention:
+            cfg = dataclasses.replace(cfg, attention=attention, description=f"{cfg.description}, {attention}")
         model.set_attn_implementation(cfg.attention)
         capacity = L + N + 9  # (8 more for the profiled continuation)
         torch.cuda.empty_cache() if dev.type == "cuda" else None  # each configuration from an empty pool
@@ -103,14 +116,19 @@ with torch.no_grad():
         try:
             sequences = generate(cfg, ids, cache, clock)
             sync(dev)
-        except torch.OutOfMemoryError as error:  # a row that says so and where; the next configuration still runs
+        except Exception as error:  # a row that says what and where; the next configuration still runs
             del cache
             torch.cuda.empty_cache()
+            status = "OOM" if isinstance(error, torch.OutOfMemoryError) else type(error).__name__
             message = str(error).splitlines()[0][:300]
             steps = [(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])]
-            rows.append(dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", status="OOM",
-                             error=message, step_ms=steps))  # fmt: skip
-            print(f"config {name} OOM after {len(clock.stamps)} stamps: {message}", flush=True)
+            where = traceback.extract_tb(error.__traceback__)[-6:]  # the innermost frames: which allocation
+            frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in where]
+            rows.append(dict(config=name, description=cfg.description, shape=shape, case=f"{B}x{L}", status=status,
+                             error=message, step_ms=steps, frames=frames))  # fmt: skip
+            print(f"config {name} {status} after {len(clock.stamps)} stamps: {message}", flush=True)
+            print("  " + "\n  ".join(rows[-1]["frames"]), flush=True)
+            write_rows()
             continue
         call_s = time.perf_counter() - start
         per_token = (clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1) * 1e3
@@ -129,15 +147,13 @@ with torch.no_grad():
                 row[key] = after.get(key, 0) - before.get(key, 0)
             row["reserved_bytes"] = after.get("reserved_bytes.all.current", 0)
         rows.append(row)
-        dynamic = next((r for r in rows if r["config"] == "dynamic" and r["status"] == "ok"), None)
+        dynamic = next((r for r in rows if r["config"].startswith("dynamic") and r["status"] == "ok"), None)
         for key in ("ms_per_token", "kv_bytes", "peak_bytes"):
             row[f"{key}_vs_dynamic"] = row[key] / dynamic[key] if dynamic and dynamic[key] and row[key] else None
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                        if k not in ("description", "step_ms", "retries_at_stamp")), flush=True)  # fmt: skip
         print(f"  first steps (ms): {' '.join(f'{t:.0f}' for t in row['step_ms'][:4])}", flush=True)
-        with open(f"{out}/step_clock.json", "w") as fh:
-            gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-            json.dump(dict(gpu=gpu, torch=torch.__version__, weights_bytes=weights, rows=rows), fh, indent=2)
+        write_rows()
         if os.environ.get("PROFILE") == "1":
             profile_decode(name, cfg, sequences, cache)
         del cache
