@@ -55,10 +55,11 @@ class QuantizedFP8Cache(Cache):
             ``residual_length`` tokens in the model dtype per layer (e.g. 16 tokens: 1.6 % of the FP8 bytes at
             2K tokens). 0 (default) is pure FP8, like vLLM; transformers' ``QuantizedCache`` uses the same name.
         quantize_query: FP8 queries, as vLLM's FlashAttention 3 path: where our attention
-            (``attn_implementation="hf_fp8cache"``) reads the cache, Q @ K^T and P @ V run on e4m3 operands with fp32
-            accumulation (each query row scaled by its own amax / 448). Needs e4m3 codes, no ``residual_length``, and
-            on CUDA a GPU with FP8 tensor cores (compute capability 8.9+). Other attention implementations read the
-            dequantized K/V and are unaffected. With ``exact_prefill=False`` the first prefill runs in FP8 too.
+            (``attn_implementation="hf_fp8cache"``) reads the cache, Q @ K^T runs on e4m3 operands with fp32
+            accumulation (each query row scaled by its own amax / 448); P @ V stays in fp16. Needs e4m3 codes, no
+            ``residual_length``, and on CUDA a GPU with FP8 tensor cores (compute capability 8.9+). Other attention
+            implementations read the dequantized K/V and are unaffected. With ``exact_prefill=False`` the first
+            prefill runs in FP8 too.
     """
 
     def __init__(

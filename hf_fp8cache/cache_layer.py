@@ -64,7 +64,7 @@ class FP8CacheLayer(FP8LayerBase):
         attention_config: the model config whose attention implementation picks the read path (None: dequantize).
         residual_length: the most recent tokens also kept exactly, in a ring buffer (0: none).
         row_starts: the per-step row starts shared by the cache's layers (None: this layer's own).
-        quantize_query: our attention quantizes the queries and probabilities to e4m3 (``QuantizedFP8Cache``).
+        quantize_query: our attention quantizes the queries to e4m3 for Q @ K^T (``QuantizedFP8Cache``).
     """
 
     is_compileable = False

@@ -117,7 +117,7 @@ class FP8StaticLayer(FP8LayerBase):
         attention_config: the model config whose attention implementation picks the read path (None: dequantize).
         max_batch_size: the largest batch the first update may bring (None: no limit).
         row_starts: the per-device row-start buffers shared by the cache's layers (None: this layer's own).
-        quantize_query: our attention quantizes the queries and probabilities to e4m3 (``QuantizedFP8Cache``).
+        quantize_query: our attention quantizes the queries to e4m3 for Q @ K^T (``QuantizedFP8Cache``).
     """
 
     is_compileable = True

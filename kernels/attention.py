@@ -151,11 +151,11 @@ _MAX_SPLITS = 32
 _DEFAULT_SM_COUNT = 132
 # Largest finite fp16: bf16 queries are saturated to it before the fp16 dot.
 _FP16_MAX = 65504.0
-# FP8 queries (``quantize_query``): e4m3 operands of both dots. Each query row gets the scale amax / 448 (its largest
-# value becomes e4m3's largest), and the probabilities enter P @ V times _P_SCALE (1 becomes e4m3's largest, 2^-9 / 448
-# its smallest subnormal), which the output's factor divides out.
+# FP8 queries (``quantize_query``): Q @ K^T on e4m3 operands (each query row scaled by amax / 448, so its largest value
+# becomes e4m3's largest; the keys' codes as stored), P @ V in fp16 over the values' codes as without them. An e4m3
+# P @ V was 1.5x slower on the H200 (Hopper's FP8 MMA wants V K-major, so Triton transposes every V block through
+# shared memory) and rounded each probability to 3 mantissa bits (docs/benchmarks.md, FP8 queries).
 _E4M3_MAX = tl.constexpr(448.0)
-_P_SCALE = tl.constexpr(448.0)
 _E4M3 = format_named("e4m3fn")
 # Whether Triton interprets this process's launches (``dispatch``'s reading): its float -> fp8 conversion is wrong
 # there, so the operands are encoded with integer arithmetic; compiled, the hardware conversion (round to nearest
@@ -194,14 +194,6 @@ def _e4m3_query(q):
 
 
 @triton.jit
-def _probabilities_to_dot(p, DOT_DTYPE: tl.constexpr):
-    """The P @ V operand: p in the dot dtype; for e4m3 (FP8 queries), p * _P_SCALE."""
-    if DOT_DTYPE == tl.float8e4nv:
-        return _e4m3(p * _P_SCALE)
-    return p.to(DOT_DTYPE)
-
-
-@triton.jit
 def _query_of_row(r, G):
     """(g, i) of query row r of a (b, h) program: r = i * G + g, query head h * G + g at chunk position i. Position
     major, so a tile of rows holds consecutive positions (of all G heads): its causal range is narrow."""
@@ -218,9 +210,10 @@ def _softcapped(x, softcap):
 
 @triton.jit
 def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i, acc,
-                  DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr = True, SLIDING: tl.constexpr = False,
+                  PV_DTYPE: tl.constexpr, MASKED: tl.constexpr = True, SLIDING: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, TOKEN_SCALES: tl.constexpr = False, value_scales=None):  # fmt: skip
-    """One online-softmax step over a block of keys n (k, v in the dot dtype; invalid keys loaded as zeros).
+    """One online-softmax step over a block of keys n (q, k in the dot dtype, v in ``PV_DTYPE``, the P @ V operands'
+    dtype; invalid keys loaded as zeros).
     MASKED=False: every key of the block is valid and visible to every row (no masking work). SLIDING: row r also
     needs n >= first_visible[r]. SOFTCAP: the logits are soft-capped before masking (``_softcapped``). TOKEN_SCALES:
     ``qk_scale`` is ``[1, BLOCK_N]`` (each key's scale folded in) and each probability is multiplied by its value's
@@ -241,11 +234,10 @@ def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, so
     if TOKEN_SCALES:
         block_max = tl.max(value_scales, 0)
         block_max = tl.where(block_max > 0.0, block_max, 1.0)  # a block of invalid keys only (scales loaded as 0)
-        pv = tl.dot(_probabilities_to_dot(p * (value_scales / block_max)[None, :], DOT_DTYPE), v,
-                    input_precision="ieee")  # fmt: skip
+        pv = tl.dot((p * (value_scales / block_max)[None, :]).to(PV_DTYPE), v, input_precision="ieee")
         acc = acc * alpha[:, None] + pv * block_max
     else:
-        acc = acc * alpha[:, None] + tl.dot(_probabilities_to_dot(p, DOT_DTYPE), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(PV_DTYPE), v, input_precision="ieee")
     return m_new, l_i, acc
 
 
@@ -285,7 +277,7 @@ def _attend_fp8_blocks(
     q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
     softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale, k_scale_ptr,
     v_scale_ptr, ring_slots, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
     MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     TOKEN_SCALES: tl.constexpr, NEW_TOKEN: tl.constexpr = False, RING: tl.constexpr = False,
     PAIRED_SCALES: tl.constexpr = False,
@@ -329,7 +321,7 @@ def _attend_fp8_blocks(
             k = tl.where(is_new, new_k_codes[None, :], k)
             v = tl.where(is_new, new_v_codes[None, :], v)
         k = _codes_to_dot(k, CODE_DTYPE, DOT_DTYPE)
-        v = _codes_to_dot(v, CODE_DTYPE, DOT_DTYPE)
+        v = _codes_to_dot(v, CODE_DTYPE, PV_DTYPE)
         if TOKEN_SCALES:
             scale_offsets = tl.arange(0, BLOCK_N)
             if MASKED:
@@ -345,13 +337,13 @@ def _attend_fp8_blocks(
                 key_scales = tl.load(k_scales + scale_offsets).to(tl.float32)
                 value_scales = tl.load(v_scales + scale_offsets).to(tl.float32)
             m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible,
-                                          qk_scale * key_scales[None, :], softcap, m_i, l_i, acc, DOT_DTYPE, MASKED,
+                                          qk_scale * key_scales[None, :], softcap, m_i, l_i, acc, PV_DTYPE, MASKED,
                                           SLIDING, SOFTCAP, True, value_scales)  # fmt: skip
             k_scales += BLOCK_N
             v_scales += BLOCK_N
         else:
             m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i,
-                                          l_i, acc, DOT_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
+                                          l_i, acc, PV_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
         k_block += BLOCK_N * D
         v_block += BLOCK_N * D
     return m_i, l_i, acc
@@ -380,7 +372,8 @@ def _decode_attention_kernel(
     H, G, SQ, D: tl.constexpr, L, num_slots, first_slot, blocks_per_split, qk_scale, R, recent_start, window, softcap,
     ring_slots,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EXACT_WINDOW: tl.constexpr,
+    CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    EXACT_WINDOW: tl.constexpr,
     FP16_MAX: tl.constexpr, M_INIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, LOG2E: tl.constexpr,
     NEW_TOKEN: tl.constexpr, MANTISSA_BITS: tl.constexpr, BIAS: tl.constexpr, FMAX: tl.constexpr,
@@ -447,9 +440,9 @@ def _decode_attention_kernel(
             offsets = recent_base + (n % R).to(tl.int64)[:, None] * stride_rs + d[None, :]
             k = _to_dot_dtype(tl.load(recent_k_ptr + offsets, mask=kv_mask, other=0.0), DOT_DTYPE, FP16_MAX)
             v = tl.load(recent_v_ptr + offsets, mask=kv_mask, other=0.0).to(tl.float32) * inv_v_scale
-            v = _to_dot_dtype(v, DOT_DTYPE, FP16_MAX)
+            v = _to_dot_dtype(v, PV_DTYPE, FP16_MAX)
             m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i,
-                                          l_i, acc, DOT_DTYPE, True, SLIDING, SOFTCAP)  # fmt: skip
+                                          l_i, acc, PV_DTYPE, True, SLIDING, SOFTCAP)  # fmt: skip
     else:
         # this split's fp8 keys, from the block holding kv_start (blocks of pure padding are skipped) up to the
         # exact window's start (recent_start == L without one) and the tile's last row (causal: later key blocks
@@ -518,21 +511,21 @@ def _decode_attention_kernel(
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
                                            acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
                                            k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
-                                           DOT_DTYPE, MASKED=True,
+                                           DOT_DTYPE, PV_DTYPE, MASKED=True,
                                            STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
                                            NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
                                            acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
                                            k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
-                                           DOT_DTYPE, MASKED=False,
+                                           DOT_DTYPE, PV_DTYPE, MASKED=False,
                                            STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
                                            PAIRED_SCALES=PAIRED_SCALES)  # fmt: skip
         m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
                                            recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
                                            acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
                                            k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
-                                           DOT_DTYPE, MASKED=True,
+                                           DOT_DTYPE, PV_DTYPE, MASKED=True,
                                            STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
                                            NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
 
@@ -540,8 +533,6 @@ def _decode_attention_kernel(
         v_scale = 1.0
     else:
         v_scale = tl.load(v_scale_ptr + h * scale_stride_h)
-    if DOT_DTYPE == tl.float8e4nv:  # the probabilities entered P @ V times _P_SCALE
-        v_scale = v_scale / _P_SCALE
     if WRITE_PARTIAL:
         # partials [B * H * G * SQ, num_slots, (D)]: row (b * H + h) * G * SQ + r is query (b, h * G + g, i)
         part = (pid_bh * G * SQ + rows) * num_slots + first_slot + split
@@ -743,7 +734,7 @@ def _launch_meta(plan: DecodePlan, fmt: StorageFormat, dot_dtype: tl.dtype, leng
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         BLOCK_S=1 if merge_by_slot else triton.next_power_of_2(plan.slots),
         CODE_DTYPE=_code_dtype(fmt), TOKEN_SCALES=token_scales, PAIRED_SCALES=paired_scales,
-        DOT_DTYPE=dot_dtype,
+        DOT_DTYPE=dot_dtype, PV_DTYPE=tl.float16 if dot_dtype == tl.float8e4nv else dot_dtype,
         WRITE_PARTIAL=plan.slots > 1, MERGE_BY_SLOT=merge_by_slot, FP16_MAX=_FP16_MAX, M_INIT=_M_INIT,
         LENGTH_IN_MEMORY=length_in_memory,
         SLIDING=sliding, SOFTCAP=softcap, HAS_SINKS=sinks, LOG2E=_LOG2E, NEW_TOKEN=new_token, RING=ring,
@@ -784,8 +775,8 @@ def plan_decode_attention(
     the exact window, on ``sm_count`` SMs: integer arithmetic only. With a ``sliding_window`` the splits cover only
     the keys from ``first_key_block`` on. Chunks (more than ``_MAX_BLOCK_M`` query rows a KV head) run in tiles of
     ``block_rows`` rows and aim their splits at ``_CHUNK_PROGRAMS_PER_SM`` programs an SM, over _CHUNK_BLOCK_N keys a
-    step unless ``fp32_query`` (shared memory). ``fp8_dots`` (FP8 queries): both dots' inner sizes (head dim, keys a
-    step) at least _MIN_FP8_DOT_K. The other keyword overrides are the launcher's."""
+    step unless ``fp32_query`` (shared memory). ``fp8_dots`` (FP8 queries): the head dim and the keys a step (Q @ K^T's
+    e4m3 sizes) at least _MIN_FP8_DOT_K. The other keyword overrides are the launcher's."""
     rows = G * Sq
     min_k = _MIN_FP8_DOT_K if fp8_dots else _MIN_DOT_SIZE
     block_d = max(triton.next_power_of_2(D), min_k)
@@ -850,8 +841,8 @@ def decode_attention(
     is quantized into the cache at ``kv_length - 1`` by the same launch (``new_tokens.py``). With ``ring`` the caches
     are a ring of ``capacity`` slots holding the last positions before ``kv_length`` (a device tensor), position p at
     slot ``p % capacity`` (see ``kernels.decode_attention``). With ``quantize_query`` (e4m3fn codes, FP8 tensor cores)
-    both products run on e4m3 operands with fp32 accumulation: each query row quantized with its own scale, and the
-    probabilities (``_e4m3_query``, ``_probabilities_to_dot``).
+    Q @ K^T runs on e4m3 operands with fp32 accumulation, each query row quantized with its own scale
+    (``_e4m3_query``), and P @ V in fp16 as without it.
 
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_m`` (query rows a program, a power of two >= 16), ``block_n`` (keys per iteration),

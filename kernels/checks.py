@@ -278,8 +278,9 @@ def check_attention_options(
 
 
 def check_query_quantization(query: torch.Tensor, fmt: StorageFormat, recent: RecentWindow | None) -> None:
-    """FP8 queries (``quantize_query``): e4m3fn codes (both dots' operands are e4m3), no exact recent window (its
-    bf16 keys are not FP8), and on a CUDA device FP8 tensor cores (compute capability 8.9 or later)."""
+    """FP8 queries (``quantize_query``): e4m3fn codes (Q @ K^T's operands are e4m3: the keys' codes as stored), no
+    exact recent window (its bf16 keys are not FP8), and on a CUDA device FP8 tensor cores (compute capability 8.9 or
+    later)."""
     if getattr(fmt, "name", None) != "e4m3fn":
         raise ValueError(f"quantize_query needs e4m3fn codes (kv_cache_dtype 'fp8_e4m3'), got {fmt.name}")
     if recent is not None:

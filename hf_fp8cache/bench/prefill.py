@@ -16,9 +16,10 @@ D = 128, bf16 (Llama-3.1-8B); on CPU a tiny shape in fp32 (the tests' run). Colu
    for such chunks) over the FP8 bytes; its largest difference to (3)'s output is ``kernel_max_abs_diff`` (the same
    bytes, so float noise only); ``kernel_plan`` its launch on the Triton path: ``<rows>x<keys> w<warps>
    s<splits> t<row tiles a KV head>``.
-   ``kernel_fp8q``: the same launch with FP8 queries (``quantize_query=True``: both products on e4m3 operands, fp32
-   accumulation), where the device has FP8 tensor cores (CPU: the torch twin); ``kernel_fp8q_max_abs_diff`` its
-   largest difference to (3)'s output (the quantized queries and probabilities' error, not float noise).
+   ``kernel_fp8q``: the same launch with FP8 queries (``quantize_query=True``: Q @ K^T on e4m3 operands, fp32
+   accumulation, P @ V in fp16), where the device has FP8 tensor cores (CPU: the torch twin);
+   ``kernel_fp8q_max_abs_diff`` its largest difference to (3)'s output (the quantized queries' error, not float
+   noise).
 5. ``fp8_read_floor``: the FP8 K+V bytes over the copy bandwidth measured in the same run; ``flop_floor``: the bf16
    FLOPs of Q.K^T and P.V over every (query, key) pair, 4 * B * Hq * q * (L + q) * D, at 900 TFLOP/s (the issue's
    convention: the masked upper triangle of the chunk is counted too).
