@@ -1091,6 +1091,10 @@ FP8_QUERY_CASES = [
 # 0.050, above 3x the query-dtype kernel's TOLERANCE: the queries' rounding is there, and bounded.
 FP8_QUERY_TWIN_TOLERANCE = 2e-3
 FP8_QUERY_ORACLE_BOUND = 0.08
+# Compiled on the H200 (triton 3.6, 2026-12-03) at 32k histories the kernel is 3.2e-3 (4x32768x1), 5.2e-3 (2x32768x256)
+# and 5.8e-3 (1x16384x2048) from the twin, and 0.069 to 0.074 from the oracle: Hopper's e4m3 MMA accumulates Q @ K^T
+# with fewer bits than the twin's fp32 matmul. The bound keeps 1.7x over the largest and stays 7x under the oracle's.
+FP8_QUERY_GPU_TWIN_TOLERANCE = 1e-2
 
 
 def _fp8_query_case(index):
@@ -1201,9 +1205,7 @@ def test_fp8_queries_on_gpu_shapes_match_the_twin(L, Sq, B):
     args = _case(B, 8, 4, Sq, 128, L, [0, 1000, 7, 0][:B], dtype=torch.bfloat16, seed=Sq)
     twin = reference.decode_attention_ref(*args, quantize_query=True).double().cpu()
     out = attention.decode_attention(*args, quantize_query=True)
-    # the bound the bf16-query chunks meet against their twin at these shapes (test_chunks_on_gpu_shapes_match_the_twin:
-    # the same fp16 P @ V); the CPU's 2e-3 failed here on the H200 (2026-12-03, value not kept): to be measured
-    assert _relative_error(out, twin) < TOLERANCE[torch.bfloat16]
+    assert _relative_error(out, twin) < FP8_QUERY_GPU_TWIN_TOLERANCE
     assert _relative_error(out, _oracle(*args)) < FP8_QUERY_ORACLE_BOUND
 
 
