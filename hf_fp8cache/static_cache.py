@@ -5,7 +5,8 @@ Every layer is ``is_compileable``, so ``generate`` compiles its decode steps on 
 breaks or recompiles from step to step. What makes that possible:
 
 - Fixed storage: per layer two uint8 buffers ``[B, H, max_cache_len, D]`` holding fp8 codes, fp32 scale tensors
-  (with ``strategy="token_head"``: int8 or fp8 codes and two bf16 scale buffers ``[B, H, max_cache_len]``),
+  (with ``strategy="token_head"``: int8 or fp8 codes and two bf16 scale buffers ``[B, H, capacity]``, the capacity
+  ``max_cache_len`` rounded up to even so the attention reads the scales two to a 32-bit word),
   and the filled length ``cumulative_length`` as a device tensor, all allocated at the first update and marked as
   static addresses. ``reset()`` keeps them, so the next prompt of the same shape reuses buffers and graphs.
 - The kernels run as ``torch.library`` operators (``kernels/ops.py``) that take the length as a tensor: the write
@@ -108,7 +109,7 @@ class FP8StaticLayer(FP8LayerBase):
     Args:
         max_cache_len: tokens per sequence the buffers hold.
         fmt: the storage format (an fp8 format, or int8 under ``"token_head"``).
-        strategy: ``"tensor"``, ``"attn_head"`` or ``"token_head"`` (bf16 scale buffers ``[B, H, max_cache_len]``
+        strategy: ``"tensor"``, ``"attn_head"`` or ``"token_head"`` (bf16 scale buffers ``[B, H, capacity]``
             beside the codes, written by the same launch).
         scales: this layer's (key, value) scales, float32 ``[1]`` or ``[H_kv]``; None: unit or on-the-fly scales.
         calculate_kv_scales: set the scales from the first prefill after construction or ``reset()``.
@@ -121,6 +122,9 @@ class FP8StaticLayer(FP8LayerBase):
     """
 
     is_compileable = True
+    # per-token-head scales: buffers of max_cache_len rounded up to even tokens (lazy_initialization); a ring's slots
+    # are its positions modulo their count, which must stay the window
+    even_capacity = True
 
     def __init__(
         self,
@@ -155,7 +159,8 @@ class FP8StaticLayer(FP8LayerBase):
     # -- state ------------------------------------------------------------------------------------------------
     @property
     def key_bytes(self) -> torch.Tensor | None:
-        """The whole key buffer, uint8 ``[B, H, max_cache_len, D]`` (the first ``cumulative_length`` are valid)."""
+        """The whole key buffer, uint8 ``[B, H, capacity, D]`` (the first ``cumulative_length`` are valid): capacity is
+        ``max_cache_len``, rounded up to even with per-token-head scales."""
         return self._key_bytes if self.is_initialized else None
 
     @property
@@ -164,10 +169,11 @@ class FP8StaticLayer(FP8LayerBase):
 
     @property
     def allocated_nbytes(self) -> int:
-        """Bytes of the FP8 buffers (all ``max_cache_len`` tokens) and the scales."""
+        """Bytes of the FP8 buffers (all ``max_cache_len`` tokens, one more with per-token-head scales where it is odd)
+        and the scales."""
         if not self.is_initialized:
             return 0
-        return 2 * self._key_bytes.numel() + self._scale_nbytes(self.max_cache_len)
+        return 2 * self._key_bytes.numel() + self._scale_nbytes(self._key_bytes.shape[2])
 
     # -- Cache layer API -------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -178,12 +184,15 @@ class FP8StaticLayer(FP8LayerBase):
             )
         heads = H if self.calculate_kv_scales and self.strategy == "attn_head" else 1
         key_scale, value_scale = self._first_scales(key_states, unit_heads=heads)
-        self._key_bytes = torch.zeros(B, H, self.max_cache_len, D, dtype=torch.uint8, device=self.device)
+        # per-token-head scales are read two to a 32-bit word only where every row starts on one: an even capacity
+        # (the attention kernel's PAIRED_SCALES; an odd one cost 1.3x per tensor through generate at 8x32833 tokens)
+        capacity = self.max_cache_len + (self.max_cache_len % 2 if self._token_scales and self.even_capacity else 0)
+        self._key_bytes = torch.zeros(B, H, capacity, D, dtype=torch.uint8, device=self.device)
         self._value_bytes = torch.zeros_like(self._key_bytes)
         self.key_scale, self.value_scale = key_scale.clone(), value_scale.clone()
         self.key_inv_scale, self.value_inv_scale = 1.0 / self.key_scale, 1.0 / self.value_scale
         if self._token_scales:
-            self._key_scales, self._value_scales = self._new_token_scales(B, H, self.max_cache_len)
+            self._key_scales, self._value_scales = self._new_token_scales(B, H, capacity)
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         self.row_start, self.writes_row_start = self._row_starts.claim(self.device, B)
         self._publish_buffers()
@@ -290,7 +299,8 @@ class FP8StaticLayer(FP8LayerBase):
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``max_cache_len`` positions in the model dtype (unwritten ones are stale or zero; the mask hides
         them), in the workspace shared by the cache's layers (valid until the next update of any layer)."""
-        key_out, value_out = self._workspace.views(self.device, self.dtype, tuple(self._key_bytes.shape))
+        B, H, _, D = self._key_bytes.shape
+        key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.max_cache_len, D))
         if self._token_scales:
             ops.dequantize_token_head(self._key_bytes, self._value_bytes, self._key_scales, self._value_scales,
                                       self.max_cache_len, self.fmt.name, key_out, value_out)  # fmt: skip

@@ -62,6 +62,7 @@ class FP8StaticSlidingLayer(FP8StaticLayer):
     """
 
     is_sliding = True
+    even_capacity = False  # the ring has exactly W slots (slot = position % W, as the decode kernel reads it)
 
     def __init__(self, max_cache_len: int, sliding_window: int, *, residual_length: int = 0, **layer_kwargs) -> None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:

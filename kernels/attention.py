@@ -10,11 +10,12 @@ where they are cheapest: k_scale into the logit scale, v_scale into the final di
 
 Per-token-head scales (``TOKEN_SCALES``, ``strategy="token_head"``: bf16 k_scale[b, h, n], v_scale[b, h, n] beside
 the codes, which are then int8 or fp8): K's scale multiplies each logit, V's each probability before the P @ V sum
-(relative to the block's largest value scale, which multiplies the block's product: the fp16 operand keeps its
-range). int8 codes become fp16 through their bits (``_codes_to_dot``: no integer-to-float conversion). The unmasked
-blocks read the scales two to a 32-bit word (``PAIRED_SCALES``, ``_scale_pairs``) where the capacity is even: the
-loop's software pipeline then copies them ahead with the codes (H200, 8x32768, e4m3 codes: 2-byte scale loads
-214 us against 139 us per tensor; no scale loads 146 us; 4-byte loads 155 us).
+(relative to the block's largest value scale, so the fp16 operand keeps its range; the accumulator counts in that
+unit, ``_attend_block``, and P @ V accumulates into it directly). int8 codes become fp16 through their bits
+(``_codes_to_dot``: no integer-to-float conversion). The unmasked blocks read the scales two to a 32-bit word
+(``PAIRED_SCALES``, ``_scale_pairs``) where the capacity is even: the loop's software pipeline then copies them
+ahead with the codes (H200, 8x32768, e4m3 codes: 2-byte scale loads 214 us against 139 us per tensor; no scale
+loads 146 us; 4-byte loads 155 us).
 
 Options of the model families with them, each a constexpr specialization (without them the kernel compiles to the
 plain path): a sliding window W (``SLIDING``: row i also needs n > L - Sq + i - W, transformers' ``kv_idx > q_idx -
@@ -164,6 +165,11 @@ _INTERPRETED = tl.constexpr(_INTERPRETER)
 assert (_E4M3.mantissa_bits, _E4M3.bias, _E4M3.max) == (3, 7, 448.0)  # the literals of _e4m3 and _E4M3_MAX
 # Finite stand-in for -inf as the initial running max (exp2(m_old - m_new) must never see inf - inf).
 _M_INIT = -1.0e30
+# Per-token-head scales: the smallest unit the accumulator counts its P @ V sum in (``_attend_block``). Values below
+# 448 * 2^-30 (4e-7) may round to zero in the fp16 P operand of a block whose largest scale is this small; a block
+# with larger scales keeps the accumulator below 448 * (largest scale) / 2^-30, which only overflows fp32 for values
+# beyond 1e29.
+_MIN_VALUE_UNIT = tl.constexpr(2.0**-30)
 
 
 @triton.jit
@@ -211,14 +217,21 @@ def _softcapped(x, softcap):
 @triton.jit
 def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i, acc,
                   PV_DTYPE: tl.constexpr, MASKED: tl.constexpr = True, SLIDING: tl.constexpr = False,
-                  SOFTCAP: tl.constexpr = False, TOKEN_SCALES: tl.constexpr = False, value_scales=None):  # fmt: skip
+                  SOFTCAP: tl.constexpr = False, TOKEN_SCALES: tl.constexpr = False, value_scales=None,
+                  value_max=None, value_unit=1.0):  # fmt: skip
     """One online-softmax step over a block of keys n (q, k in the dot dtype, v in ``PV_DTYPE``, the P @ V operands'
     dtype; invalid keys loaded as zeros).
     MASKED=False: every key of the block is valid and visible to every row (no masking work). SLIDING: row r also
     needs n >= first_visible[r]. SOFTCAP: the logits are soft-capped before masking (``_softcapped``). TOKEN_SCALES:
     ``qk_scale`` is ``[1, BLOCK_N]`` (each key's scale folded in) and each probability is multiplied by its value's
-    scale (``value_scales`` ``[BLOCK_N]``, fp32) before P @ V: divided by the block's largest scale, so the fp16
-    operand keeps its range (no underflow for small scales), and the block's product multiplied by it."""
+    scale (``value_scales`` ``[BLOCK_N]``, fp32) before P @ V: divided by the block's largest scale (``value_max``,
+    which the caller reduces where it is cheapest: ``_scale_pairs``), so the fp16
+    operand keeps its range (no underflow for small scales). The accumulator then holds its sum in units of that
+    scale (``value_unit``, returned: the caller multiplies by the last one at the end), so P @ V accumulates into it
+    directly (one multiply an element, as without per-token scales; a separate product and a multiply-add cost 64
+    registers and 64 instructions a thread, and the spills with them). A block of invalid keys only (scales loaded
+    as 0) keeps the unit; a block's largest scale counts as at least ``_MIN_VALUE_UNIT``, so a block of near-zero
+    values (scales down to 2^-126 where a token is all zeros) cannot overflow the accumulator."""
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     if SOFTCAP:
         qk = _softcapped(qk, softcap)
@@ -232,13 +245,12 @@ def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, so
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if TOKEN_SCALES:
-        block_max = tl.max(value_scales, 0)
-        block_max = tl.where(block_max > 0.0, block_max, 1.0)  # a block of invalid keys only (scales loaded as 0)
-        pv = tl.dot((p * (value_scales / block_max)[None, :]).to(PV_DTYPE), v, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv * block_max
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(PV_DTYPE), v, input_precision="ieee")
-    return m_new, l_i, acc
+        unit = tl.where(value_max > 0.0, tl.maximum(value_max, _MIN_VALUE_UNIT), value_unit)
+        acc = tl.dot((p * (value_scales / unit)[None, :]).to(PV_DTYPE), v, acc * (alpha * (value_unit / unit))[:, None],
+                     input_precision="ieee")  # fmt: skip
+        return m_new, l_i, acc, unit
+    acc = acc * alpha[:, None] + tl.dot(p.to(PV_DTYPE), v, input_precision="ieee")
+    return m_new, l_i, acc, value_unit
 
 
 @triton.jit
@@ -265,17 +277,18 @@ def _codes_to_dot(codes, CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 def _scale_pairs(scales_ptr, BLOCK_N: tl.constexpr):
     """BLOCK_N bf16 scales from a 4-byte aligned address, as fp32, read as BLOCK_N / 2 32-bit words: a 4-byte load a
     thread, which the loop's software pipeline copies ahead asynchronously like the codes (2-byte loads stay
-    synchronous and cost their latency every block)."""
+    synchronous and cost their latency every block); and their largest, reduced over the words before they are
+    joined (the joined vector's own reduction went through shared memory and five shuffles: ``decode_sass.py``)."""
     words = tl.load(scales_ptr.to(tl.pointer_type(tl.uint32)) + tl.arange(0, BLOCK_N // 2))
     low = (words << 16).to(tl.float32, bitcast=True)  # the even position (little-endian)
     high = ((words >> 16) << 16).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(low, high), [BLOCK_N])
+    return tl.reshape(tl.join(low, high), [BLOCK_N]), tl.max(tl.maximum(low, high), 0)
 
 
 @triton.jit
 def _attend_fp8_blocks(
     q, k_cache_ptr, v_cache_ptr, block_base, lo, hi, kv_first, kv_end, first_visible, last_visible, qk_scale,
-    softcap, m_i, l_i, acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale, k_scale_ptr,
+    softcap, m_i, l_i, acc, value_unit, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale, k_scale_ptr,
     v_scale_ptr, ring_slots, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODE_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
     MASKED: tl.constexpr, STAGES: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -331,22 +344,25 @@ def _attend_fp8_blocks(
                     key_scales = tl.where(n == new_position, new_k_scale, key_scales)
                     value_scales = tl.where(n == new_position, new_v_scale, value_scales)
             elif PAIRED_SCALES:
-                key_scales = _scale_pairs(k_scales, BLOCK_N)
-                value_scales = _scale_pairs(v_scales, BLOCK_N)
+                key_scales, _ = _scale_pairs(k_scales, BLOCK_N)
+                value_scales, value_max = _scale_pairs(v_scales, BLOCK_N)
             else:
                 key_scales = tl.load(k_scales + scale_offsets).to(tl.float32)
                 value_scales = tl.load(v_scales + scale_offsets).to(tl.float32)
-            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible,
-                                          qk_scale * key_scales[None, :], softcap, m_i, l_i, acc, PV_DTYPE, MASKED,
-                                          SLIDING, SOFTCAP, True, value_scales)  # fmt: skip
+            if not PAIRED_SCALES or MASKED:
+                value_max = tl.max(value_scales, 0)
+            m_i, l_i, acc, value_unit = _attend_block(q, k, v, n, n_valid, first_visible, last_visible,
+                                                      qk_scale * key_scales[None, :], softcap, m_i, l_i, acc,
+                                                      PV_DTYPE, MASKED, SLIDING, SOFTCAP, True, value_scales, value_max,
+                                                      value_unit)  # fmt: skip
             k_scales += BLOCK_N
             v_scales += BLOCK_N
         else:
-            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i,
-                                          l_i, acc, PV_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
+            m_i, l_i, acc, _ = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap,
+                                             m_i, l_i, acc, PV_DTYPE, MASKED, SLIDING, SOFTCAP)  # fmt: skip
         k_block += BLOCK_N * D
         v_block += BLOCK_N * D
-    return m_i, l_i, acc
+    return m_i, l_i, acc, value_unit
 
 
 @triton.jit
@@ -419,6 +435,7 @@ def _decode_attention_kernel(
     m_i = tl.full([BLOCK_M], M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    value_unit = tl.full([], 1.0, tl.float32)  # (per-token-head scales: the accumulator's unit, _attend_block)
 
     if EXACT_WINDOW:
         # the exact window [recent_start, L) from the ring buffers, position n at slot n % R. Its keys take the
@@ -441,8 +458,8 @@ def _decode_attention_kernel(
             k = _to_dot_dtype(tl.load(recent_k_ptr + offsets, mask=kv_mask, other=0.0), DOT_DTYPE, FP16_MAX)
             v = tl.load(recent_v_ptr + offsets, mask=kv_mask, other=0.0).to(tl.float32) * inv_v_scale
             v = _to_dot_dtype(v, PV_DTYPE, FP16_MAX)
-            m_i, l_i, acc = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i,
-                                          l_i, acc, PV_DTYPE, True, SLIDING, SOFTCAP)  # fmt: skip
+            m_i, l_i, acc, _ = _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap,
+                                             m_i, l_i, acc, PV_DTYPE, True, SLIDING, SOFTCAP)  # fmt: skip
     else:
         # this split's fp8 keys, from the block holding kv_start (blocks of pure padding are skipped) up to the
         # exact window's start (recent_start == L without one) and the tile's last row (causal: later key blocks
@@ -507,29 +524,33 @@ def _decode_attention_kernel(
             tl.store(k_cache_ptr + new_offsets, new_k_codes, mask=owner_mask)
             tl.store(v_cache_ptr + new_offsets, new_v_codes, mask=owner_mask)
         # (explicit arguments: starred tuples in calls are not in every Triton release this runs on)
-        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo, kv_first,
-                                           recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
-                                           k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
-                                           DOT_DTYPE, PV_DTYPE, MASKED=True,
-                                           STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
-                                           NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
-        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi, kv_first,
-                                           recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
-                                           k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
-                                           DOT_DTYPE, PV_DTYPE, MASKED=False,
-                                           STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
-                                           PAIRED_SCALES=PAIRED_SCALES)  # fmt: skip
-        m_i, l_i, acc = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi, kv_first,
-                                           recent_start, first_visible, last_visible, qk_scale, softcap, m_i, l_i,
-                                           acc, new_position, new_k_codes, new_v_codes, new_k_scale, new_v_scale,
-                                           k_scale_ptr, v_scale_ptr, ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE,
-                                           DOT_DTYPE, PV_DTYPE, MASKED=True,
-                                           STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP, TOKEN_SCALES=TOKEN_SCALES,
-                                           NEW_TOKEN=NEW_TOKEN, RING=RING)  # fmt: skip
+        m_i, l_i, acc, value_unit = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, lo, inner_lo,
+                                                       kv_first, recent_start, first_visible, last_visible, qk_scale,
+                                                       softcap, m_i, l_i, acc, value_unit, new_position, new_k_codes,
+                                                       new_v_codes, new_k_scale, new_v_scale, k_scale_ptr, v_scale_ptr,
+                                                       ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, PV_DTYPE,
+                                                       MASKED=True, STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP,
+                                                       TOKEN_SCALES=TOKEN_SCALES, NEW_TOKEN=NEW_TOKEN,
+                                                       RING=RING)  # fmt: skip
+        m_i, l_i, acc, value_unit = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_lo, inner_hi,
+                                                       kv_first, recent_start, first_visible, last_visible, qk_scale,
+                                                       softcap, m_i, l_i, acc, value_unit, new_position, new_k_codes,
+                                                       new_v_codes, new_k_scale, new_v_scale, k_scale_ptr, v_scale_ptr,
+                                                       ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, PV_DTYPE,
+                                                       MASKED=False, STAGES=None, SLIDING=SLIDING, SOFTCAP=SOFTCAP,
+                                                       TOKEN_SCALES=TOKEN_SCALES,
+                                                       PAIRED_SCALES=PAIRED_SCALES)  # fmt: skip
+        m_i, l_i, acc, value_unit = _attend_fp8_blocks(q, k_cache_ptr, v_cache_ptr, block_base, inner_hi, hi,
+                                                       kv_first, recent_start, first_visible, last_visible, qk_scale,
+                                                       softcap, m_i, l_i, acc, value_unit, new_position, new_k_codes,
+                                                       new_v_codes, new_k_scale, new_v_scale, k_scale_ptr, v_scale_ptr,
+                                                       ring_slots, D, BLOCK_N, BLOCK_D, CODE_DTYPE, DOT_DTYPE, PV_DTYPE,
+                                                       MASKED=True, STAGES=1, SLIDING=SLIDING, SOFTCAP=SOFTCAP,
+                                                       TOKEN_SCALES=TOKEN_SCALES, NEW_TOKEN=NEW_TOKEN,
+                                                       RING=RING)  # fmt: skip
 
-    if TOKEN_SCALES:  # each value's own scale went in before P @ V
+    if TOKEN_SCALES:  # each value's own scale went in before P @ V; the accumulator counts in value_unit
+        acc = acc * value_unit
         v_scale = 1.0
     else:
         v_scale = tl.load(v_scale_ptr + h * scale_stride_h)

@@ -68,6 +68,9 @@ def test_kv_bytes_of_each_cache(run):
     # static caches hold what they allocate: ours max_cache_len = L + N + 1 tokens, transformers' as generate sizes it
     assert by["fp8-static+attn"]["kv_bytes"] == by["fp8-static+attn"]["kv_allocated_bytes"]
     assert by["fp8-static+attn"]["kv_bytes"] == _kv_bytes(tokens + 1, 1) + SCALE_BYTES
+    capacity = tokens + 1 + (tokens + 1) % 2  # with per-token-head scales: max_cache_len rounded up to even
+    for name in ("fp8-static-token-head+attn", "int8-static-token-head+attn"):  # the codes and their bf16 scales
+        assert by[name]["kv_bytes"] == _kv_bytes(capacity, 1) + LAYERS * 2 * B * KV_HEADS * capacity * 2
     assert by["static"]["kv_bytes"] in (dynamic, _kv_bytes(tokens + 1, 2))
     # attach(static=True): the cache the hook sized for 24 + 6 tokens, rounded up to its 256-token minimum
     for name in ("fp8-attach-static+attn", "fp8-attach-graphs+attn"):

@@ -736,6 +736,26 @@ def test_token_head_scales_match_oracle_and_twin(fmt, dtype, variant):
 
 
 @pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
+def test_token_head_values_of_all_scales_in_one_split_stay_finite_and_exact(fmt):
+    """The accumulator counts in the last block's largest value scale (``_attend_block``): a block of all-zero values
+    (scale 2^-126) after blocks of 3e4-sized values, then small ones, must neither overflow it nor lose the large
+    values. Without the unit's floor the output is inf / NaN (checked)."""
+    case = _token_head_case(1, 1, 2, 1, 64, 128, [0], fmt=fmt, dtype=torch.float16, seed=5)
+    query, key, _, L, start, key_scale, _, *rest = case
+    g = torch.Generator().manual_seed(6)
+    values = torch.randn(1, 1, 133, 64, generator=g)
+    values[:, :, :32] *= 3e4
+    values[:, :, 32:64] = 0.0
+    values[:, :, 64:] *= 1e-3
+    codes, scales = torch.zeros(1, 1, 133, 64, dtype=torch.uint8), torch.zeros(1, 1, 133, dtype=torch.bfloat16)
+    reference.quantize_append_token_head_ref(values, values, codes, codes.clone(), scales, scales.clone(), 0, fmt)
+    assert scales[0, 0, 32].float().item() == 2.0**-126
+    args = (query, key, codes.to(DEVICE), L, start, key_scale, scales.to(DEVICE), *rest)
+    out = _check_kernel(args, num_splits=1, block_n=32)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fmt", TOKEN_HEAD_FMTS, ids=lambda f: f.name)
 def test_token_head_scales_in_a_ring(fmt):
     """A static sliding layer's ring with per-token-head scales: each slot's scales are read beside its codes, the
     never-written slots' NaN scales masked; the kernel and the twin against the same positions in order."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from helpers import assert_equal, fake_quant_cache, fake_quant_token_head, left_padded_prompts, tiny_llama
+from hf_fp8cache.kernels import attention as attention_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -242,15 +243,20 @@ def test_hybrid_models_keep_per_token_head_scales(family, torch_path):
 @pytest.mark.parametrize("kv_cache_dtype, implementation", [("int8_per_token_head", ATTENTION_NAME),
                                                             ("fp8_per_token_head", "sdpa")])  # fmt: skip
 def test_static_cache_equals_the_dynamic_one(kv_cache_dtype, implementation):
-    """Through the Triton kernels (interpreted): 11-token prompts and 8 new tokens in 24 slots."""
+    """Through the Triton kernels (interpreted): 11-token prompts and 8 new tokens in max_cache_len=25, which the
+    buffers round up to 26 slots so the attention reads the scales two to a word (PAIRED_SCALES)."""
     model = tiny_llama(seed=1)
     run = lambda cache: _generate(model, cache, implementation, output_logits=True, return_dict_in_generate=True,
                                   **GREEDY)  # fmt: skip
-    static = run(FP8StaticCache(model.config, max_cache_len=24, kv_cache_dtype=kv_cache_dtype))
+    cache = FP8StaticCache(model.config, max_cache_len=25, kv_cache_dtype=kv_cache_dtype)
+    static = run(cache)
+    layer = cache.layers[0]
+    assert layer.key_bytes.shape[2] == layer._key_scales.shape[2] == 26 and cache.max_cache_len == 25
+    assert attention_kernel._paired_scales(layer._key_scales, layer._value_scales)
     dynamic = run(FP8Cache(model.config, kv_cache_dtype=kv_cache_dtype))
     assert_equal(static.sequences, dynamic.sequences)
     # measured max |difference| of the step logits: 0 through our attention (the same kernel over the same bytes),
-    # 1.5e-7 through SDPA (over all 24 slots, the unwritten ones masked)
+    # 1.5e-7 through SDPA (over all 25 slots, the unwritten ones masked)
     assert (torch.stack(static.logits) - torch.stack(dynamic.logits)).abs().max() <= 1e-6
 
 

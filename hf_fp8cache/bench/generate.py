@@ -44,6 +44,8 @@ Configurations (``CONFIGURATIONS``):
 - ``fp8-static+attn``: ``FP8StaticCache(config, max_cache_len=L+N+1)`` + our attention, compiled by generate
   (every layer is compileable); one cache for the configuration's calls, ``reset()`` before each, as a user
   keeps it (a new cache object would recompile);
+- ``fp8-static-token-head+attn``, ``int8-static-token-head+attn``: the same with a scale per token and KV head
+  (issue 18's generate-level rows: compiled steps are device-bound, where the eager rows drift with the host);
 - ``fp8-static-fp8q+attn``: the same with FP8 queries (``quantize_query=True``) on its decode steps (the first
   prefill attends over its exact K/V, as always in the static cache);
 - ``fp8-attach-static+attn``: ``attach(model, attention=True, static=True)``: no cache is passed, the hook gives
@@ -181,6 +183,12 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in (
                   missing=_fp8_queries_missing),
     Configuration("fp8-static+attn", "FP8StaticCache + hf_fp8cache attention, compiled by generate", ATTENTION_NAME,
                   lambda config, length: FP8StaticCache(config, max_cache_len=length), reuse_cache=True),
+    Configuration("fp8-static-token-head+attn", "FP8StaticCache(kv_cache_dtype='fp8_per_token_head') + hf_fp8cache "
+                  "attention, compiled by generate", ATTENTION_NAME, lambda config, length: FP8StaticCache(config,
+                  max_cache_len=length, kv_cache_dtype="fp8_per_token_head"), reuse_cache=True),  # fmt: skip
+    Configuration("int8-static-token-head+attn", "FP8StaticCache(kv_cache_dtype='int8_per_token_head') + hf_fp8cache "
+                  "attention, compiled by generate", ATTENTION_NAME, lambda config, length: FP8StaticCache(config,
+                  max_cache_len=length, kv_cache_dtype="int8_per_token_head"), reuse_cache=True),  # fmt: skip
     Configuration("fp8-static-fp8q+attn", "FP8StaticCache(quantize_query=True) + hf_fp8cache attention, compiled by "
                   "generate", ATTENTION_NAME, lambda config, length: FP8StaticCache(config, max_cache_len=length,
                   quantize_query=True), reuse_cache=True, missing=_fp8_queries_missing),  # fmt: skip
