@@ -67,8 +67,9 @@ def _signature(kernel, constexprs: dict, token_scales: bool) -> dict:
     return signature
 
 
-def compile_decode(fmt, token_scales: bool, B: int = 8, L: int = 32768, new_token: bool = False,
-                   device_length: bool = False):
+def compile_decode(
+    fmt, token_scales: bool, B: int = 8, L: int = 32768, new_token: bool = False, device_length: bool = False
+):
     """The compiled kernel (``.asm["cubin"]`` etc.) and its plan, for one decode step at B x L, specialized as a real
     launch of ``decode_attention`` would be: ``new_token``, the step's token written by the launch (``FP8Cache``);
     ``device_length``, the filled length read on the device (``FP8StaticCache``)."""
@@ -108,7 +109,7 @@ def pipelined_loop(sass: str) -> list[str]:
     labels = {line: i for i, line in enumerate(lines) if line.startswith(".L_x_")}
     for i, line in enumerate(lines):
         if line.startswith("BRA ") and line.split()[1] in labels and labels[line.split()[1]] < i:
-            body = lines[labels[line.split()[1]] + 1:i + 1]
+            body = lines[labels[line.split()[1]] + 1 : i + 1]
             if any(op.startswith("LDGSTS") for op in body):
                 return body
     raise ValueError("no pipelined loop in this build")
@@ -143,8 +144,10 @@ def main(B: int = 8, L: int = 32768, full: bool = False, new_token: bool = False
               + " ".join(f"{families.get(op, 0):6d}" for op in watched), flush=True)  # fmt: skip
         if full:
             print("   ", dict(row["ops"].most_common()))
-    print(f"(triton {triton.__version__}; plan: {plan}; the pipelined loop's instructions, one warp-iteration of "
-          f"{plan.block_n} keys)")
+    print(
+        f"(triton {triton.__version__}; plan: {plan}; the pipelined loop's instructions, one warp-iteration of "
+        f"{plan.block_n} keys)"
+    )
 
 
 if __name__ == "__main__":
