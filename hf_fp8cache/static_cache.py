@@ -480,7 +480,8 @@ class FP8StaticCache(Cache):
 
     @property
     def allocated_nbytes(self) -> int:
-        """Bytes of all FP8 buffers (``max_cache_len`` tokens each) and scales."""
+        """Bytes of all FP8 buffers (``max_cache_len`` tokens each, one more where per-token-head scales round an odd
+        length up) and scales."""
         return sum(layer.allocated_nbytes for layer in self.kv_layers)
 
     def __repr__(self) -> str:
