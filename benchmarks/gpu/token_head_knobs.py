@@ -1,8 +1,7 @@
 """Issue 18: the per-token-head decode kernel at 8x32768 (32 q / 8 KV heads, d=128, bf16 queries) beside the
 per-tensor kernel of the same run, CUDA-graph replay, median: the default launch, a few launch knobs overridden, and
-the launch a decode step of ``generate`` makes (``new``: the step's own K/V quantized and written by the attention
-launch itself; through generate int8 cost 1.60x per tensor against 1.04x for e4m3 on 2026-12-03, which the plain
-kernel's 1.28x does not explain).
+the launch a decode step of ``FP8Cache`` makes (``new``: the step's own K/V quantized and written by the attention
+launch itself; on 2026-12-03 it cost 170.7 us e4m3 and 189.6 us int8 against 157.2 / 187.7 without).
 
     python benchmarks/gpu/token_head_knobs.py OUT_DIR     (nvidia-h200, ~90 s) -> OUT_DIR/token_head_knobs.json
 """
