@@ -218,14 +218,13 @@ def _softcapped(x, softcap):
 def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, softcap, m_i, l_i, acc,
                   PV_DTYPE: tl.constexpr, MASKED: tl.constexpr = True, SLIDING: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, TOKEN_SCALES: tl.constexpr = False, value_scales=None,
-                  value_max=None, value_unit=1.0):  # fmt: skip
+                  value_unit=1.0):  # fmt: skip
     """One online-softmax step over a block of keys n (q, k in the dot dtype, v in ``PV_DTYPE``, the P @ V operands'
     dtype; invalid keys loaded as zeros).
     MASKED=False: every key of the block is valid and visible to every row (no masking work). SLIDING: row r also
     needs n >= first_visible[r]. SOFTCAP: the logits are soft-capped before masking (``_softcapped``). TOKEN_SCALES:
     ``qk_scale`` is ``[1, BLOCK_N]`` (each key's scale folded in) and each probability is multiplied by its value's
-    scale (``value_scales`` ``[BLOCK_N]``, fp32) before P @ V: divided by the block's largest scale (``value_max``,
-    which the caller reduces where it is cheapest: ``_scale_pairs``), so the fp16
+    scale (``value_scales`` ``[BLOCK_N]``, fp32) before P @ V: divided by the block's largest scale, so the fp16
     operand keeps its range (no underflow for small scales). The accumulator then holds its sum in units of that
     scale (``value_unit``, returned: the caller multiplies by the last one at the end), so P @ V accumulates into it
     directly (one multiply an element, as without per-token scales; a separate product and a multiply-add cost 64
@@ -245,7 +244,8 @@ def _attend_block(q, k, v, n, n_valid, first_visible, last_visible, qk_scale, so
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if TOKEN_SCALES:
-        unit = tl.where(value_max > 0.0, tl.maximum(value_max, _MIN_VALUE_UNIT), value_unit)
+        block_max = tl.max(value_scales, 0)
+        unit = tl.where(block_max > 0.0, tl.maximum(block_max, _MIN_VALUE_UNIT), value_unit)
         acc = tl.dot((p * (value_scales / unit)[None, :]).to(PV_DTYPE), v, acc * (alpha * (value_unit / unit))[:, None],
                      input_precision="ieee")  # fmt: skip
         return m_new, l_i, acc, unit
@@ -275,7 +275,7 @@ def _codes_to_dot(codes, CODE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _scale_pairs(scales_ptr, BLOCK_N: tl.constexpr):
-    """BLOCK_N bf16 scales from a 4-byte aligned address, as fp32, and their largest. Each key reads the 32-bit word
+    """BLOCK_N bf16 scales from a 4-byte aligned address, as fp32. Each key reads the 32-bit word
     holding its scale (two keys a word, the same bytes from memory) and shifts its half out: a 4-byte load a thread,
     which the loop's software pipeline copies ahead asynchronously like the codes (2-byte loads stay synchronous and
     cost their latency every block), and no join of the even and odd halves (a layout change every block: the key
@@ -283,8 +283,7 @@ def _scale_pairs(scales_ptr, BLOCK_N: tl.constexpr):
     scale, ``benchmarks/decode_sass.py``)."""
     n = tl.arange(0, BLOCK_N)
     words = tl.load(scales_ptr.to(tl.pointer_type(tl.uint32)) + n // 2)
-    scales = ((words >> (n % 2) * 16) << 16).to(tl.float32, bitcast=True)  # the even position in the low half
-    return scales, tl.max(scales, 0)
+    return ((words >> (n % 2) * 16) << 16).to(tl.float32, bitcast=True)  # the even position in the low half
 
 
 @triton.jit
@@ -346,16 +345,14 @@ def _attend_fp8_blocks(
                     key_scales = tl.where(n == new_position, new_k_scale, key_scales)
                     value_scales = tl.where(n == new_position, new_v_scale, value_scales)
             elif PAIRED_SCALES:
-                key_scales, _ = _scale_pairs(k_scales, BLOCK_N)
-                value_scales, value_max = _scale_pairs(v_scales, BLOCK_N)
+                key_scales = _scale_pairs(k_scales, BLOCK_N)
+                value_scales = _scale_pairs(v_scales, BLOCK_N)
             else:
                 key_scales = tl.load(k_scales + scale_offsets).to(tl.float32)
                 value_scales = tl.load(v_scales + scale_offsets).to(tl.float32)
-            if not PAIRED_SCALES or MASKED:
-                value_max = tl.max(value_scales, 0)
             m_i, l_i, acc, value_unit = _attend_block(q, k, v, n, n_valid, first_visible, last_visible,
                                                       qk_scale * key_scales[None, :], softcap, m_i, l_i, acc,
-                                                      PV_DTYPE, MASKED, SLIDING, SOFTCAP, True, value_scales, value_max,
+                                                      PV_DTYPE, MASKED, SLIDING, SOFTCAP, True, value_scales,
                                                       value_unit)  # fmt: skip
             k_scales += BLOCK_N
             v_scales += BLOCK_N
