@@ -18,6 +18,7 @@ __all__ = [
     "check_quantize_append_kv",
     "check_dequantize_kv",
     "check_decode_attention",
+    "check_decode_lengths",
     "check_attention_options",
     "check_new_tokens",
     "check_query_quantization",
@@ -201,8 +202,6 @@ def check_decode_attention(
             raise ValueError("an exact recent window needs a Python int kv_length")
         if not 1 <= Sq <= capacity:
             raise ValueError(f"need 1 <= query length {Sq} <= cache capacity {capacity}")
-    elif not 1 <= Sq <= kv_length <= capacity:
-        raise ValueError(f"need 1 <= query length {Sq} <= kv_length {kv_length} <= cache capacity {capacity}")
     if kv_start.dtype != torch.int32 or tuple(kv_start.shape) != (B,):
         raise ValueError(f"kv_start must be int32 of shape ({B},), got {kv_start.dtype} {tuple(kv_start.shape)}")
     if key_scale.dim() == 3:  # per token and head
@@ -227,11 +226,6 @@ def check_decode_attention(
             raise ValueError(f"recent window keys and values must both be {query.dtype} {tuple(exact_keys.shape)}")
         if exact_keys.stride(3) != 1 or recent.values.stride() != exact_keys.stride():
             raise ValueError("recent window buffers must have the same strides, contiguous along the head dim")
-        if not 0 <= kv_length - recent.start <= exact_keys.shape[2]:
-            raise ValueError(
-                f"recent window start {recent.start} must be in [{kv_length - exact_keys.shape[2]}, {kv_length}] "
-                f"(kv_length {kv_length}, {exact_keys.shape[2]} slots)"
-            )
     check_attention_options(Hq, sliding_window, sinks, softcap)
     tensors = (key_cache, value_cache, kv_start, key_scale, value_scale) + (() if out is None else (out,))
     tensors += () if sinks is None else (sinks,)
@@ -239,6 +233,25 @@ def check_decode_attention(
     tensors += () if recent is None else tuple(recent[:2])
     if any(t.device != query.device for t in tensors):
         raise ValueError("query, caches, kv_start, kv_length, scales, sinks and out must be on one device")
+    check_decode_lengths(query, key_cache, kv_length, recent)
+
+
+def check_decode_lengths(
+    query: torch.Tensor, key_cache: torch.Tensor, kv_length: int | torch.Tensor, recent: RecentWindow | None
+) -> None:
+    """What ``check_decode_attention`` checks of the values that change from step to step: an int ``kv_length`` between
+    the query length and the capacity, and an exact window's start within its slots before it. The rest of a call
+    (shapes, dtypes, devices, options) is what a ``LaunchMemo`` remembers as validated (``kernels/attention.py``)."""
+    if isinstance(kv_length, torch.Tensor):
+        return
+    Sq, capacity = query.shape[2], key_cache.shape[2]
+    if not 1 <= Sq <= kv_length <= capacity:
+        raise ValueError(f"need 1 <= query length {Sq} <= kv_length {kv_length} <= cache capacity {capacity}")
+    if recent is not None and not 0 <= kv_length - recent.start <= recent.keys.shape[2]:
+        raise ValueError(
+            f"recent window start {recent.start} must be in [{kv_length - recent.keys.shape[2]}, {kv_length}] "
+            f"(kv_length {kv_length}, {recent.keys.shape[2]} slots)"
+        )
 
 
 def _check_ring(

@@ -479,6 +479,10 @@ def test_rejects_bad_options(options, message):
             kernels.cpu_backend(backend) if DEVICE == "cpu" else nullcontext(),
         ):
             kernels.decode_attention(*args, **options)
+    memo = kernels.LaunchMemo()  # after a good call with sinks, with a launch memo
+    attention.decode_attention(*args, sinks=torch.zeros(8, device=DEVICE), memo=memo)
+    with pytest.raises(ValueError, match=message):
+        attention.decode_attention(*args, **{"sinks": torch.zeros(8, device=DEVICE), **options}, memo=memo)
 
 
 @pytest.mark.gpu
@@ -600,8 +604,9 @@ def test_fnuz_formats_are_rejected(name):
         kernels.decode_attention(*args)
 
 
-def _bad(change):
-    args = list(_case(2, 2, 4, 2, 64, 10, [0, 1]))
+def _bad(change, good=None):
+    """The arguments of a good call (``good``, or new ones) with ``change`` made, and the keywords it adds."""
+    args = list(good or _case(2, 2, 4, 2, 64, 10, [0, 1]))
     B, Hq, Sq, D = args[0].shape
     if change == "group":
         args[0] = args[0][:, :7]
@@ -685,6 +690,37 @@ def test_rejects_bad_arguments(change, message):
         kernels.decode_attention(*args, **extra)
     with pytest.raises(ValueError, match=message), kernels.cpu_backend("torch"):  # the reference path validates too
         kernels.decode_attention(*args, **extra)
+
+
+@pytest.mark.parametrize("change, message", BAD_ARGUMENTS.items(), ids=list(BAD_ARGUMENTS))
+def test_a_launch_memo_checks_every_call_unlike_the_last_validated_one(change, message):
+    """With a memo a call like the last validated one is checked only for its lengths: a bad call after a good one
+    over the same buffers and scales, or over other tensors, still raises."""
+    good, _ = _bad("none")
+    memo = kernels.LaunchMemo()
+    attention.decode_attention(*good, memo=memo)
+    args, extra = _bad(change, good)
+    with pytest.raises(ValueError, match=message):
+        attention.decode_attention(*args, **extra, memo=memo)
+
+
+def test_a_launch_memo_skips_the_full_check_of_a_call_like_the_last(monkeypatch):
+    """The checks a decode step's host time would repeat (8 us of a layer's 30 on CPU) run once per call form; the
+    length is checked every call."""
+    good, _ = _bad("none")
+    memo, checked = kernels.LaunchMemo(), []
+    full_check = attention.check_decode_attention
+    monkeypatch.setattr(attention, "check_decode_attention", lambda *a: checked.append(1) or full_check(*a))
+    attention.decode_attention(*good, memo=memo)
+    attention.decode_attention(*good[:3], 9, *good[4:], memo=memo)  # the next step: another length
+    assert len(checked) == 1
+    with pytest.raises(ValueError, match="need 1 <= query length 2 <= kv_length 16 <= cache capacity 15"):
+        attention.decode_attention(*good[:3], 16, *good[4:], memo=memo)
+    query = good[0].clone()  # a query of the same form, another tensor: compared by shape, dtype and device
+    attention.decode_attention(query, *good[1:], memo=memo)
+    assert len(checked) == 1
+    attention.decode_attention(*good[:5], good[5].clone(), *good[6:], memo=memo)  # another scale tensor: checked
+    assert len(checked) == 2
 
 
 # -- per-token-head scales (strategy="token_head": bf16 [B, H, capacity] scales, int8 or fp8 codes) ----------------

@@ -133,3 +133,22 @@ def test_scratch_buffers_are_kept_while_shape_dtype_and_device_hold():
     grown = memo.scratch("part", (4, 16), torch.float32, torch.device("cpu"))
     assert grown is not first and grown.shape == (4, 16)
     assert memo.scratch("part", (4, 16), torch.float64, torch.device("cpu")).dtype == torch.float64
+
+
+def test_a_validated_call_matches_its_form_and_the_same_tensors_only():
+    memo, buffer, scale = launch.LaunchMemo(), torch.zeros(4), torch.ones(1)
+    assert not memo.validated(("form",), (buffer, scale))
+    memo.remember_validated(("form",), (buffer, scale))
+    assert memo.validated(("form",), (buffer, scale))
+    assert not memo.validated(("other form",), (buffer, scale))
+    assert not memo.validated(("form",), (buffer, scale.clone()))  # equal values, another tensor
+    assert not memo.validated(("form",), (buffer,))
+
+
+def test_a_validated_call_does_not_keep_its_tensors_alive():
+    memo, buffer = launch.LaunchMemo(), torch.zeros(4)
+    memo.remember_validated(("form",), (buffer,))
+    freed = weakref.ref(buffer)
+    del buffer
+    assert freed() is None
+    assert not memo.validated(("form",), (torch.zeros(4),))
