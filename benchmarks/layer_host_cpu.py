@@ -1,17 +1,19 @@
-"""Host (Python) time of one eager decode layer of ``FP8Cache`` + our attention, on this machine's CPU (issue 14).
+"""Host (Python) time of one eager decode layer of ``FP8Cache``, on this machine's CPU (issue 14).
 
 The eager decode step is host-bound on the H200 (docs/benchmarks.md, "Decode through ``model.generate``"), and the
-Python our cache and attention run each layer is part of that host time. This script measures it without a GPU: the
-layer's ``update`` and ``fp8_attention_forward`` at the Llama-8B head shape (1x4096, 32 q / 8 KV heads, d=128, bf16
-CPU tensors) with the Triton launch replaced by a no-op, so only our Python is timed (the launch itself, Triton's
-launcher, is measured on the GPU machine by ``benchmarks/gpu/layer_profile.py``). Two variants, interleaved in rounds:
+Python our cache and attention run each layer is part of that host time. This script measures it without a GPU, at
+the Llama-8B head shape (1x4096, 32 q / 8 KV heads, d=128, bf16 CPU tensors), with the Triton launches replaced by
+no-ops, so only our Python is timed (the launch itself, Triton's launcher, is measured on the GPU machine by
+``benchmarks/gpu/layer_profile.py``). Two paths: ``our attention`` (the layer's ``update`` and
+``fp8_attention_forward``) and ``dequantize`` (``update`` for another attention: the token's quantize-append and the
+history dequantized into the workspace; the model's SDPA after it is not ours). Two variants, interleaved in rounds:
 
-- ``validated once``: the shipped path, where the layer's launch memo remembers the last validated call form and a
-  step like it checks only its lengths (``kernels/attention.py``, ``_call_form``);
-- ``every call checked``: the same with the memo's ``validated`` answering False (every step runs
-  ``check_decode_attention`` in full, as before that change).
+- ``validated once``: the shipped path, where the layer's launch memo remembers the last validated call form of each
+  kernel and a step like it checks only its lengths or position (``kernels/attention.py``, ``kernels/dispatch.py``);
+- ``every call checked``: the same with the memo's ``validated`` answering False (every step runs each kernel's checks
+  in full, as before that change).
 
-    TRITON_INTERPRET=1 python benchmarks/layer_host_cpu.py [OUT_DIR]   (~30 s) -> OUT_DIR/layer_host_cpu.json
+    TRITON_INTERPRET=1 python benchmarks/layer_host_cpu.py [OUT_DIR]   (~1 min) -> OUT_DIR/layer_host_cpu.json
 """
 
 import json
@@ -24,7 +26,9 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("run with TRITON_INTERPRET=1 (CPU tensors take the Triton path only under the interpreter)")
 
-import hf_fp8cache.kernels.attention as kernel_module
+import hf_fp8cache.kernels.attention as attention_kernel
+import hf_fp8cache.kernels.dequantize as dequantize_kernel
+import hf_fp8cache.kernels.quantize as quantize_kernel
 import torch
 from hf_fp8cache.kernels import LaunchMemo
 from transformers import LlamaConfig
@@ -41,11 +45,11 @@ class _Module(torch.nn.Module):
     num_key_value_groups = HQ // H
 
 
-def layer_step():
-    """One layer's decode step (update, then our attention) over a 4096-token FP8Cache, the length kept fixed."""
+def layer_step(path: str):
+    """One layer's decode step over a 4096-token FP8Cache on ``path``, the length kept fixed."""
     config = LlamaConfig(num_hidden_layers=1, num_attention_heads=HQ, num_key_value_heads=H, head_dim=D,
                          hidden_size=HQ * D)  # fmt: skip
-    config._attn_implementation = "hf_fp8cache"
+    config._attn_implementation = "hf_fp8cache" if path == "our attention" else "sdpa"
     module, generator = _Module(), torch.Generator().manual_seed(0)
     query = torch.randn(B, 1, HQ, D, generator=generator, dtype=torch.bfloat16).transpose(1, 2)
     token = torch.randn(B, H, 1, D, generator=generator, dtype=torch.bfloat16)
@@ -56,7 +60,8 @@ def layer_step():
 
     def step() -> None:
         key, value = cache.update(token, token, 0)
-        fp8_attention_forward(module, query, key, value, None, scaling=D**-0.5)
+        if path == "our attention":
+            fp8_attention_forward(module, query, key, value, None, scaling=D**-0.5)
         layer.length -= 1
 
     return step
@@ -70,24 +75,28 @@ def us_per_step(step) -> float:
 
 
 def main(out_dir: Path) -> None:
-    kernel_module.launch = lambda *args, **kwargs: None  # our Python only
-    step = layer_step()
+    for module in (attention_kernel, quantize_kernel, dequantize_kernel):
+        module.launch = lambda *args, **kwargs: None  # our Python only
     remembered = LaunchMemo.validated
-    variants = {"validated once": remembered, "every call checked": lambda self, form, tensors: False}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        for name, validated in variants.items():
-            LaunchMemo.validated = validated
-            step()  # (re)validates under this variant
-            times[name].append(us_per_step(step))
-    LaunchMemo.validated = remembered
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    variants = {"validated once": remembered, "every call checked": lambda self, kernel, form, tensors: False}
     print(f"one eager decode layer's Python, 1x{L}, {HQ} q / {H} KV heads, d={D}, launches stubbed; median of "
           f"{ROUNDS} interleaved rounds of {STEPS} steps (torch {torch.__version__})")  # fmt: skip
-    for name, value in medians.items():
-        print(f"{name:20s} {value:6.2f} us a layer ({value / medians['every call checked']:.2f}x)")
-    rows = [{"variant": name, "us_per_layer": round(medians[name], 2), "rounds_us": [round(t, 2) for t in values]}
-            for name, values in times.items()]  # fmt: skip
+    rows = []
+    for path in ("our attention", "dequantize"):
+        step = layer_step(path)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(ROUNDS):
+            for name, validated in variants.items():
+                LaunchMemo.validated = validated
+                step()  # (re)validates under this variant
+                times[name].append(us_per_step(step))
+        LaunchMemo.validated = remembered
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        for name, values in times.items():
+            ratio = medians[name] / medians["every call checked"]
+            print(f"{path:14s} {name:20s} {medians[name]:6.2f} us a layer ({ratio:.2f}x)")
+            rows.append({"path": path, "variant": name, "us_per_layer": round(medians[name], 2),
+                         "rounds_us": [round(t, 2) for t in values]})  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "layer_host_cpu.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
 

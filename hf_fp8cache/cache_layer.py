@@ -302,10 +302,11 @@ class FP8CacheLayer(FP8LayerBase):
             key_out, value_out = key_out[:, :, first:], value_out[:, :, first:]
         else:
             key_out, value_out = self._workspace.views(self.device, self.dtype, (B, H, self.length - first, D))
-            dequantize_kv(
-                self._key_bytes[:, :, first:], self._value_bytes[:, :, first:], self.length - first, self.key_scale,
-                self.value_scale, self.fmt, key_out, value_out, memo=self._launches,
-            )  # fmt: skip
+            key_bytes, value_bytes = self._key_bytes, self._value_bytes
+            if first:  # (no view to make for the usual whole history: two torch ops a layer and step fewer)
+                key_bytes, value_bytes = key_bytes[:, :, first:], value_bytes[:, :, first:]
+            dequantize_kv(key_bytes, value_bytes, self.length - first, self.key_scale, self.value_scale, self.fmt,
+                          key_out, value_out, memo=self._launches)  # fmt: skip
         exact = max(self.recent_start, first)
         if exact < self.length:  # the exact window replaces its dequantized tokens
             ring_read(self._recent_keys, exact, self.length, out=key_out[:, :, exact - first :])

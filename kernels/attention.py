@@ -905,11 +905,11 @@ def decode_attention(
         check_decode_attention(*arguments)
     else:  # a step like the last: only its lengths are new
         form, tensors = _call_form(*arguments)
-        if memo.validated(form, tensors):
+        if memo.validated("decode_attention", form, tensors):
             check_decode_lengths(query, key_cache, kv_length, recent)
         else:
             check_decode_attention(*arguments)
-            memo.remember_validated(form, tensors)
+            memo.remember_validated("decode_attention", form, tensors)
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H

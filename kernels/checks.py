@@ -19,6 +19,7 @@ __all__ = [
     "check_dequantize_kv",
     "check_decode_attention",
     "check_decode_lengths",
+    "check_append_position",
     "check_attention_options",
     "check_new_tokens",
     "check_query_quantization",
@@ -99,8 +100,17 @@ def _check_append(
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be the same [B, H, S, D] shape")
     check_caches(key_buffer, value_buffer)
     B, H, S, D = key.shape
-    known_start = _known_start(start, key_buffer.device)
-    if key_buffer.shape[:2] != (B, H) or key_buffer.shape[3] != D or not 0 <= known_start <= key_buffer.shape[2] - S:
+    if key_buffer.shape[:2] != (B, H) or key_buffer.shape[3] != D:
+        raise ValueError(f"{what} {tuple(key_buffer.shape)} cannot take {tuple(key.shape)} at position {start}")
+    check_append_position(key, key_buffer, start, what)
+
+
+def check_append_position(
+    key: torch.Tensor, key_buffer: torch.Tensor, start: int | torch.Tensor, what: str = "cache"
+) -> None:
+    """What ``_check_append`` checks of the value that changes from call to call: K's ``S`` tokens fit the buffer at
+    ``start`` (a start tensor by its form only)."""
+    if not 0 <= _known_start(start, key_buffer.device) <= key_buffer.shape[2] - key.shape[2]:
         raise ValueError(f"{what} {tuple(key_buffer.shape)} cannot take {tuple(key.shape)} at position {start}")
 
 

@@ -253,6 +253,28 @@ def test_quantize_append_rejects_bad_arguments(change, message):
         kernels.quantize_append_kv(
             key, value, cache, cache.clone(), change.get("start", 0), inv, inv, FORMATS["e4m3fn"]
         )
+    # with a launch memo, after a good write into good buffers (only a write of the same form is checked by its
+    # position alone): the bad one still raises
+    memo, good = kernels.LaunchMemo(), torch.zeros(1, 3, 16, 8, dtype=torch.uint8)
+    good_caches, good_inv = (good, good.clone()), torch.ones(1)
+    kernels.quantize_append_kv(key, key, *good_caches, 0, good_inv, good_inv, FORMATS["e4m3fn"], memo=memo)
+    caches = good_caches if cache.dtype == torch.uint8 else (cache, cache.clone())
+    inv = inv if "inv" in change else good_inv
+    with pytest.raises(ValueError, match=message):
+        kernels.quantize_append_kv(key, value, *caches, change.get("start", 0), inv, inv, FORMATS["e4m3fn"], memo=memo)
+
+
+def test_a_launch_memo_checks_a_write_like_the_last_by_its_position_only(monkeypatch):
+    memo, checked = kernels.LaunchMemo(), []
+    full_check = dispatch.check_quantize_append_kv
+    monkeypatch.setattr(dispatch, "check_quantize_append_kv", lambda *a: checked.append(1) or full_check(*a))
+    key, cache, inv = torch.randn(1, 3, 5, 8), torch.zeros(1, 3, 16, 8, dtype=torch.uint8), torch.ones(1)
+    caches = (cache, cache.clone())
+    for start in (0, 5, 10):  # a step's write at the next position: the same form
+        kernels.quantize_append_kv(key, key, *caches, start, inv, inv, FORMATS["e4m3fn"], memo=memo)
+    assert len(checked) == 1
+    kernels.quantize_append_kv(key, key, *caches, 0, inv.clone(), inv, FORMATS["e4m3fn"], memo=memo)  # new scales
+    assert len(checked) == 2
 
 
 def test_the_cpu_backend_is_read_once_and_switched_explicitly(monkeypatch):

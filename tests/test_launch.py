@@ -137,18 +137,19 @@ def test_scratch_buffers_are_kept_while_shape_dtype_and_device_hold():
 
 def test_a_validated_call_matches_its_form_and_the_same_tensors_only():
     memo, buffer, scale = launch.LaunchMemo(), torch.zeros(4), torch.ones(1)
-    assert not memo.validated(("form",), (buffer, scale))
-    memo.remember_validated(("form",), (buffer, scale))
-    assert memo.validated(("form",), (buffer, scale))
-    assert not memo.validated(("other form",), (buffer, scale))
-    assert not memo.validated(("form",), (buffer, scale.clone()))  # equal values, another tensor
-    assert not memo.validated(("form",), (buffer,))
+    assert not memo.validated("kernel", ("form",), (buffer, scale))
+    memo.remember_validated("kernel", ("form",), (buffer, scale))
+    assert memo.validated("kernel", ("form",), (buffer, scale))
+    assert not memo.validated("another kernel", ("form",), (buffer, scale))  # each kernel its own last call
+    assert not memo.validated("kernel", ("other form",), (buffer, scale))
+    assert not memo.validated("kernel", ("form",), (buffer, scale.clone()))  # equal values, another tensor
+    assert not memo.validated("kernel", ("form",), (buffer,))
 
 
 def test_a_validated_call_does_not_keep_its_tensors_alive():
     memo, buffer = launch.LaunchMemo(), torch.zeros(4)
-    memo.remember_validated(("form",), (buffer,))
+    memo.remember_validated("kernel", ("form",), (buffer,))
     freed = weakref.ref(buffer)
     del buffer
     assert freed() is None
-    assert not memo.validated(("form",), (torch.zeros(4),))
+    assert not memo.validated("kernel", ("form",), (torch.zeros(4),))
