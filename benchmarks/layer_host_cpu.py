@@ -10,8 +10,8 @@ history dequantized into the workspace; the model's SDPA after it is not ours). 
 
 - ``validated once``: the shipped path, where the layer's launch memo remembers the last validated call form of each
   kernel and a step like it checks only its lengths or position (``kernels/attention.py``, ``kernels/dispatch.py``);
-- ``every call checked``: the same with the memo's ``validated`` answering False (every step runs each kernel's checks
-  in full, as before that change).
+- ``every call checked``: the same with the memo's ``check_once`` checking every call (every step runs each kernel's
+  checks in full, as before that change, plus the memo's bookkeeping of the call form).
 
     TRITON_INTERPRET=1 python benchmarks/layer_host_cpu.py [OUT_DIR]   (~1 min) -> OUT_DIR/layer_host_cpu.json
 """
@@ -67,6 +67,11 @@ def layer_step(path: str):
     return step
 
 
+def _check_every_call(memo, kernel, form, tensors, check, arguments) -> bool:
+    check(*arguments)
+    return True
+
+
 def us_per_step(step) -> float:
     start = time.perf_counter()
     for _ in range(STEPS):
@@ -77,8 +82,8 @@ def us_per_step(step) -> float:
 def main(out_dir: Path) -> None:
     for module in (attention_kernel, quantize_kernel, dequantize_kernel):
         module.launch = lambda *args, **kwargs: None  # our Python only
-    remembered = LaunchMemo.validated
-    variants = {"validated once": remembered, "every call checked": lambda self, kernel, form, tensors: False}
+    remembered = LaunchMemo.check_once
+    variants = {"validated once": remembered, "every call checked": _check_every_call}
     print(f"one eager decode layer's Python, 1x{L}, {HQ} q / {H} KV heads, d={D}, launches stubbed; median of "
           f"{ROUNDS} interleaved rounds of {STEPS} steps (torch {torch.__version__})")  # fmt: skip
     rows = []
@@ -86,11 +91,11 @@ def main(out_dir: Path) -> None:
         step = layer_step(path)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(ROUNDS):
-            for name, validated in variants.items():
-                LaunchMemo.validated = validated
+            for name, check_once in variants.items():
+                LaunchMemo.check_once = check_once
                 step()  # (re)validates under this variant
                 times[name].append(us_per_step(step))
-        LaunchMemo.validated = remembered
+        LaunchMemo.check_once = remembered
         medians = {name: statistics.median(values) for name, values in times.items()}
         for name, values in times.items():
             ratio = medians[name] / medians["every call checked"]

@@ -894,7 +894,7 @@ def decode_attention(
     The keyword-only knobs override the defaults for tests and tuning sweeps: ``num_splits`` (capped at one
     split per key block), ``block_m`` (query rows a program, a power of two >= 16), ``block_n`` (keys per iteration),
     ``num_warps`` and ``num_stages``. ``memo``: the caller's ``LaunchMemo`` (``launch.py``), which relaunches the
-    compiled kernels with less host work and remembers the last validated call: a call of the same form
+    compiled kernels with less host work and remembers the last checked call: a call of the same form
     (``_call_form``) checks only its lengths; it keeps the partial results from call to call only for decode-sized
     calls (at most ``_MAX_BLOCK_M`` query rows a KV head): a chunk's partials (up to B * H * G * Sq * (splits + 1) *
     D floats) come from torch's allocator, so no layer keeps them.
@@ -903,13 +903,8 @@ def decode_attention(
                  sliding_window, sinks, softcap, new, ring, quantize_query)  # fmt: skip
     if memo is None:
         check_decode_attention(*arguments)
-    else:  # a step like the last: only its lengths are new
-        form, tensors = _call_form(*arguments)
-        if memo.validated("decode_attention", form, tensors):
-            check_decode_lengths(query, key_cache, kv_length, recent)
-        else:
-            check_decode_attention(*arguments)
-            memo.remember_validated("decode_attention", form, tensors)
+    elif not memo.check_once("decode_attention", *_call_form(*arguments), check_decode_attention, arguments):
+        check_decode_lengths(query, key_cache, kv_length, recent)  # a step like the last: only its lengths are new
     B, Hq, Sq, D = query.shape
     H = key_cache.shape[1]
     G = Hq // H

@@ -251,7 +251,7 @@ def check_decode_lengths(
 ) -> None:
     """What ``check_decode_attention`` checks of the values that change from step to step: an int ``kv_length`` between
     the query length and the capacity, and an exact window's start within its slots before it. The rest of a call
-    (shapes, dtypes, devices, options) is what a ``LaunchMemo`` remembers as validated (``kernels/attention.py``)."""
+    (shapes, dtypes, devices, options) is what a ``LaunchMemo`` remembers as checked (``kernels/attention.py``)."""
     if isinstance(kv_length, torch.Tensor):
         return
     Sq, capacity = query.shape[2], key_cache.shape[2]

@@ -100,16 +100,14 @@ def quantize_append_kv(
     ``start`` is an int, or a one-element integer tensor on the cache's device read there (positions from it at or
     beyond the capacity are then dropped: the caller checks the capacity on the device). ``memo``: the caller's
     ``LaunchMemo`` (a cache layer's), which relaunches the compiled kernel with less host work."""
+    arguments = (key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale)
     if memo is None:
-        check_quantize_append_kv(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale)
+        check_quantize_append_kv(*arguments)
     else:  # a write like the last checks only its position (as decode_attention: kernels/attention.py)
         form = (key.shape, key.dtype, key.device, value.shape, value.dtype, value.device, type(start))
         kept = (key_cache, value_cache, key_inv_scale, value_inv_scale, *((start,) if type(start) is not int else ()))
-        if memo.validated("quantize_append_kv", form, kept):
+        if not memo.check_once("quantize_append_kv", form, kept, check_quantize_append_kv, arguments):
             check_append_position(key, key_cache, start)
-        else:
-            check_quantize_append_kv(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale)
-            memo.remember_validated("quantize_append_kv", form, kept)
     if not uses_triton(key):
         reference.quantize_append_kv_ref(key, value, key_cache, value_cache, start, key_inv_scale, value_inv_scale, fmt)
         return

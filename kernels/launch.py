@@ -19,9 +19,9 @@ Triton picks:
 
 Otherwise the launch goes through Triton (which compiles or finds the kernel) and the memo keeps the new one.
 
-A memo also remembers, per kernel, the form of the last call its caller validated (``validated`` /
-``remember_validated``), so a step like the last checks only what changes from step to step: the lengths of a decode
-attention (``kernels/attention.py``), the position of a write (``kernels/dispatch.py``).
+A memo also remembers, per kernel, the form of the last call whose arguments it checked (``check_once``), so a step
+like the last checks only what changes from step to step: the lengths of a decode attention (``kernels/attention.py``),
+the position of a write (``kernels/dispatch.py``).
 
 Every launch goes through Triton under the interpreter, with launch hooks installed (profilers), or with a Triton
 whose compiled kernels lack the launcher signature this relies on (checked once: Triton 3.x).
@@ -132,7 +132,7 @@ class LaunchMemo:
         # are module-level objects that live as long as the process)
         self._launches: dict[tuple[int, str | None], _BoundLaunch] = {}
         self._scratch: dict[str, torch.Tensor] = {}
-        self._validated: dict[str, tuple[tuple, tuple[weakref.ref, ...]]] = {}  # by kernel: the last call's form
+        self._checked: dict[str, tuple[tuple, tuple[weakref.ref, ...]]] = {}  # by kernel: the last checked call
 
     def launch(self, kernel, grid: tuple[int, ...], args: tuple, meta: dict, slot: str | None = None) -> None:
         """``kernel[grid](*args, **meta)``, through the compiled kernel of the last launch when it fits. A caller that
@@ -150,18 +150,18 @@ class LaunchMemo:
         if compiled is not None and hasattr(compiled, "run"):
             self._launches[key] = _BoundLaunch(kernel, compiled, device, args, meta)
 
-    def validated(self, kernel: str, form: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the last call of ``kernel`` that ``remember_validated`` took had this ``form`` (compared by value)
-        over these ``tensors`` (the same objects): its caller then checks only what changes from call to call."""
-        last = self._validated.get(kernel)
-        if last is None or last[0] != form or len(last[1]) != len(tensors):
-            return False
-        return all(ref() is tensor for ref, tensor in zip(last[1], tensors))
-
-    def remember_validated(self, kernel: str, form: tuple, tensors: tuple[torch.Tensor, ...]) -> None:
-        """Remember a call of ``kernel`` whose arguments passed their checks (the tensors weakly: a buffer the caller
-        drops is freed, and a new tensor never matches an old one's identity)."""
-        self._validated[kernel] = (form, tuple(weakref.ref(tensor) for tensor in tensors))
+    def check_once(self, kernel: str, form: tuple, tensors: tuple[torch.Tensor, ...], check, arguments: tuple) -> bool:
+        """``check(*arguments)``, unless the last call of ``kernel`` this memo checked had this ``form`` (compared by
+        value) over these ``tensors`` (the same objects, held weakly: a buffer the caller drops is freed, and a new
+        tensor never matches an old one's identity). Returns whether it checked; a caller whose call it did not check
+        checks only what changes from call to call (a length, a write position). A failed check is not remembered."""
+        last = self._checked.get(kernel)
+        if last is not None and last[0] == form and len(last[1]) == len(tensors):
+            if all(ref() is tensor for ref, tensor in zip(last[1], tensors)):
+                return False
+        check(*arguments)
+        self._checked[kernel] = (form, tuple(weakref.ref(tensor) for tensor in tensors))
+        return True
 
     def scratch(
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False

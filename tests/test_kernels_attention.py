@@ -693,8 +693,8 @@ def test_rejects_bad_arguments(change, message):
 
 
 @pytest.mark.parametrize("change, message", BAD_ARGUMENTS.items(), ids=list(BAD_ARGUMENTS))
-def test_a_launch_memo_checks_every_call_unlike_the_last_validated_one(change, message):
-    """With a memo a call like the last validated one is checked only for its lengths: a bad call after a good one
+def test_a_launch_memo_checks_every_call_unlike_the_last_checked_one(change, message):
+    """With a memo a call like the last checked one is checked only for its lengths: a bad call after a good one
     over the same buffers and scales, or over other tensors, still raises."""
     good, _ = _bad("none")
     memo = kernels.LaunchMemo()

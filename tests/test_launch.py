@@ -135,21 +135,41 @@ def test_scratch_buffers_are_kept_while_shape_dtype_and_device_hold():
     assert memo.scratch("part", (4, 16), torch.float64, torch.device("cpu")).dtype == torch.float64
 
 
-def test_a_validated_call_matches_its_form_and_the_same_tensors_only():
-    memo, buffer, scale = launch.LaunchMemo(), torch.zeros(4), torch.ones(1)
-    assert not memo.validated("kernel", ("form",), (buffer, scale))
-    memo.remember_validated("kernel", ("form",), (buffer, scale))
-    assert memo.validated("kernel", ("form",), (buffer, scale))
-    assert not memo.validated("another kernel", ("form",), (buffer, scale))  # each kernel its own last call
-    assert not memo.validated("kernel", ("other form",), (buffer, scale))
-    assert not memo.validated("kernel", ("form",), (buffer, scale.clone()))  # equal values, another tensor
-    assert not memo.validated("kernel", ("form",), (buffer,))
+def test_a_call_is_checked_unless_its_form_and_tensors_are_the_last_checked_ones():
+    memo, buffer, scale, checks = launch.LaunchMemo(), torch.zeros(4), torch.ones(1), []
+    other_scale = scale.clone()  # equal values, another tensor
+
+    def checked(kernel, form, tensors):
+        return memo.check_once(kernel, form, tensors, checks.append, (kernel,))
+
+    assert checked("kernel", ("form",), (buffer, scale))
+    assert not checked("kernel", ("form",), (buffer, scale))
+    assert checked("another kernel", ("form",), (buffer, scale))
+    assert not checked("kernel", ("form",), (buffer, scale))  # each kernel its own last call
+    assert checked("kernel", ("other form",), (buffer, scale))
+    assert checked("kernel", ("form",), (buffer, scale))
+    assert checked("kernel", ("form",), (buffer, other_scale))
+    assert checked("kernel", ("form",), (buffer,))
+    assert checks == ["kernel", "another kernel", "kernel", "kernel", "kernel", "kernel"]
 
 
-def test_a_validated_call_does_not_keep_its_tensors_alive():
+def test_a_failed_check_is_not_remembered():
     memo, buffer = launch.LaunchMemo(), torch.zeros(4)
-    memo.remember_validated("kernel", ("form",), (buffer,))
+
+    def bad(*arguments):
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        memo.check_once("kernel", ("form",), (buffer,), bad, ())
+    with pytest.raises(ValueError, match="bad"):
+        memo.check_once("kernel", ("form",), (buffer,), bad, ())
+
+
+def test_a_checked_call_does_not_keep_its_tensors_alive():
+    memo, buffer, checks = launch.LaunchMemo(), torch.zeros(4), []
+    memo.check_once("kernel", ("form",), (buffer,), checks.append, (1,))
     freed = weakref.ref(buffer)
     del buffer
     assert freed() is None
-    assert not memo.validated("kernel", ("form",), (torch.zeros(4),))
+    assert memo.check_once("kernel", ("form",), (torch.zeros(4),), checks.append, (2,))
+    assert checks == [1, 2]
