@@ -24,7 +24,10 @@ row gives the median over the rounds of each value and of each ratio to the same
 (the same configuration measured twice a minute apart on the H200 machine: 34.8 and 27.6 ms a token): rounds put
 every configuration under the same drift, where one configuration after another would charge it to whichever ran
 during a slow spell. A compiled configuration compiles again in every round (each configuration starts as a new
-session does): give rounds to the eager, host-bound configurations, whose times drift.
+session does): give rounds to the eager, host-bound configurations, whose times drift. The first round of a process
+also runs slow, after each configuration's own warm-up: 60-71 ms a token for ``DynamicCache`` at 1x4096 and 1x32768
+against 19-42 ms in the six rounds after it (H200 machine, 2026-12-03), and one round with ``dynamic`` first showed
+the eager FP8 cache at 0.74x where seven rounds give 1.28x. So the command line runs three rounds unless told.
 
 Configurations (``CONFIGURATIONS``):
 
@@ -519,7 +522,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="N: per token = (t(N+1) - t(1)) / N")
     parser.add_argument("--repeats", type=int, default=1, help="timed (N+1, 1) pairs; the median is reported")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of every configuration in turn; the median")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration in turn; the median")
     parser.add_argument("--warmup-tokens", type=int, default=None,
                         help="warm up on the first W prompt tokens (default: the whole prompt)")  # fmt: skip
     parser.add_argument("--configs", default=None, help=f"comma list among {','.join(CONFIGURATIONS)} (default all)")
