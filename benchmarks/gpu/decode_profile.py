@@ -19,11 +19,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-from hf_fp8cache.bench.common import build_model, sync
+from hf_fp8cache.bench import common
+from hf_fp8cache.bench.common import build_model
 from hf_fp8cache.bench.generate import CONFIGURATIONS
 
 out = os.environ.get("OUT", ".")
@@ -39,15 +39,7 @@ mask = torch.ones_like(ids)
 
 
 def continue_generate(cache, tokens: int) -> float:
-    """Seconds of generate continuing ``cache`` (L - 1 tokens) for ``tokens`` tokens; the cache is cropped back."""
-    sync(dev)
-    start = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=tokens,
-                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    sync(dev)
-    seconds = time.perf_counter() - start
-    cache.crop(-(cache.get_seq_length() - (L - 1)))  # a negative length removes tokens in every version
-    return seconds
+    return common.continue_generate(model, cache, ids, mask, tokens)
 
 
 rows = []

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import hf_fp8cache.kernels.attention as attention_kernel
 import torch
@@ -37,7 +36,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_fp8cache import FP8Cache
 from hf_fp8cache.attention import ATTENTION_NAME
-from hf_fp8cache.bench.common import build_model, sync
+from hf_fp8cache.bench import common
+from hf_fp8cache.bench.common import build_model
 
 B, L = map(int, (sys.argv[1] if len(sys.argv) > 1 else "1x4096").split("x"))
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 7
@@ -77,15 +77,7 @@ VARIANTS = {  # name: (attention, cache, our launches on)
 
 
 def continue_generate(cache, tokens: int) -> float:
-    """Seconds of generate continuing ``cache`` (L - 1 tokens) by ``tokens`` tokens; the cache is cropped back."""
-    sync(dev)
-    start = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=tokens,
-                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    sync(dev)
-    seconds = time.perf_counter() - start
-    cache.crop(-(cache.get_seq_length() - (L - 1)))
-    return seconds
+    return common.continue_generate(model, cache, ids, mask, tokens)
 
 
 def per_token_ms(name: str, cache) -> float:

@@ -14,6 +14,7 @@ import gc
 import importlib.metadata
 import json
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,21 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a host clock read after it covers that work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def continue_generate(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: int) -> float:
+    """Seconds of a greedy ``generate`` of exactly ``tokens`` tokens that continues ``cache`` (which holds all of
+    ``input_ids`` but its last token); the cache is cropped back to that length afterwards, so a long context costs
+    one prefill for any number of measurements (the GPU scripts' decode-only timing)."""
+    kept = input_ids.shape[1] - 1
+    sync(input_ids.device)
+    start = time.perf_counter()
+    model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=tokens,
+                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    sync(input_ids.device)
+    seconds = time.perf_counter() - start
+    cache.crop(-(cache.get_seq_length() - kept))  # a negative length removes tokens in every version
+    return seconds
 
 
 def free_memory(device: torch.device) -> None:
