@@ -5,12 +5,13 @@
 #   bash benchmarks/gpu/issue14_table.sh large    # 8x32768 and 1x32768 (~450 s)
 #   bash benchmarks/gpu/issue14_table.sh profile  # decode_profile.py at 8x32768: kernel vs host time a step (~200 s)
 #   bash benchmarks/gpu/issue14_table.sh eager    # the eager rows at batch 1, seven rounds each (~330 s)
+#   bash benchmarks/gpu/issue14_table.sh probe    # launch_probe.py at 1x4096: does the launch or our Python slow it
 # small and large run one round (--rounds 1) to fit a call: the first round of a process runs slow, so their eager
 # ratios are not a measurement of the eager path (the bench's docstring); the eager part is.
 # --warmup-tokens 512: the configurations with a cache made up front warm up on the prompts' first 512 tokens (the
 # kernels and graphs compile the same); transformers' static cache, made by generate per call, warms on all of it.
 source "$(dirname "$0")/setup.sh"
-part=${1:?usage: issue14_table.sh small|large|eager|profile}
+part=${1:?usage: issue14_table.sh small|large|eager|profile|probe}
 configs=dynamic,static,hf-quantized-fp8,fp8,fp8+attn,fp8+attn+exact16,fp8-static+attn
 bench() {  # bench NAME TIMEOUT ARGS...
   local name=$1 limit=$2 start
@@ -32,6 +33,8 @@ case $part in
   profile) CUDA_VISIBLE_DEVICES=0 timeout 240 python benchmarks/gpu/decode_profile.py \
              dynamic,fp8+attn,fp8-token-head+attn,int8-token-head+attn 8x32768 > "$OUT/decode_profile.txt" 2>&1
            echo "profile rc=$?"; grep -vE "Warning|warn" "$OUT/decode_profile.txt" | tail -8 ;;
+  probe) CUDA_VISIBLE_DEVICES=0 timeout 300 python benchmarks/gpu/launch_probe.py 1x4096 7 > "$OUT/launch_probe.txt" 2>&1
+         echo "probe rc=$?"; grep -vE "Warning|warn" "$OUT/launch_probe.txt" | tail -6 ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 rm -f "$OUT"/*/*.png
